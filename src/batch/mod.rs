@@ -1,0 +1,272 @@
+//! Per-table buffers of committed changes, and their conversion to Arrow record batches.
+//!
+//! Owns the flush policy (`max_rows`, `max_bytes`, `max_delay`), which is only ever checked
+//! between transactions, so a flush never holds half a source transaction. Builds two batches per
+//! table: the changelog rows (every change, in order) and the mirror rows (the last state per
+//! replica-identity key, see [`mirror`]).
+
+pub mod mirror;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::checkpoint::Lsn;
+use crate::config::BatchConfig;
+use crate::decode::pgoutput::{Relation, Tuple, Value};
+use crate::decode::txn::{Change, ChangeKind, Transaction};
+use crate::decode::types::{ColumnBuilder, PgKind};
+
+pub const OP: &str = "_walden_op";
+pub const LSN: &str = "_walden_lsn";
+pub const SEQ: &str = "_walden_seq";
+pub const XID: &str = "_walden_xid";
+pub const COMMIT_TS: &str = "_walden_commit_ts";
+pub const UNCHANGED: &str = "_walden_unchanged";
+
+/// One buffered change with its transaction's coordinates.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub change: Change,
+    pub commit_lsn: Lsn,
+    pub commit_ts_us: i64,
+    pub xid: u32,
+    pub seq: i64,
+}
+
+impl Row {
+    /// The image stored for this change: the new row, or for deletes the old key/row.
+    pub fn image(&self) -> Option<&Tuple> {
+        match self.change.kind {
+            ChangeKind::Insert | ChangeKind::Update => self.change.new.as_ref(),
+            ChangeKind::Delete => self.change.old.as_ref().map(|(_, t)| t),
+            ChangeKind::Truncate => None,
+        }
+    }
+}
+
+/// Buffered changes of one source table.
+#[derive(Debug)]
+pub struct TableBuffer {
+    pub relation: Arc<Relation>,
+    pub rows: Vec<Row>,
+    pub bytes: usize,
+}
+
+/// `schema.table`, the name a source table goes by everywhere in walden.
+pub fn table_name(r: &Relation) -> String {
+    format!("{}.{}", r.schema, r.name)
+}
+
+/// Collects committed transactions until the flush policy says to write them out.
+pub struct Batcher {
+    cfg: BatchConfig,
+    tables: BTreeMap<String, TableBuffer>,
+    rows: usize,
+    bytes: usize,
+    oldest: Option<Instant>,
+}
+
+fn tuple_bytes(t: &Tuple) -> usize {
+    t.0.iter()
+        .map(|v| match v {
+            Value::Text(b) | Value::Binary(b) => b.len() + 16,
+            _ => 16,
+        })
+        .sum()
+}
+
+impl Batcher {
+    pub fn new(cfg: BatchConfig) -> Self {
+        Batcher {
+            cfg,
+            tables: BTreeMap::new(),
+            rows: 0,
+            bytes: 0,
+            oldest: None,
+        }
+    }
+
+    /// Adds a whole transaction; returns the tables it touched.
+    pub fn push(&mut self, txn: Transaction) -> Vec<String> {
+        let mut touched: Vec<String> = Vec::new();
+        for (seq, change) in txn.changes.into_iter().enumerate() {
+            let name = table_name(&change.relation);
+            let size = 64
+                + change.new.as_ref().map_or(0, tuple_bytes)
+                + change.old.as_ref().map_or(0, |(_, t)| tuple_bytes(t));
+            let buf = self
+                .tables
+                .entry(name.clone())
+                .or_insert_with(|| TableBuffer {
+                    relation: change.relation.clone(),
+                    rows: Vec::new(),
+                    bytes: 0,
+                });
+            buf.relation = change.relation.clone();
+            buf.bytes += size;
+            buf.rows.push(Row {
+                change,
+                commit_lsn: txn.commit_lsn,
+                commit_ts_us: txn.commit_ts_us,
+                xid: txn.xid,
+                seq: seq as i64,
+            });
+            self.rows += 1;
+            self.bytes += size;
+            if touched.last() != Some(&name) && !touched.contains(&name) {
+                touched.push(name);
+            }
+        }
+        if self.rows > 0 && self.oldest.is_none() {
+            self.oldest = Some(Instant::now());
+        }
+        touched
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Time until `max_delay` forces a flush (None when nothing is buffered).
+    pub fn due_in(&self) -> Option<Duration> {
+        self.oldest.map(|t| {
+            Duration::from_millis(self.cfg.max_delay_ms).saturating_sub(t.elapsed())
+        })
+    }
+
+    pub fn should_flush(&self) -> bool {
+        self.rows >= self.cfg.max_rows
+            || self.bytes >= self.cfg.max_bytes
+            || self.due_in() == Some(Duration::ZERO)
+    }
+
+    /// Hands over everything buffered.
+    pub fn take(&mut self) -> BTreeMap<String, TableBuffer> {
+        self.rows = 0;
+        self.bytes = 0;
+        self.oldest = None;
+        std::mem::take(&mut self.tables)
+    }
+}
+
+/// Arrow fields of the source columns (all nullable: deletes carry only the key).
+pub fn source_fields(r: &Relation) -> Vec<Field> {
+    r.columns
+        .iter()
+        .map(|c| Field::new(&c.name, PgKind::of(c.type_oid, c.type_modifier).arrow_type(), true))
+        .collect()
+}
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+pub fn changelog_schema(r: &Relation) -> SchemaRef {
+    let mut f = source_fields(r);
+    f.push(Field::new(OP, DataType::Utf8, false));
+    f.push(Field::new(LSN, DataType::Int64, false));
+    f.push(Field::new(SEQ, DataType::Int64, false));
+    f.push(Field::new(XID, DataType::Int64, false));
+    f.push(Field::new(COMMIT_TS, ts_type(), false));
+    f.push(Field::new(UNCHANGED, DataType::Utf8, true));
+    Arc::new(Schema::new(f))
+}
+
+pub fn mirror_schema(r: &Relation) -> SchemaRef {
+    let mut f = source_fields(r);
+    f.push(Field::new(LSN, DataType::Int64, false));
+    f.push(Field::new(COMMIT_TS, ts_type(), false));
+    Arc::new(Schema::new(f))
+}
+
+/// For each column of `target`, its index in `source` (by name), so rows decoded under an older
+/// relation description land in the right columns.
+pub fn column_map(source: &Relation, target: &Relation) -> Vec<Option<usize>> {
+    if std::ptr::eq(source, target) || source.columns == target.columns {
+        return (0..target.columns.len()).map(Some).collect();
+    }
+    target
+        .columns
+        .iter()
+        .map(|t| source.columns.iter().position(|s| s.name == t.name))
+        .collect()
+}
+
+/// Source-column builders for `relation`.
+pub fn builders(relation: &Relation, capacity: usize) -> Vec<ColumnBuilder> {
+    relation
+        .columns
+        .iter()
+        .map(|c| ColumnBuilder::new(PgKind::of(c.type_oid, c.type_modifier), capacity))
+        .collect()
+}
+
+/// Rows after `applied` (commit LSN) of one table, as changelog records.
+pub fn changelog_batch(buf: &TableBuffer, applied: Lsn) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
+    let rel = &buf.relation;
+    let rows: Vec<&Row> = buf.rows.iter().filter(|r| r.commit_lsn > applied).collect();
+    let mut cols = builders(rel, rows.len());
+    let mut ops = Vec::with_capacity(rows.len());
+    let mut lsns = Vec::with_capacity(rows.len());
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut xids = Vec::with_capacity(rows.len());
+    let mut tss = Vec::with_capacity(rows.len());
+    let mut unchanged: Vec<Option<String>> = Vec::with_capacity(rows.len());
+    let mut map_cache: Option<(*const Relation, Vec<Option<usize>>)> = None;
+    for row in &rows {
+        let src = Arc::as_ptr(&row.change.relation);
+        if map_cache.as_ref().map(|(p, _)| *p) != Some(src) {
+            map_cache = Some((src, column_map(&row.change.relation, rel)));
+        }
+        let map = &map_cache.as_ref().expect("set above").1;
+        let mut u = Vec::new();
+        match row.image() {
+            Some(t) => {
+                for (i, b) in cols.iter_mut().enumerate() {
+                    match map[i].and_then(|j| t.0.get(j)) {
+                        Some(Value::Unchanged) => {
+                            u.push(rel.columns[i].name.as_str());
+                            b.append_null()
+                        }
+                        Some(v) => b.append(v),
+                        None => b.append_null(),
+                    }
+                }
+            }
+            None => cols.iter_mut().for_each(|b| b.append_null()),
+        }
+        unchanged.push((!u.is_empty()).then(|| u.join(",")));
+        ops.push(row.change.kind.as_str());
+        lsns.push(row.commit_lsn.0 as i64);
+        seqs.push(row.seq);
+        xids.push(row.xid as i64);
+        tss.push(row.commit_ts_us);
+    }
+    let mut bad = 0;
+    let mut arrays: Vec<ArrayRef> = cols
+        .into_iter()
+        .map(|b| {
+            bad += b.unrepresentable;
+            b.finish()
+        })
+        .collect();
+    arrays.push(Arc::new(StringArray::from(ops)));
+    arrays.push(Arc::new(Int64Array::from(lsns)));
+    arrays.push(Arc::new(Int64Array::from(seqs)));
+    arrays.push(Arc::new(Int64Array::from(xids)));
+    arrays.push(Arc::new(TimestampMicrosecondArray::from(tss).with_timezone("UTC")));
+    arrays.push(Arc::new(StringArray::from(unchanged)));
+    Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
+}

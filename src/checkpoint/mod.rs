@@ -1,0 +1,146 @@
+//! Positions in the WAL and the rule for what may be confirmed to Postgres.
+//!
+//! Owns [`Lsn`] and [`Frontier`]: the pipeline reports transactions as they are received and as
+//! each table makes them durable; the frontier answers which LSN is safe to confirm. Invariants:
+//! received ≥ confirmed; confirmed = min over tables with undurable data of their oldest undurable
+//! commit LSN, or the end of the last received transaction when nothing is pending.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::fmt;
+use std::str::FromStr;
+
+/// A WAL position (log sequence number).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not an LSN (expected X/Y)"))?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|e| format!("LSN {s:?}: {e}"))?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|e| format!("LSN {s:?}: {e}"))?;
+        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+            return Err(format!("LSN {s:?} out of range"));
+        }
+        Ok(Lsn((hi << 32) | lo))
+    }
+}
+
+/// Tracks what has been received and what each table holds undurably.
+///
+/// Table keys are the Delta tables (changelog and mirror of each source table count separately).
+#[derive(Debug, Default)]
+pub struct Frontier {
+    /// End LSN of the last whole transaction received (or the server position when idle).
+    received_end: Lsn,
+    /// Per table: commit LSN of the oldest transaction it holds that is not durable yet.
+    pending: BTreeMap<String, Lsn>,
+}
+
+impl Frontier {
+    pub fn new(start: Lsn) -> Self {
+        Frontier {
+            received_end: start,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// A whole transaction was received; `tables` got changes from it.
+    pub fn received<'a>(
+        &mut self,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        tables: impl IntoIterator<Item = &'a str>,
+    ) {
+        for t in tables {
+            self.pending.entry(t.to_string()).or_insert(commit_lsn);
+        }
+        self.received_end = self.received_end.max(end_lsn);
+    }
+
+    /// The server reports its position while no transaction is open: nothing before it is ours.
+    pub fn idle_at(&mut self, server_lsn: Lsn) {
+        self.received_end = self.received_end.max(server_lsn);
+    }
+
+    /// `table` made everything it held durable.
+    pub fn durable(&mut self, table: &str) {
+        self.pending.remove(table);
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    pub fn received_end(&self) -> Lsn {
+        self.received_end
+    }
+
+    /// The LSN that may be confirmed to Postgres: WAL before it is no longer needed.
+    ///
+    /// Confirming a transaction's commit LSN (not its end) makes the server send it again after a
+    /// restart, so a table that has not made it durable still gets it.
+    pub fn confirmable(&self) -> Lsn {
+        self.pending
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(self.received_end)
+    }
+}
+
+/// Crash-test hook: when `WALDEN_FAILPOINTS` (comma-separated) names `name`, the process aborts
+/// here, as a kill at exactly this point would. Unset in production; read once.
+pub fn failpoint(name: &str) {
+    static ARMED: OnceLock<Vec<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        std::env::var("WALDEN_FAILPOINTS")
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    });
+    if armed.iter().any(|a| a == name) {
+        eprintln!("walden: failpoint {name} hit, aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trip() {
+        let l: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(l.0, 0x16_B374_D848);
+        assert_eq!(l.to_string(), "16/B374D848");
+        assert!("nope".parse::<Lsn>().is_err());
+        assert!("1/2/3".parse::<Lsn>().is_err());
+        assert!("100000000/0".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn confirm_waits_for_the_slowest_table() {
+        let mut f = Frontier::new(Lsn(100));
+        assert_eq!(f.confirmable(), Lsn(100));
+        f.received(Lsn(200), Lsn(210), ["a", "b"]);
+        f.received(Lsn(300), Lsn(310), ["a"]);
+        assert_eq!(f.confirmable(), Lsn(200));
+        f.durable("a");
+        assert_eq!(f.confirmable(), Lsn(200), "b still holds txn 200");
+        f.durable("b");
+        assert_eq!(f.confirmable(), Lsn(310));
+        f.idle_at(Lsn(400));
+        assert_eq!(f.confirmable(), Lsn(400));
+        f.idle_at(Lsn(50));
+        assert_eq!(f.confirmable(), Lsn(400), "never goes back");
+    }
+}

@@ -1,0 +1,13 @@
+//! walden: stream a Postgres logical replication slot into Delta Lake changelog and mirror tables,
+//! exactly once. See ARCHITECTURE.md for the data flow and its invariants.
+
+pub mod apply;
+pub mod batch;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

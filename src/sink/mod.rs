@@ -1,0 +1,217 @@
+//! The warehouse: where tables live on object storage, and how Parquet files are written.
+//!
+//! Owns the layout `{warehouse}/changes/{schema}/{table}` (append-only changelog) and
+//! `{warehouse}/mirror/{schema}/{table}` (current state), opening or creating the Delta tables
+//! there, and the Parquet writer settings. A local directory or `file://` URL is the default;
+//! other schemes go through `object_store` with `storage_options`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use arrow::datatypes::SchemaRef;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake::kernel::StructType;
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::{DeltaTable, DeltaTableError};
+use url::Url;
+
+use crate::config::WarehouseConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("warehouse.url {url:?} is not a usable location: {reason}")]
+    BadLocation { url: String, reason: String },
+    #[error("warehouse directory {path} is not writable: {source}. Fix its permissions or choose another warehouse.url")]
+    NotWritable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Delta table {table}: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: DeltaTableError,
+    },
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Delta { source, .. } => delta_is_transient(source),
+            _ => false,
+        }
+    }
+}
+
+/// Object-store hiccups and lost commit races are worth a retry; anything else is not.
+pub fn delta_is_transient(e: &DeltaTableError) -> bool {
+    matches!(
+        e,
+        DeltaTableError::ObjectStore { .. }
+            | DeltaTableError::Io { .. }
+            | DeltaTableError::VersionAlreadyExists(_)
+            | DeltaTableError::Transaction { .. }
+    )
+}
+
+/// Which of a source table's two Delta tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableKind {
+    Changes,
+    Mirror,
+}
+
+impl TableKind {
+    pub fn dir(self) -> &'static str {
+        match self {
+            TableKind::Changes => "changes",
+            TableKind::Mirror => "mirror",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Warehouse {
+    root: Url,
+    storage_options: HashMap<String, String>,
+}
+
+impl Warehouse {
+    /// Resolves the warehouse location; a local one is created and checked for writability.
+    pub fn new(cfg: &WarehouseConfig) -> Result<Self, SinkError> {
+        let bad = |reason: String| SinkError::BadLocation {
+            url: cfg.url.clone(),
+            reason,
+        };
+        let root = if cfg.url.contains("://") {
+            Url::parse(&cfg.url).map_err(|e| bad(e.to_string()))?
+        } else {
+            let p = PathBuf::from(&cfg.url);
+            let abs = if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| bad(e.to_string()))?
+                    .join(p)
+            };
+            Url::from_directory_path(&abs).map_err(|_| bad("not an absolute path".into()))?
+        };
+        if root.scheme() == "file" {
+            let path = root
+                .to_file_path()
+                .map_err(|_| bad("file URL without a path".into()))?;
+            let not_writable = |source| SinkError::NotWritable {
+                path: path.display().to_string(),
+                source,
+            };
+            std::fs::create_dir_all(&path).map_err(not_writable)?;
+            let probe = path.join(".walden-write-probe");
+            std::fs::write(&probe, b"ok").map_err(not_writable)?;
+            let _ = std::fs::remove_file(&probe);
+        }
+        let mut root = root;
+        if !root.path().ends_with('/') {
+            let p = format!("{}/", root.path());
+            root.set_path(&p);
+        }
+        Ok(Warehouse {
+            root,
+            storage_options: cfg
+                .storage_options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    /// `{warehouse}/{changes|mirror}/{schema}/{table}`
+    pub fn table_url(&self, kind: TableKind, schema: &str, table: &str) -> Url {
+        let seg = |s: &str| {
+            url::form_urlencoded::byte_serialize(s.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        };
+        self.root
+            .join(&format!("{}/{}/{}/", kind.dir(), seg(schema), seg(table)))
+            .expect("segments are percent-encoded")
+    }
+
+    /// Opens the Delta table at `url`, or creates it with `schema` when there is none.
+    pub async fn open_or_create(
+        &self,
+        url: &Url,
+        schema: &SchemaRef,
+        name: &str,
+    ) -> Result<DeltaTable, SinkError> {
+        let delta = |source| SinkError::Delta {
+            table: url.to_string(),
+            source,
+        };
+        if url.scheme() == "file" {
+            if let Ok(p) = url.to_file_path() {
+                std::fs::create_dir_all(&p).map_err(|source| SinkError::NotWritable {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        let table =
+            DeltaTable::try_from_url_with_storage_options(url.clone(), self.storage_options.clone())
+                .await
+                .map_err(delta)?;
+        if table.version().is_some() {
+            return Ok(table);
+        }
+        let st: StructType = schema.as_ref().try_into_kernel().map_err(|e| {
+            delta(DeltaTableError::Generic(format!("schema conversion: {e}")))
+        })?;
+        table
+            .create()
+            .with_table_name(name)
+            .with_columns(st.fields().cloned())
+            .await
+            .map_err(delta)
+    }
+}
+
+/// Parquet settings for every file walden writes.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_size(128 * 1024)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_local_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = WarehouseConfig {
+            url: dir.path().join("wh").display().to_string(),
+            storage_options: Default::default(),
+        };
+        let w = Warehouse::new(&cfg).unwrap();
+        let u = w.table_url(TableKind::Mirror, "public", "My Table");
+        assert!(u.as_str().ends_with("/wh/mirror/public/My%20Table/"), "{u}");
+        assert!(dir.path().join("wh").is_dir());
+    }
+
+    #[test]
+    fn unwritable_location_is_explained() {
+        let cfg = WarehouseConfig {
+            url: "/proc/walden-cannot-write-here".into(),
+            storage_options: Default::default(),
+        };
+        let err = Warehouse::new(&cfg).err().expect("must fail");
+        assert!(err.to_string().contains("not writable"), "{err}");
+    }
+}

@@ -1,0 +1,69 @@
+//! Errors of the source layer, each classed transient (retry) or definite (stop and tell the operator).
+
+/// A Postgres ErrorResponse, fields kept as the server sent them.
+#[derive(Debug, Clone, Default)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
+        if let Some(d) = &self.detail {
+            write!(f, " (detail: {d})")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid source.url: {0}")]
+    BadUrl(String),
+    #[error("cannot reach Postgres at {addr}: {source}. Is the server running and is source.url right?")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to Postgres at {0}")]
+    ConnectTimeout(String),
+    #[error("authentication failed for user {user:?}: {message}. Check the user and password in source.url")]
+    Auth { user: String, message: String },
+    #[error("replication slot {slot:?} is in use by another process{pid}. Stop the other consumer (or `SELECT pg_terminate_backend(pid)`), or give walden its own slot")]
+    SlotInUse { slot: String, pid: String },
+    #[error("Postgres refused: {0}")]
+    Server(ServerError),
+    #[error("connection to Postgres lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("SQL connection error: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("replication protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl SourceError {
+    /// True when retrying later may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Connect { .. } | SourceError::ConnectTimeout(_) | SourceError::Io(_) => {
+                true
+            }
+            SourceError::Server(e) => {
+                // connection exceptions, operator intervention (shutdown), insufficient resources
+                e.code.starts_with("08") || e.code.starts_with("57P") || e.code.starts_with("53")
+            }
+            SourceError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The Postgres side: connections, preflight checks, the slot, and the replication stream.
+//!
+//! Ordinary SQL (catalog queries, slot inspection) goes through tokio-postgres; the replication
+//! connection is our own small client in [`replication`] (see ARCHITECTURE.md for why).
+
+pub mod error;
+pub mod replication;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use error::{ServerError, SourceError};
+pub use replication::{ReplicationConn, ReplicationStream, WalMessage};
+
+use crate::checkpoint::Lsn;
+use crate::config::SourceConfig;
+use replication::quote_ident;
+
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
+    tokio_postgres::Config::from_str(url).map_err(|e| SourceError::BadUrl(e.to_string()))
+}
+
+/// An ordinary SQL connection (its driver task runs in the background).
+pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, SourceError> {
+    let mut pg = parse_url(&cfg.url)?;
+    if pg.get_application_name().is_none() {
+        pg.application_name("walden");
+    }
+    pg.connect_timeout(Duration::from_secs(cfg.connect_timeout_s));
+    let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => return Err(classify_connect_error(e, &pg, &cfg.url)),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "SQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn classify_connect_error(
+    e: tokio_postgres::Error,
+    pg: &tokio_postgres::Config,
+    url: &str,
+) -> SourceError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        if code == "28P01" || code == "28000" {
+            return SourceError::Auth {
+                user: pg.get_user().unwrap_or("").to_string(),
+                message: db.message().to_string(),
+            };
+        }
+        return SourceError::Server(ServerError {
+            severity: db.severity().to_string(),
+            code: code.to_string(),
+            message: db.message().to_string(),
+            detail: db.detail().map(str::to_string),
+            hint: db.hint().map(str::to_string),
+        });
+    }
+    let io = std::io::Error::other(e.to_string());
+    SourceError::Connect {
+        addr: crate::config::redact_url(url),
+        source: io,
+    }
+}
+
+/// Where streaming starts, found by [`prepare`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The slot's confirmed position: everything before it is already durable in the warehouse.
+    pub start: Lsn,
+    pub slot_created: bool,
+}
+
+/// Checks the server and makes sure the publication and slot exist; tells the operator exactly
+/// what to fix when something is off.
+pub async fn prepare(
+    sql: &tokio_postgres::Client,
+    repl: &mut ReplicationConn,
+    cfg: &SourceConfig,
+) -> Result<Prepared, SourceError> {
+    let wal_level: String = sql.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::Setup(format!(
+            "the server runs with wal_level = {wal_level}, and logical replication needs wal_level = logical. \
+             Run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart Postgres"
+        )));
+    }
+    let version: i32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 140000 {
+        return Err(SourceError::Setup(format!(
+            "Postgres {version} is too old: walden needs 14 or newer (pgoutput protocol v2)"
+        )));
+    }
+    let has_pub = sql
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await?
+        .is_some();
+    if !has_pub {
+        if cfg.create_publication {
+            sql.batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR ALL TABLES",
+                quote_ident(&cfg.publication)
+            ))
+            .await?;
+            tracing::info!(publication = %cfg.publication, "created publication FOR ALL TABLES");
+        } else {
+            return Err(SourceError::Setup(format!(
+                "publication {:?} does not exist. Create it (`CREATE PUBLICATION {} FOR ALL TABLES;` or FOR TABLE …), \
+                 or set source.create_publication = true",
+                cfg.publication,
+                quote_ident(&cfg.publication)
+            )));
+        }
+    }
+    let waited = std::time::Instant::now();
+    let slot = loop {
+        let slot = sql
+            .query_opt(
+                "SELECT plugin, slot_type, database, active, active_pid, confirmed_flush_lsn::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&cfg.slot],
+            )
+            .await?;
+        let busy = slot.as_ref().is_some_and(|r| r.get::<_, bool>(3));
+        if !busy || waited.elapsed() >= Duration::from_secs(cfg.slot_wait_s) {
+            break slot;
+        }
+        tracing::info!(slot = %cfg.slot, "slot is still active; waiting for its holder to let go");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let kind: String = row.get(1);
+            let db: Option<String> = row.get(2);
+            let active: bool = row.get(3);
+            let pid: Option<i32> = row.get(4);
+            let confirmed: Option<String> = row.get(5);
+            let here: String = sql.query_one("SELECT current_database()", &[]).await?.get(0);
+            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+                return Err(SourceError::Setup(format!(
+                    "slot {:?} exists but is a {kind} slot with plugin {plugin:?}; walden needs a logical pgoutput slot. \
+                     Choose another source.slot, or drop this one",
+                    cfg.slot
+                )));
+            }
+            if db.as_deref() != Some(here.as_str()) {
+                return Err(SourceError::Setup(format!(
+                    "slot {:?} belongs to database {db:?}, but source.url connects to {here:?}",
+                    cfg.slot
+                )));
+            }
+            if active {
+                return Err(SourceError::SlotInUse {
+                    slot: cfg.slot.clone(),
+                    pid: pid.map(|p| format!(" (PID {p})")).unwrap_or_default(),
+                });
+            }
+            let start = confirmed
+                .as_deref()
+                .unwrap_or("0/0")
+                .parse()
+                .map_err(SourceError::Protocol)?;
+            Ok(Prepared {
+                start,
+                slot_created: false,
+            })
+        }
+        None => {
+            let created = repl.create_slot(&cfg.slot, false).await?;
+            tracing::info!(slot = %cfg.slot, at = %created.consistent_point, "created replication slot");
+            Ok(Prepared {
+                start: created.consistent_point,
+                slot_created: true,
+            })
+        }
+    }
+}
+
+/// The server's current WAL write position (what `run --once` drains up to).
+pub async fn current_wal_lsn(sql: &tokio_postgres::Client) -> Result<Lsn, SourceError> {
+    let s: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    s.parse().map_err(SourceError::Protocol)
+}
+
+/// Writes a non-transactional logical message; it reaches the stream after every transaction that
+/// committed before it, so its arrival proves those were all received. `None` when not permitted.
+pub async fn emit_marker(sql: &tokio_postgres::Client, content: &str) -> Option<Lsn> {
+    let row = sql
+        .query_one(
+            "SELECT pg_logical_emit_message(false, 'walden', $1::text)::text",
+            &[&content],
+        )
+        .await
+        .ok()?;
+    row.get::<_, String>(0).parse().ok()
+}

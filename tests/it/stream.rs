@@ -1,0 +1,163 @@
+//! End to end against a real Postgres: every kind of change lands in changelog and mirror.
+
+use walden::sink::TableKind;
+
+use crate::pg::{config, test_db, warehouse_dir};
+use crate::warehouse::{assert_same, delta_rows, pg_rows, run_once};
+
+const ACCOUNTS_PG: &str = "SELECT concat_ws('|', id::text, coalesce(name,'~'), coalesce(balance::text,'~'), \
+    coalesce(active::text,'~'), coalesce(((extract(epoch from updated)*1000000)::bigint)::text,'~'), \
+    coalesce(doc::text,'~'), coalesce(encode(blob,'hex'),'~'), coalesce(length(big)::text,'~'), coalesce(md5(big),'~'), \
+    coalesce(born::text,'~'), coalesce(ratio::text,'~')) FROM accounts ORDER BY id";
+const ACCOUNTS_DF: &str = "SELECT concat_ws('|', CAST(id AS VARCHAR), coalesce(name,'~'), coalesce(CAST(balance AS VARCHAR),'~'), \
+    coalesce(CAST(active AS VARCHAR),'~'), coalesce(CAST(CAST(updated AS BIGINT) AS VARCHAR),'~'), \
+    coalesce(doc,'~'), coalesce(encode(blob,'hex'),'~'), coalesce(CAST(length(big) AS VARCHAR),'~'), coalesce(md5(big),'~'), \
+    coalesce(CAST(born AS VARCHAR),'~'), coalesce(CAST(ratio AS VARCHAR),'~')) FROM t ORDER BY id";
+
+async fn assert_mirror_equals_source(db: &crate::pg::TestDb, wh: &std::path::Path) {
+    let src = pg_rows(&db.client, ACCOUNTS_PG).await;
+    let mir = delta_rows(wh, TableKind::Mirror, "accounts", ACCOUNTS_DF).await;
+    assert_same("accounts", &src, &mir);
+    let src = pg_rows(
+        &db.client,
+        "SELECT concat_ws('|', id::text, account::text, kind) FROM events ORDER BY id",
+    )
+    .await;
+    let mir = delta_rows(
+        wh,
+        TableKind::Mirror,
+        "events",
+        "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(account AS VARCHAR), kind) FROM t ORDER BY id",
+    )
+    .await;
+    assert_same("events", &src, &mir);
+    let src = pg_rows(&db.client, "SELECT concat_ws('|', x::text, y) FROM nokey ORDER BY x").await;
+    let mir = delta_rows(
+        wh,
+        TableKind::Mirror,
+        "nokey",
+        "SELECT concat_ws('|', CAST(x AS VARCHAR), y) FROM t ORDER BY x",
+    )
+    .await;
+    assert_same("nokey", &src, &mir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_change_lands_in_changelog_and_mirror() {
+    let db = test_db("stream_all").await;
+    let wh = warehouse_dir("stream_all");
+    db.client
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, name text, balance numeric(12,2), active bool,
+                updated timestamptz, doc jsonb, blob bytea, big text, born date, ratio float8);
+             ALTER TABLE accounts ALTER COLUMN big SET STORAGE EXTERNAL;
+             CREATE TABLE events (id bigserial PRIMARY KEY, account int, kind text);
+             CREATE TABLE nokey (x int, y text);",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    // First run creates the slot and publication; nothing to copy yet.
+    run_once(&cfg).await;
+
+    db.client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO accounts SELECT g, 'name ' || g, g * 1.25, g % 2 = 0, '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 hour',
+                 jsonb_build_object('g', g), decode(lpad(to_hex(g), 4, '0'), 'hex'), NULL, DATE '2000-01-01' + g, g / 3.0
+               FROM generate_series(1, 50) g;
+             INSERT INTO events (account, kind) SELECT g, 'created' FROM generate_series(1, 50) g;
+             COMMIT;
+             UPDATE accounts SET balance = balance + 1, name = NULL WHERE id <= 10;
+             DELETE FROM accounts WHERE id BETWEEN 41 AND 45;
+             BEGIN; INSERT INTO accounts (id, name) VALUES (999, 'ROLLED BACK'); INSERT INTO events (account, kind) VALUES (999, 'ROLLED BACK'); ROLLBACK;
+             UPDATE accounts SET id = id + 1000 WHERE id = 5;
+             INSERT INTO nokey SELECT g, 'row ' || g FROM generate_series(1, 20) g;
+             UPDATE accounts SET big = repeat(md5('x'), 400) WHERE id BETWEEN 20 AND 25;",
+        )
+        .await
+        .unwrap();
+    let s = run_once(&cfg).await;
+    assert!(s.changes >= 100, "{s:?}");
+    assert_mirror_equals_source(&db, &wh).await;
+
+    // Unchanged TOAST values ('u'), a truncate, a big streamed transaction with an aborted
+    // subtransaction, and changes that meet again in one batch.
+    db.client
+        .batch_execute(
+            "UPDATE accounts SET name = 'toast kept' WHERE id BETWEEN 20 AND 22;
+             TRUNCATE events;
+             INSERT INTO events (account, kind) VALUES (1, 'after truncate'), (2, 'after truncate');
+             BEGIN;
+             INSERT INTO events (account, kind) SELECT g, repeat('s', 200) FROM generate_series(1, 3000) g;
+             SAVEPOINT sp;
+             INSERT INTO events (account, kind) SELECT g, 'ABORTED SUBXACT' FROM generate_series(1, 500) g;
+             ROLLBACK TO SAVEPOINT sp;
+             UPDATE accounts SET active = NOT active WHERE id BETWEEN 30 AND 40;
+             COMMIT;
+             INSERT INTO accounts (id, name) VALUES (2000, 'short-lived');
+             UPDATE accounts SET name = 'changed twice' WHERE id = 2000;
+             DELETE FROM accounts WHERE id = 2000;
+             INSERT INTO accounts (id, name) VALUES (2001, 'kept');",
+        )
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+    assert_mirror_equals_source(&db, &wh).await;
+
+    // The changelog: each change exactly once, nothing rolled back, ops and order recorded.
+    let dup = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "events",
+        "SELECT CAST(count(*) AS VARCHAR) FROM (SELECT _walden_lsn, _walden_seq FROM t GROUP BY 1, 2 HAVING count(*) > 1)",
+    )
+    .await;
+    assert_eq!(dup, vec!["0"], "(lsn, seq) must be unique");
+    let ops = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "events",
+        "SELECT concat_ws('=', _walden_op, CAST(count(*) AS VARCHAR)) FROM t GROUP BY _walden_op ORDER BY _walden_op",
+    )
+    .await;
+    assert_eq!(ops, vec!["insert=3052", "truncate=1"]);
+    let bad = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "events",
+        "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE kind IN ('ROLLED BACK', 'ABORTED SUBXACT')",
+    )
+    .await;
+    assert_eq!(bad, vec!["0"]);
+    let acc_ops = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "accounts",
+        "SELECT concat_ws('=', _walden_op, CAST(count(*) AS VARCHAR)) FROM t GROUP BY _walden_op ORDER BY _walden_op",
+    )
+    .await;
+    // 50 + 2 inserts; 10 + 1 (key change) + 6 (big) + 3 (toast) + 11 + 1 updates; 5 + 1 deletes
+    assert_eq!(acc_ops, vec!["delete=6", "insert=52", "update=32"]);
+    let unchanged = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "accounts",
+        "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE _walden_unchanged = 'big'",
+    )
+    .await;
+    assert_eq!(unchanged, vec!["3"], "toasted column not sent must be recorded");
+    let in_txn = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "events",
+        "SELECT CAST(count(DISTINCT _walden_lsn) AS VARCHAR) FROM t WHERE kind = 'created'",
+    )
+    .await;
+    assert_eq!(in_txn, vec!["1"], "one source transaction, one commit LSN");
+
+    // A run with nothing new changes nothing.
+    let s = run_once(&cfg).await;
+    assert_eq!(s.changes, 0);
+    assert_mirror_equals_source(&db, &wh).await;
+}
