@@ -30,7 +30,7 @@ pub enum DecodeError {
 }
 
 /// One column value of a tuple.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     Null,
     /// An unchanged TOASTed value that the server did not send ('u').

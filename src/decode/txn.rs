@@ -348,4 +348,30 @@ mod tests {
         a.push_data(b.freeze()).unwrap();
         assert!(a.push(ka).unwrap().is_none());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The same property as the cargo-fuzz target, run in every test: arbitrary message
+        /// sequences give errors, never panics.
+        #[test]
+        fn arbitrary_messages_never_panic(msgs in proptest::collection::vec(
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..16)) {
+            let mut a = Assembler::new();
+            let _ = a.push_data(rel());
+            for m in msgs {
+                let _ = a.push_data(Bytes::from(m));
+            }
+        }
+
+        #[test]
+        fn mutated_valid_messages_never_panic(pos in 0usize..32, byte in proptest::prelude::any::<u8>()) {
+            let mut a = Assembler::new();
+            let mut r = rel().to_vec();
+            if pos < r.len() { r[pos] = byte; }
+            let _ = a.push_data(Bytes::from(r));
+            let mut i = insert(None, b"12").to_vec();
+            if pos < i.len() { i[pos] = byte; }
+            let _ = a.push_data(Bytes::from(i));
+        }
+    }
 }

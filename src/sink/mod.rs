@@ -184,7 +184,7 @@ impl Warehouse {
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
-        .set_max_row_group_size(128 * 1024)
+        .set_max_row_group_row_count(Some(128 * 1024))
         .build()
 }
 
