@@ -137,7 +137,7 @@ impl Cluster {
         // Watchdog: when this process is gone, stop the cluster and remove its files.
         let mut watchdog = Command::new("sh");
         watchdog.arg("-c").arg(format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+            "while [ -d /proc/{pid} ]; do sleep 1; done; \
              {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
             ctl = c.bin.join("pg_ctl").display(),
@@ -210,7 +210,11 @@ pub async fn test_db(name: &str) -> TestDb {
     let c = cluster();
     let admin = connect(&c.url("postgres")).await;
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
     let url = c.url(name);

@@ -8,11 +8,18 @@ use crate::warehouse::{assert_same, delta_rows, pg_rows, run_once};
 const ACCOUNTS_PG: &str = "SELECT concat_ws('|', id::text, coalesce(name,'~'), coalesce(balance::text,'~'), \
     coalesce(active::text,'~'), coalesce(((extract(epoch from updated)*1000000)::bigint)::text,'~'), \
     coalesce(doc::text,'~'), coalesce(encode(blob,'hex'),'~'), coalesce(length(big)::text,'~'), coalesce(md5(big),'~'), \
-    coalesce(born::text,'~'), coalesce(ratio::text,'~')) FROM accounts ORDER BY id";
+    coalesce(born::text,'~'), coalesce(((ratio*1000000)::bigint)::text,'~')) FROM accounts ORDER BY id";
 const ACCOUNTS_DF: &str = "SELECT concat_ws('|', CAST(id AS VARCHAR), coalesce(name,'~'), coalesce(CAST(balance AS VARCHAR),'~'), \
     coalesce(CAST(active AS VARCHAR),'~'), coalesce(CAST(CAST(updated AS BIGINT) AS VARCHAR),'~'), \
     coalesce(doc,'~'), coalesce(encode(blob,'hex'),'~'), coalesce(CAST(length(big) AS VARCHAR),'~'), coalesce(md5(big),'~'), \
-    coalesce(CAST(born AS VARCHAR),'~'), coalesce(CAST(ratio AS VARCHAR),'~')) FROM t ORDER BY id";
+    coalesce(CAST(born AS VARCHAR),'~'), coalesce(CAST(CAST(round(ratio*1000000) AS BIGINT) AS VARCHAR),'~')) FROM t ORDER BY id";
+
+/// Runs each string as its own simple query (so each autocommit statement is its own transaction).
+async fn exec_each(client: &tokio_postgres::Client, sql: &[&str]) {
+    for s in sql {
+        client.batch_execute(s).await.unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+}
 
 async fn assert_mirror_equals_source(db: &crate::pg::TestDb, wh: &std::path::Path) {
     let src = pg_rows(&db.client, ACCOUNTS_PG).await;
@@ -60,50 +67,70 @@ async fn every_kind_of_change_lands_in_changelog_and_mirror() {
     // First run creates the slot and publication; nothing to copy yet.
     run_once(&cfg).await;
 
-    db.client
-        .batch_execute(
+    exec_each(
+        &db.client,
+        &[
             "BEGIN;
              INSERT INTO accounts SELECT g, 'name ' || g, g * 1.25, g % 2 = 0, '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 hour',
                  jsonb_build_object('g', g), decode(lpad(to_hex(g), 4, '0'), 'hex'), NULL, DATE '2000-01-01' + g, g / 3.0
                FROM generate_series(1, 50) g;
              INSERT INTO events (account, kind) SELECT g, 'created' FROM generate_series(1, 50) g;
-             COMMIT;
-             UPDATE accounts SET balance = balance + 1, name = NULL WHERE id <= 10;
-             DELETE FROM accounts WHERE id BETWEEN 41 AND 45;
-             BEGIN; INSERT INTO accounts (id, name) VALUES (999, 'ROLLED BACK'); INSERT INTO events (account, kind) VALUES (999, 'ROLLED BACK'); ROLLBACK;
-             UPDATE accounts SET id = id + 1000 WHERE id = 5;
-             INSERT INTO nokey SELECT g, 'row ' || g FROM generate_series(1, 20) g;
-             UPDATE accounts SET big = repeat(md5('x'), 400) WHERE id BETWEEN 20 AND 25;",
-        )
-        .await
-        .unwrap();
+             COMMIT;",
+            "UPDATE accounts SET balance = balance + 1, name = NULL WHERE id <= 10",
+            "DELETE FROM accounts WHERE id BETWEEN 41 AND 45",
+            "BEGIN; INSERT INTO accounts (id, name) VALUES (999, 'ROLLED BACK'); INSERT INTO events (account, kind) VALUES (999, 'ROLLED BACK'); ROLLBACK;",
+            "UPDATE accounts SET id = id + 1000 WHERE id = 5",
+            "INSERT INTO nokey SELECT g, 'row ' || g FROM generate_series(1, 20) g",
+            "UPDATE accounts SET big = repeat(md5('x'), 400) WHERE id BETWEEN 20 AND 25",
+        ],
+    )
+    .await;
     let s = run_once(&cfg).await;
     assert!(s.changes >= 100, "{s:?}");
     assert_mirror_equals_source(&db, &wh).await;
 
     // Unchanged TOAST values ('u'), a truncate, a big streamed transaction with an aborted
     // subtransaction, and changes that meet again in one batch.
-    db.client
-        .batch_execute(
-            "UPDATE accounts SET name = 'toast kept' WHERE id BETWEEN 20 AND 22;
-             TRUNCATE events;
-             INSERT INTO events (account, kind) VALUES (1, 'after truncate'), (2, 'after truncate');
-             BEGIN;
+    exec_each(
+        &db.client,
+        &[
+            "UPDATE accounts SET name = 'toast kept' WHERE id BETWEEN 20 AND 22",
+            "TRUNCATE events",
+            "INSERT INTO events (account, kind) VALUES (1, 'after truncate'), (2, 'after truncate')",
+            "BEGIN;
              INSERT INTO events (account, kind) SELECT g, repeat('s', 200) FROM generate_series(1, 3000) g;
              SAVEPOINT sp;
              INSERT INTO events (account, kind) SELECT g, 'ABORTED SUBXACT' FROM generate_series(1, 500) g;
              ROLLBACK TO SAVEPOINT sp;
              UPDATE accounts SET active = NOT active WHERE id BETWEEN 30 AND 40;
-             COMMIT;
-             INSERT INTO accounts (id, name) VALUES (2000, 'short-lived');
-             UPDATE accounts SET name = 'changed twice' WHERE id = 2000;
-             DELETE FROM accounts WHERE id = 2000;
-             INSERT INTO accounts (id, name) VALUES (2001, 'kept');",
-        )
-        .await
-        .unwrap();
+             COMMIT;",
+            "INSERT INTO accounts (id, name) VALUES (2000, 'short-lived')",
+            "UPDATE accounts SET name = 'changed twice' WHERE id = 2000",
+            "DELETE FROM accounts WHERE id = 2000",
+            "INSERT INTO accounts (id, name) VALUES (2001, 'kept')",
+        ],
+    )
+    .await;
     run_once(&cfg).await;
     assert_mirror_equals_source(&db, &wh).await;
+    // The big transaction really went through protocol-v2 streaming.
+    let mut streamed = 0i64;
+    for _ in 0..50 {
+        streamed = db
+            .client
+            .query_one(
+                "SELECT coalesce(sum(stream_txns), 0)::bigint FROM pg_stat_replication_slots WHERE slot_name = 's_stream_all'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if streamed > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(streamed > 0, "the large transaction was not streamed");
 
     // The changelog: each change exactly once, nothing rolled back, ops and order recorded.
     let dup = delta_rows(
@@ -161,3 +188,4 @@ async fn every_kind_of_change_lands_in_changelog_and_mirror() {
     assert_eq!(s.changes, 0);
     assert_mirror_equals_source(&db, &wh).await;
 }
+
