@@ -67,15 +67,19 @@ pub async fn run(
     let warehouse = Warehouse::new(&cfg.warehouse)?;
     let mut backoff = Duration::from_millis(500);
     let mut total = Summary::default();
+    // Until the first session got as far as streaming, errors stop the run: a wrong URL or a
+    // server that is not there should say so at once, not retry forever.
+    let mut ever_streamed = false;
     loop {
         let mut session = Session::new(cfg, warehouse.clone(), mode);
         let result = session.run(shutdown.clone()).await;
         total.transactions += session.summary.transactions;
         total.changes += session.summary.changes;
         total.confirmed = total.confirmed.max(session.summary.confirmed);
+        ever_streamed |= session.streamed;
         match result {
             Ok(()) => return Ok(total),
-            Err(e) if e.is_transient() && !*shutdown.borrow() => {
+            Err(e) if e.is_transient() && ever_streamed && !*shutdown.borrow() => {
                 METRICS.errors_total.with_label_values(&["transient"]).inc();
                 tracing::warn!(error = %e, retry_in = ?backoff, "transient error; reconnecting");
                 let mut sd = shutdown.clone();
@@ -84,6 +88,9 @@ pub async fn run(
                     _ = sd.changed() => return Ok(total),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
+                if session.streamed {
+                    backoff = Duration::from_millis(500);
+                }
             }
             Err(e) => {
                 METRICS.errors_total.with_label_values(&["definite"]).inc();
@@ -102,6 +109,8 @@ struct Session<'a> {
     assembler: Assembler,
     frontier: Frontier,
     summary: Summary,
+    /// The session got as far as START_REPLICATION.
+    streamed: bool,
 }
 
 impl<'a> Session<'a> {
@@ -114,6 +123,7 @@ impl<'a> Session<'a> {
             assembler: Assembler::new(),
             frontier: Frontier::default(),
             summary: Summary::default(),
+            streamed: false,
         }
     }
 
@@ -137,6 +147,7 @@ impl<'a> Session<'a> {
                 Duration::from_millis(src.status_interval_ms.max(100)),
             )
             .await?;
+        self.streamed = true;
         tracing::info!(slot = %src.slot, from = %prepared.start, target = ?target.map(|t| t.to_string()), "streaming");
         let marker = match target {
             Some(t) if t > prepared.start => source::emit_marker(&sql, "drain").await,
