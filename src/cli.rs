@@ -11,7 +11,11 @@ use crate::config::Config;
 use crate::pipeline::{self, Mode};
 
 #[derive(Parser, Debug)]
-#[command(name = "walden", version, about = "Postgres change-data-capture into Delta Lake, exactly once")]
+#[command(
+    name = "walden",
+    version,
+    about = "Postgres change-data-capture into Delta Lake, exactly once"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,7 +45,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

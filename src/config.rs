@@ -295,7 +295,10 @@ mod tests {
         let env = vec![
             ("WALDEN_SOURCE__SLOT".to_string(), "other_slot".to_string()),
             ("WALDEN_BATCH__MAX_ROWS".to_string(), "17".to_string()),
-            ("WALDEN_SOURCE__CREATE_PUBLICATION".to_string(), "true".to_string()),
+            (
+                "WALDEN_SOURCE__CREATE_PUBLICATION".to_string(),
+                "true".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let cfg = Config::from_toml_and_env(BASE, "t", env).unwrap();
@@ -335,9 +338,21 @@ mod tests {
         assert_eq!(cfg.source.slot, "walden");
         let schema: serde_json::Value =
             serde_json::from_str(include_str!("../schemas/config.schema.json")).unwrap();
-        for key in ["url", "slot", "publication", "create_publication", "status_interval_ms",
-            "connect_timeout_s", "slot_wait_s"] {
-            assert!(schema["properties"]["source"]["properties"].get(key).is_some(), "{key}");
+        for key in [
+            "url",
+            "slot",
+            "publication",
+            "create_publication",
+            "status_interval_ms",
+            "connect_timeout_s",
+            "slot_wait_s",
+        ] {
+            assert!(
+                schema["properties"]["source"]["properties"]
+                    .get(key)
+                    .is_some(),
+                "{key}"
+            );
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::apply::{ApplyError, Applier};
+use crate::apply::{Applier, ApplyError};
 use crate::batch::Batcher;
 use crate::checkpoint::{Frontier, Lsn};
 use crate::config::Config;

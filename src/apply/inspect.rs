@@ -84,16 +84,24 @@ pub async fn query(table: &DeltaTable, sql: &str) -> Result<Vec<RecordBatch>, In
         source,
     };
     let ctx = SessionContext::new();
-    table.update_datafusion_session(&ctx.state()).map_err(|source| InspectError::Delta {
-        table: table.table_url().to_string(),
-        source,
-    })?;
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|source| InspectError::Delta {
+            table: table.table_url().to_string(),
+            source,
+        })?;
     let provider = table
         .table_provider()
         .await
         .map_err(|e| err(datafusion::error::DataFusionError::External(Box::new(e))))?;
-    ctx.register_table("t", Arc::clone(&provider)).map_err(err)?;
-    ctx.sql(sql).await.map_err(err)?.collect().await.map_err(err)
+    ctx.register_table("t", Arc::clone(&provider))
+        .map_err(err)?;
+    ctx.sql(sql)
+        .await
+        .map_err(err)?
+        .collect()
+        .await
+        .map_err(err)
 }
 
 pub async fn count(table: &DeltaTable) -> Result<i64, InspectError> {

@@ -167,11 +167,7 @@ impl Applier {
     pub async fn apply(&mut self, name: &str, buf: &TableBuffer) -> Result<ApplyStats, ApplyError> {
         let app_id = self.app_id.clone();
         let ctx = self.ctx.clone();
-        let last = buf
-            .rows
-            .last()
-            .map(|r| r.commit_lsn)
-            .unwrap_or_default();
+        let last = buf.rows.last().map(|r| r.commit_lsn).unwrap_or_default();
         let pair = self.pair(name, buf).await?;
         let mut stats = ApplyStats::default();
         let delta = |source| ApplyError::Delta {
@@ -298,12 +294,9 @@ async fn apply_mirror(
     let source = ctx.read_batch(mb.batch).map_err(MirrorErr::DataFusion)?;
     let value = |name: &String| -> Expr {
         match unchanged.get(name) {
-            Some(&i) => when(
-                qcol("source", &unchanged_flag(i)),
-                qcol("target", name),
-            )
-            .otherwise(qcol("source", name))
-            .expect("when/otherwise is complete"),
+            Some(&i) => when(qcol("source", &unchanged_flag(i)), qcol("target", name))
+                .otherwise(qcol("source", name))
+                .expect("when/otherwise is complete"),
             None => qcol("source", name),
         }
     };

@@ -91,7 +91,8 @@ pub fn mirror_batch(
                 })
                 .collect()
         };
-        let key_of = |v: &[Value]| -> Vec<Value> { key_idx.iter().map(|&i| v[i].clone()).collect() };
+        let key_of =
+            |v: &[Value]| -> Vec<Value> { key_idx.iter().map(|&i| v[i].clone()).collect() };
         let mut put = |key: Option<Vec<Value>>, mut e: Entry| match key {
             Some(k) if !key_idx.is_empty() => match by_key.get(&k) {
                 Some(&at) => {
@@ -208,7 +209,10 @@ pub fn mirror_batch(
     Ok(Some(MirrorBatch {
         batch,
         replace,
-        keys: key_idx.iter().map(|&i| rel.columns[i].name.clone()).collect(),
+        keys: key_idx
+            .iter()
+            .map(|&i| rel.columns[i].name.clone())
+            .collect(),
         unchanged,
         deletes,
         insert_only,

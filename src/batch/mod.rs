@@ -141,9 +141,8 @@ impl Batcher {
 
     /// Time until `max_delay` forces a flush (None when nothing is buffered).
     pub fn due_in(&self) -> Option<Duration> {
-        self.oldest.map(|t| {
-            Duration::from_millis(self.cfg.max_delay_ms).saturating_sub(t.elapsed())
-        })
+        self.oldest
+            .map(|t| Duration::from_millis(self.cfg.max_delay_ms).saturating_sub(t.elapsed()))
     }
 
     pub fn should_flush(&self) -> bool {
@@ -165,7 +164,13 @@ impl Batcher {
 pub fn source_fields(r: &Relation) -> Vec<Field> {
     r.columns
         .iter()
-        .map(|c| Field::new(&c.name, PgKind::of(c.type_oid, c.type_modifier).arrow_type(), true))
+        .map(|c| {
+            Field::new(
+                &c.name,
+                PgKind::of(c.type_oid, c.type_modifier).arrow_type(),
+                true,
+            )
+        })
         .collect()
 }
 
@@ -214,7 +219,10 @@ pub fn builders(relation: &Relation, capacity: usize) -> Vec<ColumnBuilder> {
 }
 
 /// Rows after `applied` (commit LSN) of one table, as changelog records.
-pub fn changelog_batch(buf: &TableBuffer, applied: Lsn) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
+pub fn changelog_batch(
+    buf: &TableBuffer,
+    applied: Lsn,
+) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
     let rel = &buf.relation;
     let rows: Vec<&Row> = buf.rows.iter().filter(|r| r.commit_lsn > applied).collect();
     let mut cols = builders(rel, rows.len());
@@ -266,7 +274,9 @@ pub fn changelog_batch(buf: &TableBuffer, applied: Lsn) -> Result<(RecordBatch, 
     arrays.push(Arc::new(Int64Array::from(lsns)));
     arrays.push(Arc::new(Int64Array::from(seqs)));
     arrays.push(Arc::new(Int64Array::from(xids)));
-    arrays.push(Arc::new(TimestampMicrosecondArray::from(tss).with_timezone("UTC")));
+    arrays.push(Arc::new(
+        TimestampMicrosecondArray::from(tss).with_timezone("UTC"),
+    ));
     arrays.push(Arc::new(StringArray::from(unchanged)));
     Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
 }

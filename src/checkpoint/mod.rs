@@ -6,9 +6,9 @@
 //! commit LSN, or the end of the last received transaction when nothing is pending.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 /// A WAL position (log sequence number).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

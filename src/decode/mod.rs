@@ -6,3 +6,6 @@
 pub mod pgoutput;
 pub mod txn;
 pub mod types;
+
+#[cfg(test)]
+mod golden;

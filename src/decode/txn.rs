@@ -67,7 +67,10 @@ pub enum Event {
     /// The server is at this position and no transaction is open on our side.
     Idle(Lsn),
     /// A non-transactional logical message with walden's prefix (a drain marker).
-    Marker { lsn: Lsn, content: Bytes },
+    Marker {
+        lsn: Lsn,
+        content: Bytes,
+    },
 }
 
 /// Prefix of walden's own logical messages.
@@ -130,7 +133,9 @@ impl Assembler {
                 Some(o) => Ok((&mut o.changes, o.xid)),
                 None => Err(DecodeError::OutOfOrder("change outside a transaction")),
             },
-            _ => Err(DecodeError::OutOfOrder("stream xid and stream block disagree")),
+            _ => Err(DecodeError::OutOfOrder(
+                "stream xid and stream block disagree",
+            )),
         }
     }
 
@@ -202,14 +207,18 @@ impl Assembler {
             }
             Message::StreamStart { xid, .. } => {
                 if self.stream_xid.is_some() {
-                    return Err(DecodeError::OutOfOrder("Stream Start inside a stream block"));
+                    return Err(DecodeError::OutOfOrder(
+                        "Stream Start inside a stream block",
+                    ));
                 }
                 self.stream_xid = Some(xid);
                 self.streamed.entry(xid).or_default();
             }
             Message::StreamStop => {
                 if self.stream_xid.take().is_none() {
-                    return Err(DecodeError::OutOfOrder("Stream Stop outside a stream block"));
+                    return Err(DecodeError::OutOfOrder(
+                        "Stream Stop outside a stream block",
+                    ));
                 }
             }
             Message::StreamCommit {
@@ -339,7 +348,10 @@ mod tests {
     fn idle_only_between_transactions() {
         let mut a = Assembler::new();
         let ka = WalMessage::Keepalive { wal_end: Lsn(9) };
-        assert!(matches!(a.push(ka.clone()).unwrap(), Some(Event::Idle(Lsn(9)))));
+        assert!(matches!(
+            a.push(ka.clone()).unwrap(),
+            Some(Event::Idle(Lsn(9)))
+        ));
         let mut b = BytesMut::new();
         b.put_u8(b'B');
         b.put_u64(10);

@@ -27,7 +27,10 @@ pub enum PgKind {
     Float32,
     Float64,
     /// numeric(p, s) with p ≤ 38.
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     Date,
     Timestamp,
     TimestampTz,
@@ -153,9 +156,9 @@ impl ColumnBuilder {
             ),
             PgKind::Date => Inner::Date(Date32Builder::with_capacity(capacity)),
             PgKind::Timestamp => Inner::Ts(TimestampMicrosecondBuilder::with_capacity(capacity)),
-            PgKind::TimestampTz => Inner::Ts(
-                TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC"),
-            ),
+            PgKind::TimestampTz => {
+                Inner::Ts(TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC"))
+            }
             PgKind::Bytea => Inner::Bin(BinaryBuilder::with_capacity(capacity, capacity * 16)),
             PgKind::Text => Inner::Text(StringBuilder::with_capacity(capacity, capacity * 16)),
         };
@@ -344,7 +347,11 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         None => (s, false),
     };
     let (date, rest) = s.split_once(' ')?;
-    let date = if bc { format!("{date} BC") } else { date.to_string() };
+    let date = if bc {
+        format!("{date} BC")
+    } else {
+        date.to_string()
+    };
     let days = parse_date(&date)? as i64;
     // split off a +HH[:MM[:SS]] / -HH… offset
     let (time, offset_s) = match rest.rfind(['+', '-']) {
@@ -413,7 +420,11 @@ mod tests {
         );
         assert_eq!(PgKind::of(oid::NUMERIC, -1), PgKind::Text);
         assert_eq!(PgKind::of(oid::NUMERIC, (60 << 16) + 4), PgKind::Text);
-        assert_eq!(PgKind::of(999_999, -1), PgKind::Text, "unknown types keep text");
+        assert_eq!(
+            PgKind::of(999_999, -1),
+            PgKind::Text,
+            "unknown types keep text"
+        );
     }
 
     #[test]
@@ -436,8 +447,14 @@ mod tests {
         assert_eq!(parse_date("0001-01-01 BC"), parse_date("0000-01-01"));
         assert_eq!(parse_timestamp("1970-01-01 00:00:01.5"), Some(1_500_000));
         assert_eq!(parse_timestamp("1970-01-01 01:00:00+01"), Some(0));
-        assert_eq!(parse_timestamp("1970-01-01 00:00:00-00:30"), Some(1_800_000_000));
-        assert_eq!(parse_timestamp("2024-02-29 23:59:59.999999+00"), Some(1_709_251_199_999_999));
+        assert_eq!(
+            parse_timestamp("1970-01-01 00:00:00-00:30"),
+            Some(1_800_000_000)
+        );
+        assert_eq!(
+            parse_timestamp("2024-02-29 23:59:59.999999+00"),
+            Some(1_709_251_199_999_999)
+        );
         assert_eq!(parse_timestamp("-infinity"), None);
     }
 

@@ -161,16 +161,19 @@ impl Warehouse {
                 })?;
             }
         }
-        let table =
-            DeltaTable::try_from_url_with_storage_options(url.clone(), self.storage_options.clone())
-                .await
-                .map_err(delta)?;
+        let table = DeltaTable::try_from_url_with_storage_options(
+            url.clone(),
+            self.storage_options.clone(),
+        )
+        .await
+        .map_err(delta)?;
         if table.version().is_some() {
             return Ok(table);
         }
-        let st: StructType = schema.as_ref().try_into_kernel().map_err(|e| {
-            delta(DeltaTableError::Generic(format!("schema conversion: {e}")))
-        })?;
+        let st: StructType = schema
+            .as_ref()
+            .try_into_kernel()
+            .map_err(|e| delta(DeltaTableError::Generic(format!("schema conversion: {e}"))))?;
         table
             .create()
             .with_table_name(name)

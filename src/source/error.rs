@@ -27,7 +27,9 @@ impl std::fmt::Display for ServerError {
 pub enum SourceError {
     #[error("invalid source.url: {0}")]
     BadUrl(String),
-    #[error("cannot reach Postgres at {addr}: {source}. Is the server running and is source.url right?")]
+    #[error(
+        "cannot reach Postgres at {addr}: {source}. Is the server running and is source.url right?"
+    )]
     Connect {
         addr: String,
         #[source]

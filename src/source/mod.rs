@@ -146,7 +146,10 @@ pub async fn prepare(
             let active: bool = row.get(3);
             let pid: Option<i32> = row.get(4);
             let confirmed: Option<String> = row.get(5);
-            let here: String = sql.query_one("SELECT current_database()", &[]).await?.get(0);
+            let here: String = sql
+                .query_one("SELECT current_database()", &[])
+                .await?
+                .get(0);
             if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
                 return Err(SourceError::Setup(format!(
                     "slot {:?} exists but is a {kind} slot with plugin {plugin:?}; walden needs a logical pgoutput slot. \

@@ -120,7 +120,10 @@ impl ReplicationConn {
             ("user", user.as_str()),
             ("database", db.as_str()),
             ("replication", "database"),
-            ("application_name", config.get_application_name().unwrap_or("walden")),
+            (
+                "application_name",
+                config.get_application_name().unwrap_or("walden"),
+            ),
             ("client_encoding", "UTF8"),
             ("DateStyle", "ISO, YMD"),
             ("TimeZone", "UTC"),
@@ -155,7 +158,11 @@ impl ReplicationConn {
         Ok(())
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), SourceError> {
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+    ) -> Result<(), SourceError> {
         let need_password = || SourceError::Auth {
             user: user.to_string(),
             message: "the server asks for a password and source.url has none".into(),
@@ -170,7 +177,10 @@ impl ReplicationConn {
                     match code {
                         0 => {}
                         3 => {
-                            frontend::password_message(password.ok_or_else(need_password)?, &mut out)?;
+                            frontend::password_message(
+                                password.ok_or_else(need_password)?,
+                                &mut out,
+                            )?;
                             self.send(&out).await?;
                         }
                         5 => {
@@ -197,7 +207,11 @@ impl ReplicationConn {
                                 password.ok_or_else(need_password)?,
                                 ChannelBinding::unsupported(),
                             );
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut out,
+                            )?;
                             self.send(&out).await?;
                             scram = Some(s);
                         }
@@ -304,11 +318,14 @@ impl ReplicationConn {
         } else {
             "NOEXPORT_SNAPSHOT"
         };
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}", quote_ident(slot));
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}",
+            quote_ident(slot)
+        );
         let rows = self.simple_query(&sql).await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let row = rows.first().ok_or_else(|| {
+            SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
         Ok(CreatedSlot {
             consistent_point: row
                 .get(1)
@@ -383,31 +400,33 @@ async fn open_socket(
     let mut last_err = None;
     for (i, host) in hosts.iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let (addr, fut): (String, futures::future::BoxFuture<'_, std::io::Result<Box<dyn Io>>>) =
-            match host {
-                Host::Tcp(h) => {
-                    let addr = format!("{h}:{port}");
-                    let a = addr.clone();
-                    (
-                        addr,
-                        Box::pin(async move {
-                            let s = tokio::net::TcpStream::connect(a).await?;
-                            s.set_nodelay(true)?;
-                            Ok(Box::new(s) as Box<dyn Io>)
-                        }),
-                    )
-                }
-                Host::Unix(dir) => {
-                    let path = dir.join(format!(".s.PGSQL.{port}"));
-                    (
-                        path.display().to_string(),
-                        Box::pin(async move {
-                            let s = tokio::net::UnixStream::connect(path).await?;
-                            Ok(Box::new(s) as Box<dyn Io>)
-                        }),
-                    )
-                }
-            };
+        let (addr, fut): (
+            String,
+            futures::future::BoxFuture<'_, std::io::Result<Box<dyn Io>>>,
+        ) = match host {
+            Host::Tcp(h) => {
+                let addr = format!("{h}:{port}");
+                let a = addr.clone();
+                (
+                    addr,
+                    Box::pin(async move {
+                        let s = tokio::net::TcpStream::connect(a).await?;
+                        s.set_nodelay(true)?;
+                        Ok(Box::new(s) as Box<dyn Io>)
+                    }),
+                )
+            }
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                (
+                    path.display().to_string(),
+                    Box::pin(async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok(Box::new(s) as Box<dyn Io>)
+                    }),
+                )
+            }
+        };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(io)) => return Ok(io),
             Ok(Err(source)) => last_err = Some(SourceError::Connect { addr, source }),
@@ -437,7 +456,11 @@ struct Feedback {
 #[derive(Debug, Clone)]
 pub enum WalMessage {
     /// A pgoutput message starting at `wal_start`.
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
     /// The server's position; sent when it waits for WAL or wants an answer.
     Keepalive { wal_end: Lsn },
 }

@@ -51,7 +51,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "walden_flush_duration_seconds",
             "Time to make one batch durable in all its Delta tables",
         )
-        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        .buckets(vec![
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ]),
     )
     .expect("valid metric");
     r.register(Box::new(flush_duration_seconds.clone()))

@@ -48,7 +48,10 @@ async fn workload(db_url: String, txns: u32) -> Counts {
             .await
             .unwrap();
         t.items += client
-            .execute("UPDATE items SET qty = qty + 1, note = 'upd' WHERE id = $1", &[&(i / 2)])
+            .execute(
+                "UPDATE items SET qty = qty + 1, note = 'upd' WHERE id = $1",
+                &[&(i / 2)],
+            )
             .await
             .unwrap();
         t.log += client
@@ -92,7 +95,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .unwrap();
     // Create slot and publication before the workload starts.
     let st = walden(&db, &wh, &["run", "--once"], None).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
 
     let load = tokio::spawn(workload(db.url.clone(), 600));
     let mut kills = 0;
@@ -127,7 +134,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 
     // Drain what is left; must exit 0.
     let out = walden(&db, &wh, &["run", "--once"], None).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     for table in ["items", "log"] {
         let dup = delta_rows(
@@ -139,13 +150,32 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .await;
         assert_eq!(dup, vec!["0"], "{table}: duplicated changes");
     }
-    let log_changes = delta_rows(&wh, TableKind::Changes, "log", "SELECT CAST(count(*) AS VARCHAR) FROM t").await;
+    let log_changes = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "log",
+        "SELECT CAST(count(*) AS VARCHAR) FROM t",
+    )
+    .await;
     assert_eq!(log_changes, vec![expected.log.to_string()], "log changes");
-    let item_changes =
-        delta_rows(&wh, TableKind::Changes, "items", "SELECT CAST(count(*) AS VARCHAR) FROM t").await;
-    assert_eq!(item_changes, vec![expected.items.to_string()], "items changes");
+    let item_changes = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "items",
+        "SELECT CAST(count(*) AS VARCHAR) FROM t",
+    )
+    .await;
+    assert_eq!(
+        item_changes,
+        vec![expected.items.to_string()],
+        "items changes"
+    );
 
-    let src = pg_rows(&db.client, "SELECT concat_ws('|', id, qty, note) FROM items ORDER BY id").await;
+    let src = pg_rows(
+        &db.client,
+        "SELECT concat_ws('|', id, qty, note) FROM items ORDER BY id",
+    )
+    .await;
     let mir = delta_rows(
         &wh,
         TableKind::Mirror,
@@ -154,7 +184,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     )
     .await;
     assert_same("items", &src, &mir);
-    let src = pg_rows(&db.client, "SELECT concat_ws('|', id, item, delta) FROM log ORDER BY id").await;
+    let src = pg_rows(
+        &db.client,
+        "SELECT concat_ws('|', id, item, delta) FROM log ORDER BY id",
+    )
+    .await;
     let mir = delta_rows(
         &wh,
         TableKind::Mirror,

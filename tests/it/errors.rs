@@ -20,7 +20,10 @@ fn walden_once(envs: &[(&str, String)]) -> Output {
 
 fn assert_fails_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr:\n{err}"
+    );
     assert!(
         err.to_lowercase().contains(&needle.to_lowercase()),
         "stderr should mention {needle:?}:\n{err}"
@@ -58,7 +61,10 @@ async fn bad_inputs_fail_with_a_clear_message() {
         whs.clone(),
     ));
     assert_fails_with(&out, "authentication failed");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("wrong"), "password leaked");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("wrong"),
+        "password leaked"
+    );
 
     // missing publication
     let out = walden_once(&base(c.url("errors"), whs.clone()));
@@ -70,7 +76,11 @@ async fn bad_inputs_fail_with_a_clear_message() {
     );
     ok.push(("WALDEN_SOURCE__CREATE_PUBLICATION", "true".into()));
     let out = walden_once(&ok);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // unwritable warehouse
     let out = walden_once(&base(c.url("errors"), "/proc/walden-no".into()));
@@ -105,7 +115,10 @@ async fn bad_inputs_fail_with_a_clear_message() {
         if active {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "holder never took the slot");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holder never took the slot"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = walden_once(&ok);
@@ -119,7 +132,10 @@ async fn bad_inputs_fail_with_a_clear_message() {
         if let Some(s) = holder.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no exit after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit after SIGTERM: {status}");
@@ -131,7 +147,10 @@ async fn wal_level_replica_is_refused_with_the_fix() {
     let out = walden_once(&[
         ("WALDEN_SOURCE__URL", other.url("postgres")),
         ("WALDEN_SOURCE__CREATE_PUBLICATION", "true".into()),
-        ("WALDEN_WAREHOUSE__URL", warehouse_dir("replica").display().to_string()),
+        (
+            "WALDEN_WAREHOUSE__URL",
+            warehouse_dir("replica").display().to_string(),
+        ),
     ]);
     assert_fails_with(&out, "wal_level = logical");
     other.stop();

@@ -2,6 +2,7 @@
 
 mod crash;
 mod errors;
+mod fixtures;
 mod pg;
 mod stream;
 mod warehouse;

@@ -17,7 +17,11 @@ static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 /// The Postgres binaries: PATH first, then Debian's /usr/lib/postgresql/<newest>/bin.
 pub fn pg_bin() -> PathBuf {
-    if let Ok(out) = Command::new("sh").arg("-c").arg("command -v initdb").output() {
+    if let Ok(out) = Command::new("sh")
+        .arg("-c")
+        .arg("command -v initdb")
+        .output()
+    {
         let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if !p.is_empty() {
             let real = std::fs::canonicalize(&p).unwrap_or_else(|_| PathBuf::from(&p));
@@ -36,7 +40,9 @@ pub fn pg_bin() -> PathBuf {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    versions.pop().expect("no initdb found under /usr/lib/postgresql")
+    versions
+        .pop()
+        .expect("no initdb found under /usr/lib/postgresql")
 }
 
 pub fn free_port() -> u16 {
@@ -104,10 +110,24 @@ impl Cluster {
         let data = dir.join("data");
         let st = c
             .command("initdb")
-            .args(["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
             .output()
             .unwrap();
-        assert!(st.status.success(), "initdb failed: {}", String::from_utf8_lossy(&st.stderr));
+        assert!(
+            st.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
         let hba = "local all all trust\n\
                    host all walden_pw 127.0.0.1/32 scram-sha-256\n\
                    host replication walden_pw 127.0.0.1/32 scram-sha-256\n\
@@ -219,7 +239,11 @@ pub async fn test_db(name: &str) -> TestDb {
         .unwrap();
     let url = c.url(name);
     let client = connect(&url).await;
-    TestDb { name: name.to_string(), url, client }
+    TestDb {
+        name: name.to_string(),
+        url,
+        client,
+    }
 }
 
 pub fn warehouse_dir(name: &str) -> PathBuf {

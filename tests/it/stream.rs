@@ -17,7 +17,10 @@ const ACCOUNTS_DF: &str = "SELECT concat_ws('|', CAST(id AS VARCHAR), coalesce(n
 /// Runs each string as its own simple query (so each autocommit statement is its own transaction).
 async fn exec_each(client: &tokio_postgres::Client, sql: &[&str]) {
     for s in sql {
-        client.batch_execute(s).await.unwrap_or_else(|e| panic!("{s}: {e}"));
+        client
+            .batch_execute(s)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
     }
 }
 
@@ -38,7 +41,11 @@ async fn assert_mirror_equals_source(db: &crate::pg::TestDb, wh: &std::path::Pat
     )
     .await;
     assert_same("events", &src, &mir);
-    let src = pg_rows(&db.client, "SELECT concat_ws('|', x::text, y) FROM nokey ORDER BY x").await;
+    let src = pg_rows(
+        &db.client,
+        "SELECT concat_ws('|', x::text, y) FROM nokey ORDER BY x",
+    )
+    .await;
     let mir = delta_rows(
         wh,
         TableKind::Mirror,
@@ -173,7 +180,11 @@ async fn every_kind_of_change_lands_in_changelog_and_mirror() {
         "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE _walden_unchanged = 'big'",
     )
     .await;
-    assert_eq!(unchanged, vec!["3"], "toasted column not sent must be recorded");
+    assert_eq!(
+        unchanged,
+        vec!["3"],
+        "toasted column not sent must be recorded"
+    );
     let in_txn = delta_rows(
         &wh,
         TableKind::Changes,
@@ -188,4 +199,3 @@ async fn every_kind_of_change_lands_in_changelog_and_mirror() {
     assert_eq!(s.changes, 0);
     assert_mirror_equals_source(&db, &wh).await;
 }
-

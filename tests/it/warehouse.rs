@@ -38,7 +38,10 @@ pub async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> 
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .iter()
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_else(|| "NULL".into()))
+        .map(|r| {
+            r.get::<_, Option<String>>(0)
+                .unwrap_or_else(|| "NULL".into())
+        })
         .collect()
 }
 
