@@ -101,11 +101,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         String::from_utf8_lossy(&st.stderr)
     );
 
-    let load = tokio::spawn(workload(db.url.clone(), 600));
+    let load = tokio::spawn(workload(db.url.clone(), 1500));
     let mut kills = 0;
     let mut failpoint_aborts = 0;
     let mut rng = rand::rng();
-    for round in 0..9 {
+    for round in 0..20 {
         let fp = match round {
             1 => Some("after-changelog-commit"),
             3 => Some("before-confirm"),

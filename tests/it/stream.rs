@@ -199,3 +199,66 @@ async fn every_kind_of_change_lands_in_changelog_and_mirror() {
     assert_eq!(s.changes, 0);
     assert_mirror_equals_source(&db, &wh).await;
 }
+
+/// An idle slot (nothing published changes) must not retain WAL: walden confirms the server's
+/// keepalive position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_confirms_keepalive_position() {
+    let db = test_db("idle").await;
+    let wh = warehouse_dir("idle");
+    db.client
+        .batch_execute(
+            "CREATE TABLE published (id int PRIMARY KEY);
+             CREATE TABLE other (id int PRIMARY KEY, pad text);
+             CREATE PUBLICATION walden FOR TABLE published;",
+        )
+        .await
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+        .arg("run")
+        .env("WALDEN_SOURCE__URL", &db.url)
+        .env("WALDEN_SOURCE__SLOT", "s_idle")
+        .env("WALDEN_SOURCE__STATUS_INTERVAL_MS", "500")
+        .env("WALDEN_WAREHOUSE__URL", &wh)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // WAL that walden never receives a change from.
+    db.client
+        .batch_execute(
+            "INSERT INTO other SELECT g, repeat('p', 100) FROM generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+    let target: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ok: bool = db
+            .client
+            .query_one(
+                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 's_idle'",
+                &[&target],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if ok {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle slot never confirmed past {target}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}
