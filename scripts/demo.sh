@@ -57,7 +57,7 @@ echo "==> writing sample data and changes"
 INSERT INTO customers (id, name, email) SELECT g, 'customer ' || g, 'c' || g || '@example.com' FROM generate_series(1, 1000) g;
 INSERT INTO orders (customer, amount, status) SELECT 1 + g % 1000, (g % 500) + 0.99, 'new' FROM generate_series(1, 5000) g;
 UPDATE orders SET status = 'shipped' WHERE id % 3 = 0;
-DELETE FROM customers WHERE id > 990 AND NOT EXISTS (SELECT 1 FROM orders WHERE customer = customers.id);
+BEGIN; DELETE FROM orders WHERE customer > 995; DELETE FROM customers WHERE id > 995; COMMIT;
 BEGIN; UPDATE customers SET email = NULL WHERE id <= 10; DELETE FROM orders WHERE customer <= 10; COMMIT;
 BEGIN; INSERT INTO customers VALUES (5000, 'never committed'); ROLLBACK;
 SQL
