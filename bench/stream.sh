@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/walden-target}"
 ROWS="${ROWS:-1000000}"
 ROUNDS="${ROUNDS:-3}"
 TXN_ROWS="${TXN_ROWS:-10000}"
-command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
+for tool in /usr/bin/time:time bc:bc; do command -v "${tool%%:*}" >/dev/null || apt-get install -y -qq "${tool#*:}" >/dev/null; done
 
 echo "==> building walden (release)" >&2
 cargo build --release --locked --quiet

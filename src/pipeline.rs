@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, ApplyStats};
 use crate::batch::Batcher;
 use crate::checkpoint::{Frontier, Lsn};
 use crate::config::Config;
@@ -26,9 +26,23 @@ pub enum PipelineError {
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] DecodeError),
     #[error(transparent)]
-    Apply(#[from] ApplyError),
+    Apply(Box<ApplyError>),
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Sink(Box<SinkError>),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApplyError> for PipelineError {
+    fn from(e: ApplyError) -> Self {
+        PipelineError::Apply(Box::new(e))
+    }
+}
+
+impl From<SinkError> for PipelineError {
+    fn from(e: SinkError) -> Self {
+        PipelineError::Sink(Box::new(e))
+    }
 }
 
 impl PipelineError {
@@ -37,7 +51,7 @@ impl PipelineError {
             PipelineError::Source(e) => e.is_transient(),
             PipelineError::Apply(e) => e.is_transient(),
             PipelineError::Sink(e) => e.is_transient(),
-            PipelineError::Decode(_) => false,
+            PipelineError::Decode(_) | PipelineError::Internal(_) => false,
         }
     }
 }
@@ -100,11 +114,25 @@ pub async fn run(
     }
 }
 
+/// What a background flush hands back.
+struct FlushDone {
+    applier: Applier,
+    durable: Vec<(String, ApplyStats)>,
+    error: Option<ApplyError>,
+    rows: usize,
+    started: Instant,
+}
+
 /// One connection's worth of streaming.
+///
+/// Flushes run in the background while the next batch is received; at most one is under way, so
+/// Delta commits of a table stay in LSN order.
 struct Session<'a> {
     cfg: &'a Config,
     mode: Mode,
-    applier: Applier,
+    /// `None` while a flush has it.
+    applier: Option<Applier>,
+    in_flight: Option<tokio::task::JoinHandle<FlushDone>>,
     batcher: Batcher,
     assembler: Assembler,
     frontier: Frontier,
@@ -118,7 +146,8 @@ impl<'a> Session<'a> {
         Session {
             cfg,
             mode,
-            applier: Applier::new(warehouse, &cfg.source.slot),
+            applier: Some(Applier::new(warehouse, &cfg.source.slot)),
+            in_flight: None,
             batcher: Batcher::new(cfg.batch.clone()),
             assembler: Assembler::new(),
             frontier: Frontier::default(),
@@ -154,11 +183,21 @@ impl<'a> Session<'a> {
             _ => None,
         };
         let mut done = target.is_some_and(|t| t <= prepared.start);
-        let result = self
+        let result = match self
             .stream_loop(&mut stream, &mut shutdown, target, marker, &mut done)
-            .await;
+            .await
+        {
+            Ok(()) => match self.start_flush(&stream).await {
+                Ok(()) => self.finish_flush(&stream).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Some(h) = self.in_flight.take() {
+            // Never leave a flush running behind the next session's back.
+            let _ = h.await;
+        }
         if result.is_ok() {
-            self.flush(&stream).await?;
             self.summary.confirmed = stream.confirmed();
             stream.close().await?;
         }
@@ -181,8 +220,13 @@ impl<'a> Session<'a> {
                     tracing::info!("shutdown requested: flushing and confirming");
                     return Ok(());
                 }
+                done = async { self.in_flight.as_mut().expect("guarded by precondition").await },
+                    if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    self.complete(join(done)?, stream)?;
+                }
                 _ = async { tokio::time::sleep(due.unwrap_or_default()).await }, if due.is_some() => {
-                    self.flush(stream).await?;
+                    self.start_flush(stream).await?;
                 }
                 msgs = stream.recv() => {
                     let Some(msgs) = msgs else {
@@ -204,7 +248,7 @@ impl<'a> Session<'a> {
                                     *done = true;
                                 }
                                 if self.batcher.should_flush() {
-                                    self.flush(stream).await?;
+                                    self.start_flush(stream).await?;
                                 } else if !self.frontier.has_pending() {
                                     stream.confirm(self.frontier.confirmable());
                                 }
@@ -234,17 +278,62 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Makes every buffered transaction durable, then confirms what the frontier allows.
-    async fn flush(&mut self, stream: &ReplicationStream) -> Result<(), PipelineError> {
+    /// Hands everything buffered to a background flush, after waiting for the one under way.
+    async fn start_flush(&mut self, stream: &ReplicationStream) -> Result<(), PipelineError> {
         if self.batcher.is_empty() {
-            stream.confirm(self.frontier.confirmable());
+            if !self.frontier.has_pending() {
+                stream.confirm(self.frontier.confirmable());
+            }
             return Ok(());
         }
-        let started = Instant::now();
+        self.finish_flush(stream).await?;
+        let mut applier = self.applier.take().ok_or_else(|| {
+            PipelineError::Internal("applier missing with no flush under way".into())
+        })?;
         let rows = self.batcher.rows();
         let tables = self.batcher.take();
-        for (name, buf) in &tables {
-            let stats = self.applier.apply(name, buf).await?;
+        self.frontier.begin_flush();
+        METRICS.buffered_changes.set(0);
+        self.in_flight = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut durable = Vec::with_capacity(tables.len());
+            let mut error = None;
+            for (name, buf) in &tables {
+                match applier.apply(name, buf).await {
+                    Ok(stats) => durable.push((name.clone(), stats)),
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            FlushDone {
+                applier,
+                durable,
+                error,
+                rows,
+                started,
+            }
+        }));
+        Ok(())
+    }
+
+    /// Waits for the flush under way, if any, and confirms what it made durable.
+    async fn finish_flush(&mut self, stream: &ReplicationStream) -> Result<(), PipelineError> {
+        match self.in_flight.take() {
+            Some(h) => self.complete(join(h.await)?, stream),
+            None => Ok(()),
+        }
+    }
+
+    /// Books a finished flush: marks its tables durable, then confirms what the frontier allows.
+    fn complete(
+        &mut self,
+        done: FlushDone,
+        stream: &ReplicationStream,
+    ) -> Result<(), PipelineError> {
+        self.applier = Some(done.applier);
+        for (name, stats) in &done.durable {
             self.frontier.durable(name);
             METRICS
                 .rows_written_total
@@ -265,6 +354,9 @@ impl<'a> Session<'a> {
                     "values with no Arrow representation (numeric NaN, infinite dates) were stored as NULL");
             }
         }
+        if let Some(e) = done.error {
+            return Err(e.into());
+        }
         crate::checkpoint::failpoint("before-confirm");
         let confirm = self.frontier.confirmable();
         stream.confirm(confirm);
@@ -272,9 +364,18 @@ impl<'a> Session<'a> {
         METRICS.flushes_total.inc();
         METRICS
             .flush_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
-        METRICS.buffered_changes.set(0);
-        tracing::debug!(rows, tables = tables.len(), confirmed = %confirm, elapsed = ?started.elapsed(), "flushed");
+            .observe(done.started.elapsed().as_secs_f64());
+        tracing::debug!(rows = done.rows, tables = done.durable.len(), confirmed = %confirm,
+            elapsed = ?done.started.elapsed(), "flushed");
         Ok(())
+    }
+}
+
+/// A flush task's result; a panic inside it is re-raised here.
+fn join(r: Result<FlushDone, tokio::task::JoinError>) -> Result<FlushDone, PipelineError> {
+    match r {
+        Ok(done) => Ok(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(PipelineError::Internal(format!("flush task: {e}"))),
     }
 }

@@ -53,7 +53,7 @@ pub async fn list_tables(w: &Warehouse) -> Result<Vec<(String, String)>, Inspect
 
 fn last_segment(p: &Path) -> String {
     p.parts()
-        .last()
+        .next_back()
         .map(|s| s.as_ref().to_string())
         .unwrap_or_default()
 }

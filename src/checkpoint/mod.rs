@@ -37,13 +37,17 @@ impl FromStr for Lsn {
 
 /// Tracks what has been received and what each table holds undurably.
 ///
-/// Table keys are the Delta tables (changelog and mirror of each source table count separately).
+/// Keys are source tables (whose changelog and mirror are applied together; each Delta table also
+/// records its own LSN, so a crash between the two is harmless). Buffered data is either
+/// `pending` (still being received) or `in_flight` (handed to a flush that has not finished).
 #[derive(Debug, Default)]
 pub struct Frontier {
     /// End LSN of the last whole transaction received (or the server position when idle).
     received_end: Lsn,
-    /// Per table: commit LSN of the oldest transaction it holds that is not durable yet.
+    /// Per table: commit LSN of the oldest buffered transaction not yet handed to a flush.
     pending: BTreeMap<String, Lsn>,
+    /// Per table: commit LSN of the oldest transaction in the flush under way.
+    in_flight: BTreeMap<String, Lsn>,
 }
 
 impl Frontier {
@@ -51,6 +55,7 @@ impl Frontier {
         Frontier {
             received_end: start,
             pending: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
         }
     }
 
@@ -72,13 +77,24 @@ impl Frontier {
         self.received_end = self.received_end.max(server_lsn);
     }
 
-    /// `table` made everything it held durable.
-    pub fn durable(&mut self, table: &str) {
-        self.pending.remove(table);
+    /// Everything pending is handed to a flush (at most one flush is under way at a time).
+    pub fn begin_flush(&mut self) {
+        debug_assert!(self.in_flight.is_empty(), "one flush at a time");
+        let pending = std::mem::take(&mut self.pending);
+        for (t, lsn) in pending {
+            let e = self.in_flight.entry(t).or_insert(lsn);
+            *e = (*e).min(lsn);
+        }
     }
 
+    /// The flush under way made `table` durable.
+    pub fn durable(&mut self, table: &str) {
+        self.in_flight.remove(table);
+    }
+
+    /// Some received data is not durable yet.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.in_flight.is_empty()
     }
 
     pub fn received_end(&self) -> Lsn {
@@ -92,6 +108,7 @@ impl Frontier {
     pub fn confirmable(&self) -> Lsn {
         self.pending
             .values()
+            .chain(self.in_flight.values())
             .min()
             .copied()
             .unwrap_or(self.received_end)
@@ -134,13 +151,19 @@ mod tests {
         f.received(Lsn(200), Lsn(210), ["a", "b"]);
         f.received(Lsn(300), Lsn(310), ["a"]);
         assert_eq!(f.confirmable(), Lsn(200));
+        f.begin_flush();
+        // received while the flush is under way
+        f.received(Lsn(400), Lsn(410), ["a"]);
         f.durable("a");
         assert_eq!(f.confirmable(), Lsn(200), "b still holds txn 200");
         f.durable("b");
-        assert_eq!(f.confirmable(), Lsn(310));
-        f.idle_at(Lsn(400));
-        assert_eq!(f.confirmable(), Lsn(400));
+        assert_eq!(f.confirmable(), Lsn(400), "txn 400 of a is not durable yet");
+        f.begin_flush();
+        f.durable("a");
+        assert_eq!(f.confirmable(), Lsn(410));
+        f.idle_at(Lsn(500));
+        assert_eq!(f.confirmable(), Lsn(500));
         f.idle_at(Lsn(50));
-        assert_eq!(f.confirmable(), Lsn(400), "never goes back");
+        assert_eq!(f.confirmable(), Lsn(500), "never goes back");
     }
 }

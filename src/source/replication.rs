@@ -36,7 +36,7 @@ fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, SourceError> {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if len < 4 || len > 1 << 30 {
+    if !(4..=1 << 30).contains(&len) {
         return Err(SourceError::Protocol(format!("bad frame length {len}")));
     }
     if buf.len() < 1 + len {

@@ -168,6 +168,7 @@ impl Cluster {
             use std::os::unix::process::CommandExt;
             watchdog.uid(uid).gid(gid);
         }
+        #[allow(clippy::zombie_processes)] // it must outlive this process, by design
         watchdog
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -179,10 +180,6 @@ impl Cluster {
 
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     pub fn data_dir(&self) -> PathBuf {
