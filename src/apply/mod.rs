@@ -21,9 +21,12 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 
-use crate::batch::mirror::{mirror_batch, unchanged_flag, MirrorBatch, DELETE_FLAG};
+use crate::batch::mirror::{
+    from_changelog, mirror_batch, unchanged_flag, MirrorBatch, DELETE_FLAG,
+};
 use crate::batch::{changelog_batch, changelog_schema, mirror_schema, TableBuffer};
 use crate::checkpoint::Lsn;
+use crate::decode::txn::ChangeKind;
 use crate::sink::{delta_is_transient, writer_properties, SinkError, TableKind, Warehouse};
 
 #[derive(Debug, thiserror::Error)]
@@ -184,8 +187,10 @@ impl Applier {
         };
 
         // 1. changelog
+        let mut changelog: Option<(Lsn, RecordBatch)> = None;
         if last > pair.changes_lsn {
             let (batch, bad) = changelog_batch(buf, pair.changes_lsn).map_err(arrow)?;
+            changelog = Some((pair.changes_lsn, batch.clone()));
             stats.changelog_rows = batch.num_rows();
             stats.unrepresentable += bad;
             let evolve = schema_differs(&pair.changes, &batch.schema());
@@ -208,7 +213,18 @@ impl Applier {
 
         // 2. mirror
         if last > pair.mirror_lsn {
-            if let Some(mb) = mirror_batch(buf, pair.mirror_lsn).map_err(arrow)? {
+            let insert_only = buf
+                .rows
+                .iter()
+                .filter(|r| r.commit_lsn > pair.mirror_lsn)
+                .all(|r| r.change.kind == ChangeKind::Insert);
+            let mb = match changelog {
+                Some((from, batch)) if insert_only && from == pair.mirror_lsn => {
+                    Some(from_changelog(&batch, &buf.relation).map_err(arrow)?)
+                }
+                _ => mirror_batch(buf, pair.mirror_lsn).map_err(arrow)?,
+            };
+            if let Some(mb) = mb {
                 stats.mirror_rows = mb.batch.num_rows();
                 pair.mirror = apply_mirror(&ctx, pair.mirror.clone(), mb, props())
                     .await

@@ -219,3 +219,41 @@ pub fn mirror_batch(
         unrepresentable,
     }))
 }
+
+/// The mirror batch of an insert-only stretch, taken from its changelog batch (built from the same
+/// rows) instead of parsing every value a second time.
+pub fn from_changelog(
+    changelog: &RecordBatch,
+    rel: &crate::decode::pgoutput::Relation,
+) -> Result<MirrorBatch, arrow::error::ArrowError> {
+    let schema = changelog.schema();
+    let mut idx: Vec<usize> = (0..rel.columns.len()).collect();
+    idx.push(schema.index_of(super::LSN)?);
+    idx.push(schema.index_of(super::COMMIT_TS)?);
+    let projected = changelog.project(&idx)?;
+    let mut fields: Vec<Field> = mirror_schema(rel)
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(DELETE_FLAG, DataType::Boolean, false));
+    let mut arrays = projected.columns().to_vec();
+    arrays.push(Arc::new(BooleanArray::from(vec![
+        false;
+        projected.num_rows()
+    ])));
+    Ok(MirrorBatch {
+        batch: RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?,
+        replace: false,
+        keys: rel
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect(),
+        unchanged: Vec::new(),
+        deletes: 0,
+        insert_only: true,
+        unrepresentable: 0,
+    })
+}

@@ -93,8 +93,17 @@ impl Batcher {
     /// Adds a whole transaction; returns the tables it touched.
     pub fn push(&mut self, txn: Transaction) -> Vec<String> {
         let mut touched: Vec<String> = Vec::new();
+        let mut last: Option<(*const Relation, String)> = None;
         for (seq, change) in txn.changes.into_iter().enumerate() {
-            let name = table_name(&change.relation);
+            let ptr = Arc::as_ptr(&change.relation);
+            let name = match &last {
+                Some((p, n)) if *p == ptr => n.clone(),
+                _ => {
+                    let n = table_name(&change.relation);
+                    last = Some((ptr, n.clone()));
+                    n
+                }
+            };
             let size = 64
                 + change.new.as_ref().map_or(0, tuple_bytes)
                 + change.old.as_ref().map_or(0, |(_, t)| tuple_bytes(t));
@@ -106,7 +115,9 @@ impl Batcher {
                     rows: Vec::new(),
                     bytes: 0,
                 });
-            buf.relation = change.relation.clone();
+            if !Arc::ptr_eq(&buf.relation, &change.relation) {
+                buf.relation = change.relation.clone();
+            }
             buf.bytes += size;
             buf.rows.push(Row {
                 change,
