@@ -42,6 +42,17 @@ pub struct MirrorBatch {
     pub unrepresentable: u64,
 }
 
+/// The mirror's fields followed by [`DELETE_FLAG`].
+fn merge_source_fields(rel: &crate::decode::pgoutput::Relation) -> Vec<Field> {
+    let mut fields: Vec<Field> = mirror_schema(rel)
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(DELETE_FLAG, DataType::Boolean, false));
+    fields
+}
+
 struct Entry {
     delete: bool,
     values: Vec<Value>,
@@ -189,12 +200,7 @@ pub fn mirror_batch(
     arrays.push(Arc::new(BooleanArray::from_iter(
         entries.iter().map(|e| Some(e.delete)),
     )));
-    let mut fields: Vec<Field> = mirror_schema(rel)
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(DELETE_FLAG, DataType::Boolean, false));
+    let mut fields = merge_source_fields(rel);
     for &i in &unchanged {
         fields.push(Field::new(unchanged_flag(i), DataType::Boolean, false));
         arrays.push(Arc::new(BooleanArray::from_iter(
@@ -231,12 +237,7 @@ pub fn from_changelog(
     idx.push(schema.index_of(super::LSN)?);
     idx.push(schema.index_of(super::COMMIT_TS)?);
     let projected = changelog.project(&idx)?;
-    let mut fields: Vec<Field> = mirror_schema(rel)
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(DELETE_FLAG, DataType::Boolean, false));
+    let fields = merge_source_fields(rel);
     let mut arrays = projected.columns().to_vec();
     arrays.push(Arc::new(BooleanArray::from(vec![
         false;

@@ -15,14 +15,7 @@ use crate::config::BatchConfig;
 const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/pgoutput-v2.bin");
 
 fn messages() -> Vec<bytes::Bytes> {
-    let mut out = Vec::new();
-    let mut rest = FIXTURE;
-    while rest.len() >= 4 {
-        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-        out.push(bytes::Bytes::copy_from_slice(&rest[4..4 + n]));
-        rest = &rest[4 + n..];
-    }
-    out
+    super::fixture_messages(FIXTURE)
 }
 
 fn events() -> (Vec<Transaction>, usize) {

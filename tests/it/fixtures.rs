@@ -102,17 +102,6 @@ fn kinds(msgs: &[bytes::Bytes]) -> Vec<String> {
     v
 }
 
-pub fn read_fixture(bytes: &[u8]) -> Vec<bytes::Bytes> {
-    let mut out = Vec::new();
-    let mut rest = bytes;
-    while rest.len() >= 4 {
-        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-        out.push(bytes::Bytes::copy_from_slice(&rest[4..4 + n]));
-        rest = &rest[4 + n..];
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_fixture_matches_the_server() {
     let captured = capture().await;
@@ -125,7 +114,7 @@ async fn golden_fixture_matches_the_server() {
         }
         std::fs::write(&path, buf).unwrap();
     }
-    let stored = read_fixture(
+    let stored = walden::decode::fixture_messages(
         &std::fs::read(&path).expect("fixture missing: run with WALDEN_UPDATE_FIXTURES=1"),
     );
     assert_eq!(
