@@ -79,7 +79,7 @@ SQL
   t0=$(date +%s.%N)
   WALDEN_SOURCE__URL="postgres://postgres@127.0.0.1:$PORT/postgres?application_name=walden" \
   WALDEN_SOURCE__SLOT=walden WALDEN_SOURCE__PUBLICATION=bench WALDEN_WAREHOUSE__URL="$W/wh" \
-  RUST_LOG=warn /usr/bin/time -f "%M" -o "$W/rss" "$WALDEN" run --once
+  RUST_LOG=warn /usr/bin/time -f "%M %U %S" -o "$W/rss" ${BENCH_WALDEN_PREFIX:-} "$WALDEN" run --once
   t1=$(date +%s.%N)
   touch "$W/done-walden"; wait
   walden_s=$(echo "$t1 - $t0" | bc)
@@ -87,8 +87,10 @@ SQL
   recv_rate=$(echo "$ROWS / $recv_s" | bc)
   walden_rate=$(echo "$ROWS / $walden_s" | bc)
   ratio=$(echo "scale=3; $walden_rate / $recv_rate" | bc)
-  rss_mib=$(( $(cat "$W/rss") / 1024 ))
-  line="$round $recv_s $walden_s $recv_rate $walden_rate $ratio $rss_mib $(cat "$W/cpu-recv") $(cat "$W/cpu-walden")"
+  read -r rss_kib w_user w_sys <"$W/rss"
+  rss_mib=$(( rss_kib / 1024 ))
+  walden_cpu=$(echo "$w_user + $w_sys" | bc)
+  line="$round $recv_s $walden_s $recv_rate $walden_rate $ratio $rss_mib $(cat "$W/cpu-recv") $(cat "$W/cpu-walden") $walden_cpu"
   echo "round $line" >&2
   results+=("$line")
 done
@@ -102,4 +104,5 @@ cat <<MD
 | walden run --once → Delta | $(col 3) s, $(col 5) rows/s, walsender CPU $(col 9) s |
 | ratio walden / pg_recvlogical | $(col 6) |
 | walden peak RSS | $(col 7) MiB |
+| walden process CPU (user+sys) | $(col 10) s |
 MD

@@ -1,7 +1,7 @@
 //! Configuration: a TOML file plus `WALDEN_`-prefixed environment overrides.
 //!
 //! `WALDEN_SOURCE__URL=postgres://…` overrides `[source] url`: the prefix is dropped, `__` separates
-//! levels, names are lower-cased. Values are read as TOML scalars when they parse as one (numbers,
+//! levels, names are lower-cased. Variables without `__` (`WALDEN_LOG_FORMAT`) are not config. Values are read as TOML scalars when they parse as one (numbers,
 //! booleans), otherwise as strings. Unknown keys are rejected. Secrets (the password in the source URL,
 //! storage options) never appear in `Debug` output.
 
@@ -149,7 +149,9 @@ impl Config {
             source,
         })?;
         for (key, value) in env {
-            let Some(rest) = key.strip_prefix("WALDEN_") else {
+            // Every key lives in a section, so overrides always contain `__`; other WALDEN_*
+            // variables (WALDEN_LOG_FORMAT, WALDEN_FAILPOINTS) are not configuration.
+            let Some(rest) = key.strip_prefix("WALDEN_").filter(|r| r.contains("__")) else {
                 continue;
             };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -300,6 +302,7 @@ mod tests {
                 "true".to_string(),
             ),
             ("UNRELATED".to_string(), "x".to_string()),
+            ("WALDEN_LOG_FORMAT".to_string(), "json".to_string()),
         ];
         let cfg = Config::from_toml_and_env(BASE, "t", env).unwrap();
         assert_eq!(cfg.source.slot, "other_slot");

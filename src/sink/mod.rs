@@ -14,6 +14,7 @@ use deltalake::kernel::StructType;
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::{DeltaTable, DeltaTableError};
+
 use url::Url;
 
 use crate::config::WarehouseConfig;
@@ -161,13 +162,14 @@ impl Warehouse {
                 })?;
             }
         }
-        let table = DeltaTable::try_from_url_with_storage_options(
-            url.clone(),
-            self.storage_options.clone(),
-        )
-        .await
-        .map_err(delta)?;
-        if table.version().is_some() {
+        let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())
+            .map_err(delta)?
+            .with_storage_options(self.storage_options.clone())
+            .build()
+            .map_err(delta)?;
+        // Ask first, so a table that is not there yet is not reported as a load error.
+        if table.verify_deltatable_existence().await.map_err(delta)? {
+            table.load().await.map_err(delta)?;
             return Ok(table);
         }
         let st: StructType = schema
