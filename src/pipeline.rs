@@ -224,8 +224,12 @@ impl<'a> Session<'a> {
                     if self.in_flight.is_some() => {
                     self.in_flight = None;
                     self.complete(join(done)?, stream)?;
+                    if self.batcher.should_flush() {
+                        self.start_flush(stream).await?;
+                    }
                 }
-                _ = async { tokio::time::sleep(due.unwrap_or_default()).await }, if due.is_some() => {
+                _ = async { tokio::time::sleep(due.unwrap_or_default()).await },
+                    if due.is_some() && self.in_flight.is_none() => {
                     self.start_flush(stream).await?;
                 }
                 msgs = stream.recv() => {
@@ -247,7 +251,11 @@ impl<'a> Session<'a> {
                                 if target.is_some_and(|t| end >= t) {
                                     *done = true;
                                 }
-                                if self.batcher.should_flush() {
+                                // While a flush is under way keep receiving (up to the hard
+                                // limit); the next flush starts when that one is done.
+                                if (self.batcher.should_flush() && self.in_flight.is_none())
+                                    || self.batcher.over_hard_limit()
+                                {
                                     self.start_flush(stream).await?;
                                 } else if !self.frontier.has_pending() {
                                     stream.confirm(self.frontier.confirmable());

@@ -162,6 +162,12 @@ impl Batcher {
             || self.due_in() == Some(Duration::ZERO)
     }
 
+    /// Twice the flush thresholds: the most that is buffered while a flush is under way.
+    pub fn over_hard_limit(&self) -> bool {
+        self.rows >= self.cfg.max_rows.saturating_mul(2)
+            || self.bytes >= self.cfg.max_bytes.saturating_mul(2)
+    }
+
     /// Hands over everything buffered.
     pub fn take(&mut self) -> BTreeMap<String, TableBuffer> {
         self.rows = 0;
