@@ -19,6 +19,43 @@ pub struct Config {
     pub warehouse: WarehouseConfig,
     #[serde(default)]
     pub batch: BatchConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+}
+
+/// The initial copy of the published tables (and `walden backfill`).
+#[derive(Clone, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Copy every published table when walden creates its slot. Off: stream changes only.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Worker connections copying chunks at the same time.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    /// Rows per chunk (a ctid range, sized from the table's statistics).
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: u64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            parallelism: default_parallelism(),
+            chunk_rows: default_chunk_rows(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_parallelism() -> usize {
+    2
+}
+fn default_chunk_rows() -> u64 {
+    250_000
 }
 
 #[derive(Clone, Deserialize)]
@@ -182,6 +219,11 @@ impl Config {
         }
         if self.source.publication.is_empty() {
             return Err(ConfigError::Invalid("source.publication is empty".into()));
+        }
+        if self.snapshot.parallelism == 0 || self.snapshot.chunk_rows == 0 {
+            return Err(ConfigError::Invalid(
+                "snapshot.parallelism and snapshot.chunk_rows must be greater than 0".into(),
+            ));
         }
         if self.batch.max_rows == 0 || self.batch.max_bytes == 0 {
             return Err(ConfigError::Invalid(

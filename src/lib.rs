@@ -9,5 +9,6 @@ pub mod config;
 pub mod decode;
 pub mod pipeline;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod telemetry;

@@ -11,11 +11,13 @@ use tokio::sync::watch;
 
 use crate::apply::{Applier, ApplyError, ApplyStats};
 use crate::batch::Batcher;
+use crate::checkpoint::marker::{MarkerStore, SnapshotMarker, SnapshotState};
 use crate::checkpoint::{Frontier, Lsn};
 use crate::config::Config;
 use crate::decode::pgoutput::DecodeError;
 use crate::decode::txn::{Assembler, Event};
 use crate::sink::{SinkError, Warehouse};
+use crate::source::snapshot::published_tables;
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
 use crate::telemetry::METRICS;
 
@@ -29,6 +31,8 @@ pub enum PipelineError {
     Apply(Box<ApplyError>),
     #[error(transparent)]
     Sink(Box<SinkError>),
+    #[error("initial snapshot: {0}")]
+    Snapshot(Box<crate::snapshot::SnapshotError>),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -36,6 +40,12 @@ pub enum PipelineError {
 impl From<ApplyError> for PipelineError {
     fn from(e: ApplyError) -> Self {
         PipelineError::Apply(Box::new(e))
+    }
+}
+
+impl From<crate::snapshot::SnapshotError> for PipelineError {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        PipelineError::Snapshot(Box::new(e))
     }
 }
 
@@ -51,6 +61,7 @@ impl PipelineError {
             PipelineError::Source(e) => e.is_transient(),
             PipelineError::Apply(e) => e.is_transient(),
             PipelineError::Sink(e) => e.is_transient(),
+            PipelineError::Snapshot(e) => e.is_transient(),
             PipelineError::Decode(_) | PipelineError::Internal(_) => false,
         }
     }
@@ -130,6 +141,7 @@ struct FlushDone {
 struct Session<'a> {
     cfg: &'a Config,
     mode: Mode,
+    warehouse: Warehouse,
     /// `None` while a flush has it.
     applier: Option<Applier>,
     in_flight: Option<tokio::task::JoinHandle<FlushDone>>,
@@ -146,7 +158,8 @@ impl<'a> Session<'a> {
         Session {
             cfg,
             mode,
-            applier: Some(Applier::new(warehouse, &cfg.source.slot)),
+            applier: Some(Applier::new(warehouse.clone(), &cfg.source.slot)),
+            warehouse,
             in_flight: None,
             batcher: Batcher::new(cfg.batch.clone()),
             assembler: Assembler::new(),
@@ -156,13 +169,73 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Makes sure the slot exists; when walden creates it, copies the published tables as of the
+    /// slot's consistent point first (the initial snapshot). A snapshot cut short by a crash is
+    /// recognised by its marker and started over with a new slot.
+    async fn prepare(
+        &self,
+        sql: &tokio_postgres::Client,
+        repl: &mut ReplicationConn,
+    ) -> Result<source::Prepared, PipelineError> {
+        let src = &self.cfg.source;
+        let snapshots = self.cfg.snapshot.enabled;
+        let markers = MarkerStore::new(&self.warehouse, &src.slot)?;
+        let marker = markers.read().await?;
+        let slot_exists = sql
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&src.slot],
+            )
+            .await
+            .map_err(SourceError::from)?
+            .is_some();
+        let interrupted = marker
+            .as_ref()
+            .is_some_and(|m| m.state == SnapshotState::Copying);
+        if slot_exists && interrupted && snapshots {
+            tracing::warn!(slot = %src.slot, "the initial snapshot was interrupted; its exported snapshot is gone, \
+                so the slot is dropped and the snapshot starts over");
+            // prepare() waits for a dying holder to let go and refuses a slot held by another process.
+            let _ = source::prepare(sql, repl, src, false).await?;
+            source::drop_slot(sql, &src.slot).await?;
+        } else if !slot_exists && snapshots {
+            // Written before the slot exists, so a crash between creating it and copying is
+            // recognised as an interrupted snapshot.
+            markers
+                .write(&SnapshotMarker {
+                    slot: src.slot.clone(),
+                    state: SnapshotState::Copying,
+                    lsn: String::new(),
+                    tables: Vec::new(),
+                })
+                .await?;
+        }
+        let mut prepared = source::prepare(sql, repl, src, snapshots).await?;
+        if let Some(name) = prepared.snapshot_name.take() {
+            let tables = published_tables(sql, &src.publication).await?;
+            let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+            let mut m = SnapshotMarker {
+                slot: src.slot.clone(),
+                state: SnapshotState::Copying,
+                lsn: prepared.start.to_string(),
+                tables: names,
+            };
+            markers.write(&m).await?;
+            crate::snapshot::copy_tables(self.cfg, &self.warehouse, &name, prepared.start, &tables)
+                .await?;
+            m.state = SnapshotState::Done;
+            markers.write(&m).await?;
+        }
+        Ok(prepared)
+    }
+
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
         let src = &self.cfg.source;
         let sql = source::connect_sql(src).await?;
         let pg = source::parse_url(&src.url)?;
         let mut repl =
             ReplicationConn::connect(&pg, Duration::from_secs(src.connect_timeout_s)).await?;
-        let prepared = source::prepare(&sql, &mut repl, src).await?;
+        let prepared = self.prepare(&sql, &mut repl).await?;
         self.frontier = Frontier::new(prepared.start);
         let target = match self.mode {
             Mode::Once => Some(source::current_wal_lsn(&sql).await?),

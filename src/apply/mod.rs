@@ -7,6 +7,7 @@
 //! the replica identity), appended for insert-only batches, or replaced after a truncate.
 
 pub mod inspect;
+pub mod snapshot;
 
 use std::collections::HashMap;
 
@@ -45,6 +46,8 @@ pub enum ApplyError {
         #[source]
         source: DeltaTableError,
     },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("DataFusion on {table}: {source}")]
     DataFusion {
         table: String,
@@ -99,7 +102,7 @@ fn qcol(relation: &str, name: &str) -> Expr {
     Expr::Column(Column::new(Some(relation), name))
 }
 
-fn schema_differs(table: &DeltaTable, want: &SchemaRef) -> bool {
+pub(crate) fn schema_differs(table: &DeltaTable, want: &SchemaRef) -> bool {
     let Ok(state) = table.snapshot() else {
         return true;
     };

@@ -5,6 +5,8 @@
 //! received ≥ confirmed; confirmed = min over tables with undurable data of their oldest undurable
 //! commit LSN, or the end of the last received transaction when nothing is pending.
 
+pub mod marker;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;

@@ -1,8 +1,10 @@
 //! From pgoutput bytes to committed transactions and Arrow values.
 //!
 //! [`pgoutput`] decodes single messages, [`txn`] assembles them into committed transactions
-//! (including protocol-v2 streamed ones), [`types`] maps Postgres types and text values to Arrow.
+//! (including protocol-v2 streamed ones), [`types`] maps Postgres types and text values to Arrow,
+//! [`copy_text`] splits the snapshot's COPY text output into the same text values.
 
+pub mod copy_text;
 pub mod pgoutput;
 
 /// Splits a captured stream in the fixture format (`u32` big-endian length, then one XLogData

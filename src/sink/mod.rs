@@ -36,12 +36,21 @@ pub enum SinkError {
         #[source]
         source: DeltaTableError,
     },
+    #[error("warehouse object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("walden's marker file {0} is unreadable; delete it to start over")]
+    Marker(String),
 }
 
 impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
             SinkError::Delta { source, .. } => delta_is_transient(source),
+            SinkError::Store(e) => !matches!(
+                e,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            ),
             _ => false,
         }
     }
@@ -130,6 +139,31 @@ impl Warehouse {
 
     pub fn root(&self) -> &Url {
         &self.root
+    }
+
+    /// An object store rooted at `{warehouse}/{dir}` (dir ends with `/`).
+    pub fn object_store(
+        &self,
+        dir: &str,
+    ) -> Result<deltalake::logstore::ObjectStoreRef, SinkError> {
+        let url = self.root.join(dir).map_err(|e| SinkError::BadLocation {
+            url: self.root.to_string(),
+            reason: e.to_string(),
+        })?;
+        if url.scheme() == "file" {
+            if let Ok(p) = url.to_file_path() {
+                std::fs::create_dir_all(&p).map_err(|source| SinkError::NotWritable {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        deltalake::logstore::store_for(&url, self.storage_options.clone()).map_err(|source| {
+            SinkError::Delta {
+                table: url.to_string(),
+                source,
+            }
+        })
     }
 
     /// `{warehouse}/{changes|mirror}/{schema}/{table}`

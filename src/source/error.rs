@@ -46,7 +46,7 @@ pub enum SourceError {
     #[error("connection to Postgres lost: {0}")]
     Io(#[from] std::io::Error),
     #[error("SQL connection error: {0}")]
-    Sql(#[from] tokio_postgres::Error),
+    Sql(tokio_postgres::Error),
     #[error("replication protocol error: {0}")]
     Protocol(String),
     #[error("{0}")]
@@ -66,6 +66,23 @@ impl SourceError {
             }
             SourceError::Sql(e) => e.is_closed() || e.as_db_error().is_none(),
             _ => false,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for SourceError {
+    /// Server errors keep their SQLSTATE, message, detail and hint (tokio-postgres' own Display
+    /// says only "db error").
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => SourceError::Server(ServerError {
+                severity: db.severity().to_string(),
+                code: db.code().code().to_string(),
+                message: db.message().to_string(),
+                detail: db.detail().map(str::to_string),
+                hint: db.hint().map(str::to_string),
+            }),
+            None => SourceError::Sql(e),
         }
     }
 }

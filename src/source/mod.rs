@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod replication;
+pub mod snapshot;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -73,6 +74,9 @@ pub struct Prepared {
     /// The slot's confirmed position: everything before it is already durable in the warehouse.
     pub start: Lsn,
     pub slot_created: bool,
+    /// The snapshot exported by the slot's creation (valid while the replication connection that
+    /// created it stays idle).
+    pub snapshot_name: Option<String>,
 }
 
 /// Checks the server and makes sure the publication and slot exist; tells the operator exactly
@@ -81,6 +85,7 @@ pub async fn prepare(
     sql: &tokio_postgres::Client,
     repl: &mut ReplicationConn,
     cfg: &SourceConfig,
+    export_snapshot: bool,
 ) -> Result<Prepared, SourceError> {
     let wal_level: String = sql.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
@@ -177,14 +182,16 @@ pub async fn prepare(
             Ok(Prepared {
                 start,
                 slot_created: false,
+                snapshot_name: None,
             })
         }
         None => {
-            let created = repl.create_slot(&cfg.slot, false).await?;
+            let created = repl.create_slot(&cfg.slot, export_snapshot).await?;
             tracing::info!(slot = %cfg.slot, at = %created.consistent_point, "created replication slot");
             Ok(Prepared {
                 start: created.consistent_point,
                 slot_created: true,
+                snapshot_name: created.snapshot_name.filter(|_| export_snapshot),
             })
         }
     }
@@ -210,4 +217,11 @@ pub async fn emit_marker(sql: &tokio_postgres::Client, content: &str) -> Option<
         .await
         .ok()?;
     row.get::<_, String>(0).parse().ok()
+}
+
+/// Drops a replication slot that no process holds.
+pub async fn drop_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<(), SourceError> {
+    sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    Ok(())
 }

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub confirmed_lsn: IntGauge,
     pub buffered_changes: IntGauge,
     pub errors_total: IntCounterVec,
+    pub snapshot_rows_total: IntCounter,
+    pub snapshot_rows_estimated: IntGauge,
+    pub snapshot_tables_remaining: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -92,6 +95,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "walden_confirmed_lsn",
             "LSN confirmed to Postgres as durable (as a number)",
+        ),
+        snapshot_rows_total: counter(
+            &r,
+            "walden_snapshot_rows_total",
+            "Rows copied by snapshots and backfills",
+        ),
+        snapshot_rows_estimated: gauge(
+            &r,
+            "walden_snapshot_rows_estimated",
+            "Estimated rows of the snapshot or backfill under way (from table statistics)",
+        ),
+        snapshot_tables_remaining: gauge(
+            &r,
+            "walden_snapshot_tables_remaining",
+            "Tables of the snapshot or backfill under way not yet committed",
         ),
         buffered_changes: gauge(
             &r,

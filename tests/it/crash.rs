@@ -11,7 +11,12 @@ use walden::sink::TableKind;
 use crate::pg::{test_db, warehouse_dir, TestDb};
 use crate::warehouse::{assert_same, delta_rows, pg_rows};
 
-fn walden(db: &TestDb, wh: &std::path::Path, args: &[&str], failpoint: Option<&str>) -> Command {
+pub fn walden(
+    db: &TestDb,
+    wh: &std::path::Path,
+    args: &[&str],
+    failpoint: Option<&str>,
+) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_walden"));
     c.args(args)
         .env("WALDEN_SOURCE__URL", &db.url)

@@ -4,5 +4,6 @@ mod crash;
 mod errors;
 mod fixtures;
 mod pg;
+mod snapshot;
 mod stream;
 mod warehouse;

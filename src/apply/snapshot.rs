@@ -1,0 +1,232 @@
+//! The warehouse side of a snapshot: snapshot rows become Parquet files in both Delta tables of
+//! a source table, and one commit per Delta table makes the whole copy visible at once.
+//!
+//! Chunks are written as files that no commit references yet. When every chunk of a table is
+//! written, the changelog gets one commit adding them (rows with `_walden_op = 'snapshot'`), and
+//! the mirror one commit that removes whatever it held and adds the new files: a reader sees the
+//! old mirror or the complete copy, never a half-copied table. Both commits carry the application
+//! transaction `walden:<slot>` at `consistent point − 1`: a transaction that commits exactly at
+//! the consistent point is streamed, not in the snapshot, so it must not be skipped.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::DeltaTable;
+
+use super::{schema_differs, ApplyError};
+use crate::batch::{builders, changelog_schema, mirror_schema};
+use crate::checkpoint::Lsn;
+use crate::decode::pgoutput::{Relation, Tuple};
+use crate::sink::{writer_properties, TableKind, Warehouse};
+
+/// Both Delta tables of one source table being snapshotted.
+#[derive(Clone)]
+pub struct SnapshotTarget {
+    pub name: String,
+    pub relation: Arc<Relation>,
+    pub changes: DeltaTable,
+    pub mirror: DeltaTable,
+    /// Recorded as `_walden_lsn` and as the tables' applied LSN: consistent point − 1.
+    pub lsn: Lsn,
+    /// Recorded as `_walden_commit_ts` (when the snapshot was taken).
+    pub ts_us: i64,
+}
+
+impl SnapshotTarget {
+    pub async fn open(
+        warehouse: &Warehouse,
+        relation: Relation,
+        consistent_point: Lsn,
+        ts_us: i64,
+    ) -> Result<Self, ApplyError> {
+        let name = format!("{}.{}", relation.schema, relation.name);
+        let cu = warehouse.table_url(TableKind::Changes, &relation.schema, &relation.name);
+        let mu = warehouse.table_url(TableKind::Mirror, &relation.schema, &relation.name);
+        let changes = warehouse
+            .open_or_create(&cu, &changelog_schema(&relation), &name)
+            .await?;
+        let mirror = warehouse
+            .open_or_create(&mu, &mirror_schema(&relation), &name)
+            .await?;
+        for (t, want) in [
+            (&changes, changelog_schema(&relation)),
+            (&mirror, mirror_schema(&relation)),
+        ] {
+            if schema_differs(t, &want) {
+                return Err(ApplyError::Snapshot(format!(
+                    "{name}: the warehouse table {} has other columns than the source table; \
+                     move it away (or delete it) and snapshot again",
+                    t.table_url()
+                )));
+            }
+        }
+        Ok(SnapshotTarget {
+            name,
+            relation: Arc::new(relation),
+            changes,
+            mirror,
+            lsn: Lsn(consistent_point.0.saturating_sub(1)),
+            ts_us,
+        })
+    }
+
+    /// Changelog rows of snapshot tuples; `_walden_seq` is `chunk << 32 | row within chunk`, so
+    /// (`_walden_lsn`, `_walden_seq`) stays unique. Returns the batch and the count of values that
+    /// could not be represented (stored as NULL).
+    pub fn changelog_batch(
+        &self,
+        rows: &[Tuple],
+        chunk: u32,
+        first_row: u64,
+    ) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
+        let rel = &self.relation;
+        let mut cols = builders(rel, rows.len());
+        for t in rows {
+            for (b, v) in cols.iter_mut().zip(&t.0) {
+                b.append(v);
+            }
+        }
+        let n = rows.len();
+        let mut bad = 0;
+        let mut arrays: Vec<ArrayRef> = cols
+            .into_iter()
+            .map(|b| {
+                bad += b.unrepresentable;
+                b.finish()
+            })
+            .collect();
+        let base = ((chunk as i64) << 32) + first_row as i64;
+        arrays.push(Arc::new(StringArray::from(vec!["snapshot"; n])));
+        arrays.push(Arc::new(Int64Array::from(vec![self.lsn.0 as i64; n])));
+        arrays.push(Arc::new(Int64Array::from_iter_values(
+            (0..n as i64).map(|i| base + i),
+        )));
+        arrays.push(Arc::new(Int64Array::from(vec![0i64; n])));
+        arrays.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![self.ts_us; n]).with_timezone("UTC"),
+        ));
+        arrays.push(Arc::new(StringArray::from(vec![None::<&str>; n])));
+        Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
+    }
+
+    /// The mirror's columns of a changelog batch: source columns, `_walden_lsn`, commit time.
+    pub fn mirror_of(
+        &self,
+        changelog: &RecordBatch,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let n = self.relation.columns.len();
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.push(n + 1); // _walden_lsn
+        idx.push(n + 4); // _walden_commit_ts
+        changelog.project(&idx)
+    }
+}
+
+/// Writes the files of one chunk (not yet committed).
+pub struct ChunkWriter {
+    changes: RecordBatchWriter,
+    mirror: RecordBatchWriter,
+    table: String,
+}
+
+impl ChunkWriter {
+    pub fn new(target: &SnapshotTarget) -> Result<Self, ApplyError> {
+        let delta = |source| ApplyError::Delta {
+            table: target.name.clone(),
+            source,
+        };
+        Ok(ChunkWriter {
+            changes: RecordBatchWriter::for_table(&target.changes)
+                .map_err(delta)?
+                .with_writer_properties(writer_properties()),
+            mirror: RecordBatchWriter::for_table(&target.mirror)
+                .map_err(delta)?
+                .with_writer_properties(writer_properties()),
+            table: target.name.clone(),
+        })
+    }
+
+    pub async fn write(
+        &mut self,
+        changelog: RecordBatch,
+        mirror: RecordBatch,
+    ) -> Result<(), ApplyError> {
+        let delta = |source| ApplyError::Delta {
+            table: self.table.clone(),
+            source,
+        };
+        self.changes.write(changelog).await.map_err(delta)?;
+        self.mirror.write(mirror).await.map_err(delta)?;
+        Ok(())
+    }
+
+    /// Finishes the files; returns their add actions (changelog, mirror).
+    pub async fn finish(mut self) -> Result<(Vec<Add>, Vec<Add>), ApplyError> {
+        let delta = |source| ApplyError::Delta {
+            table: self.table.clone(),
+            source,
+        };
+        let c = self.changes.flush().await.map_err(delta)?;
+        let m = self.mirror.flush().await.map_err(delta)?;
+        Ok((c, m))
+    }
+}
+
+/// Makes a table's snapshot visible: appends to the changelog, replaces the mirror, both with
+/// the application transaction at the snapshot's LSN.
+pub async fn commit_table(
+    target: &SnapshotTarget,
+    app_id: &str,
+    changes: Vec<Add>,
+    mirror: Vec<Add>,
+) -> Result<(), ApplyError> {
+    let delta = |source| ApplyError::Delta {
+        table: target.name.clone(),
+        source,
+    };
+    let props = || {
+        CommitProperties::default()
+            .with_application_transaction(Transaction::new(app_id, target.lsn.0 as i64))
+    };
+    let state = target.changes.snapshot().map_err(delta)?;
+    CommitBuilder::from(props())
+        .with_actions(changes.into_iter().map(Action::Add).collect())
+        .build(
+            Some(state),
+            target.changes.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await
+        .map_err(delta)?;
+    crate::checkpoint::failpoint("after-snapshot-changelog-commit");
+
+    let state = target.mirror.snapshot().map_err(delta)?;
+    let mut actions: Vec<Action> = state
+        .log_data()
+        .iter()
+        .map(|f| Action::Remove(f.remove_action(true)))
+        .collect();
+    actions.extend(mirror.into_iter().map(Action::Add));
+    CommitBuilder::from(props())
+        .with_actions(actions)
+        .build(
+            Some(state),
+            target.mirror.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Overwrite,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await
+        .map_err(delta)?;
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The Postgres side of a snapshot: which tables, how they are described and split, and the
+//! worker connections that copy ctid ranges under the slot's exported snapshot.
+//!
+//! Every worker opens `REPEATABLE READ` and imports the snapshot exported by
+//! `CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT` (or a temporary slot's, for backfill), so all of
+//! them see the database exactly as of the slot's consistent point. Tables are split into ranges
+//! of heap pages (`ctid >= '(lo,0)' AND ctid < '(hi,0)'`, a TID range scan) and copied with
+//! `COPY (SELECT …) TO STDOUT` in text format, which goes through the same type output functions
+//! as pgoutput, so the snapshot and the stream share one type mapping.
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{connect_sql, replication::quote_ident, SourceError};
+use crate::config::SourceConfig;
+use crate::decode::copy_text::CopyTextParser;
+use crate::decode::pgoutput::{Column, Relation, Tuple};
+
+/// One ctid range of one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Index into the list of tables being copied.
+    pub table: usize,
+    /// Position of the chunk within its table.
+    pub index: u32,
+    pub first_page: u64,
+    /// Exclusive; `None` for the last chunk (reads to the end of the table).
+    pub end_page: Option<u64>,
+}
+
+/// A table to copy, with its size estimates.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub relation: Relation,
+    pub pages: u64,
+    pub estimated_rows: u64,
+}
+
+/// `schema.table` of every table in the publication.
+pub async fn published_tables(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<(String, String)>, SourceError> {
+    let rows = sql
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Describes a table the way pgoutput's Relation message would: the columns it publishes
+/// (not dropped, not generated), their types, and which belong to the replica identity.
+pub async fn describe(
+    sql: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+) -> Result<TableSpec, SourceError> {
+    let rows = sql
+        .query(
+            "SELECT c.oid, c.relreplident::text, a.attname::text, a.atttypid, a.atttypmod, \
+                CASE c.relreplident \
+                  WHEN 'f' THEN true \
+                  WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
+                                 AND i.indisprimary AND a.attnum = ANY(i.indkey)) \
+                  WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
+                                 AND i.indisreplident AND a.attnum = ANY(i.indkey)) \
+                  ELSE false END, \
+                greatest(pg_relation_size(c.oid) / current_setting('block_size')::int, 0)::int8, \
+                greatest(c.reltuples, 0)::int8, greatest(c.relpages, 0)::int8 \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                  AND a.attgenerated = '' \
+             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await?;
+    let first = rows.first().ok_or_else(|| {
+        SourceError::Setup(format!(
+            "table {schema}.{table} does not exist or has no columns"
+        ))
+    })?;
+    let oid: u32 = first.get(0);
+    let ident: String = first.get(1);
+    let pages: i64 = first.get(6);
+    let reltuples: i64 = first.get(7);
+    let relpages: i64 = first.get(8);
+    let columns = rows
+        .iter()
+        .map(|r| Column {
+            key: r.get(5),
+            name: r.get(2),
+            type_oid: r.get(3),
+            type_modifier: r.get(4),
+        })
+        .collect();
+    let pages = pages as u64;
+    // reltuples describes relpages pages; scale it to the current size.
+    let estimated_rows = if relpages > 0 {
+        (reltuples as f64 / relpages as f64 * pages as f64) as u64
+    } else {
+        pages * 100
+    };
+    Ok(TableSpec {
+        relation: Relation {
+            oid,
+            schema: schema.to_string(),
+            name: table.to_string(),
+            replica_identity: ident.bytes().next().unwrap_or(b'd'),
+            columns,
+        },
+        pages,
+        estimated_rows,
+    })
+}
+
+/// Splits a table into page ranges of about `chunk_rows` rows each. The last range is open so
+/// nothing beyond the measured size can be missed.
+pub fn plan_chunks(table: usize, spec: &TableSpec, chunk_rows: u64) -> Vec<Chunk> {
+    let rows_per_page = if spec.pages > 0 {
+        (spec.estimated_rows / spec.pages).max(1)
+    } else {
+        1
+    };
+    let pages_per_chunk = (chunk_rows / rows_per_page).max(1);
+    let n = spec.pages.div_ceil(pages_per_chunk).max(1);
+    (0..n)
+        .map(|i| Chunk {
+            table,
+            index: i as u32,
+            first_page: i * pages_per_chunk,
+            end_page: (i + 1 < n).then_some((i + 1) * pages_per_chunk),
+        })
+        .collect()
+}
+
+/// A connection inside a transaction that sees the exported snapshot.
+pub struct SnapshotReader {
+    client: tokio_postgres::Client,
+}
+
+impl SnapshotReader {
+    pub async fn open(cfg: &SourceConfig, snapshot_name: &str) -> Result<Self, SourceError> {
+        let client = connect_sql(cfg).await?;
+        // The same output settings as the replication connection, so text values parse alike.
+        client
+            .batch_execute(&format!(
+                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; \
+                 SET extra_float_digits = 3; SET bytea_output = 'hex'; \
+                 BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+                 SET TRANSACTION SNAPSHOT {}",
+                super::replication::quote_literal(snapshot_name)
+            ))
+            .await?;
+        Ok(SnapshotReader { client })
+    }
+
+    /// Starts copying one chunk; read its rows with [`ChunkCopy::next_rows`].
+    pub async fn copy(&self, rel: &Relation, chunk: &Chunk) -> Result<ChunkCopy, SourceError> {
+        let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let mut sql = format!(
+            "COPY (SELECT {} FROM {}.{} WHERE ctid >= '({},0)'::tid",
+            cols.join(", "),
+            quote_ident(&rel.schema),
+            quote_ident(&rel.name),
+            chunk.first_page
+        );
+        if let Some(end) = chunk.end_page {
+            sql.push_str(&format!(" AND ctid < '({end},0)'::tid"));
+        }
+        sql.push_str(") TO STDOUT");
+        let stream = self.client.copy_out(&sql).await?;
+        Ok(ChunkCopy {
+            stream: Box::pin(stream),
+            parser: CopyTextParser::new(rel.columns.len()),
+            table: format!("{}.{}", rel.schema, rel.name),
+            done: false,
+        })
+    }
+}
+
+/// One chunk's COPY under way.
+pub struct ChunkCopy {
+    stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+    parser: CopyTextParser,
+    table: String,
+    done: bool,
+}
+
+impl ChunkCopy {
+    /// The next rows (about `batch_rows` of them), or `None` at the end of the chunk.
+    pub async fn next_rows(
+        &mut self,
+        batch_rows: usize,
+    ) -> Result<Option<Vec<Tuple>>, SourceError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut rows: Vec<Tuple> = Vec::with_capacity(batch_rows);
+        let bad = |e: crate::decode::copy_text::CopyTextError, t: &str| {
+            SourceError::Protocol(format!("{t}: {e}"))
+        };
+        while rows.len() < batch_rows {
+            match self.stream.next().await {
+                Some(data) => {
+                    let data: Bytes = data?;
+                    self.parser
+                        .feed(data, &mut rows)
+                        .map_err(|e| bad(e, &self.table))?;
+                }
+                None => {
+                    self.parser.finish().map_err(|e| bad(e, &self.table))?;
+                    self.done = true;
+                    break;
+                }
+            }
+        }
+        Ok((!rows.is_empty()).then_some(rows))
+    }
+
+    /// Rows read so far.
+    pub fn rows(&self) -> u64 {
+        self.parser.rows()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(pages: u64, rows: u64) -> TableSpec {
+        TableSpec {
+            relation: Relation {
+                oid: 1,
+                schema: "s".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: vec![],
+            },
+            pages,
+            estimated_rows: rows,
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_page_once() {
+        let c = plan_chunks(0, &spec(1000, 100_000), 10_000);
+        assert_eq!(c.len(), 10);
+        assert_eq!(c[0].first_page, 0);
+        for w in c.windows(2) {
+            assert_eq!(w[0].end_page, Some(w[1].first_page));
+        }
+        assert_eq!(c.last().unwrap().end_page, None);
+    }
+
+    #[test]
+    fn empty_table_is_one_open_chunk() {
+        let c = plan_chunks(3, &spec(0, 0), 10_000);
+        assert_eq!(
+            c,
+            vec![Chunk {
+                table: 3,
+                index: 0,
+                first_page: 0,
+                end_page: None
+            }]
+        );
+    }
+}
