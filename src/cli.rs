@@ -40,6 +40,94 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         rows: usize,
     },
+    /// Replication slots: list, create, drop.
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+    /// Preflight: is the server ready for walden? Says exactly what to fix; exit 1 when not.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per table: mirror rows, applied LSN, last commit; the slot's lag.
+    Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare source and mirror (row counts and checksums); exit 1 on drift.
+    Verify {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// DataFusion SQL over the warehouse: mirrors as `schema.table`, changelogs as `changes.schema.table`.
+    Query {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::ops::query::Format,
+        sql: String,
+    },
+    /// Re-copy one table consistently with the stream (repair, or a table added to the publication).
+    Backfill {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// `schema.table`
+        #[arg(long)]
+        table: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SlotAction {
+    /// Every replication slot on the server, with retained WAL.
+    List {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a logical pgoutput slot (default: source.slot). No snapshot is taken.
+    Create {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        name: Option<String>,
+    },
+    /// Drop a slot (default: source.slot); an active one only with --force.
+    Drop {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        name: Option<String>,
+        /// Terminate the backend holding the slot first.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Exit status of a command that ran but found a problem (check, verify).
+#[derive(Debug)]
+struct Failed;
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("failed")
+    }
+}
+
+impl std::error::Error for Failed {}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 pub fn main() -> ExitCode {
@@ -57,6 +145,7 @@ pub fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Failed>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
@@ -93,6 +182,96 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("reading the warehouse")?;
             print!("{report}");
+            Ok(())
+        }
+        Command::Slot { action } => {
+            let (config, json) = match &action {
+                SlotAction::List { config, json } => (config, *json),
+                SlotAction::Create { config, .. } | SlotAction::Drop { config, .. } => {
+                    (config, false)
+                }
+            };
+            let cfg = Config::load(config.as_deref())?;
+            let sql = crate::source::connect_sql(&cfg.source).await?;
+            match action {
+                SlotAction::List { .. } => {
+                    let slots = crate::ops::slots::list(&sql).await?;
+                    if json {
+                        print_json(&slots)?;
+                    } else {
+                        print!("{}", crate::ops::slots::render(&slots));
+                    }
+                }
+                SlotAction::Create { name, .. } => {
+                    let name = name.unwrap_or(cfg.source.slot.clone());
+                    let lsn = crate::ops::slots::create(&sql, &name).await?;
+                    println!("created slot {name} at {lsn}");
+                }
+                SlotAction::Drop { name, force, .. } => {
+                    let name = name.unwrap_or(cfg.source.slot.clone());
+                    crate::ops::slots::drop(&sql, &name, force).await?;
+                    println!("dropped slot {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Check { config, json } => {
+            let cfg = Config::load(config.as_deref())?;
+            let report = crate::ops::check::run(&cfg).await;
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", report.render());
+            }
+            if report.ok {
+                Ok(())
+            } else {
+                Err(Failed.into())
+            }
+        }
+        Command::Status { config, json } => {
+            let cfg = Config::load(config.as_deref())?;
+            let sql = crate::source::connect_sql(&cfg.source).await?;
+            let status = crate::ops::status::run(&cfg, &sql).await?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Verify {
+            config,
+            table,
+            json,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let v = crate::ops::verify::run(&cfg, table.as_deref()).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                print!("{}", v.render());
+            }
+            if v.ok {
+                Ok(())
+            } else {
+                Err(Failed.into())
+            }
+        }
+        Command::Query {
+            config,
+            format,
+            sql,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let batches = crate::ops::query::run(&cfg, &sql).await?;
+            print!("{}", crate::ops::query::render(&batches, format)?);
+            Ok(())
+        }
+        Command::Backfill { config, table } => {
+            let cfg = Config::load(config.as_deref())?;
+            let s = crate::ops::backfill::run(&cfg, &table).await?;
+            println!("backfilled {table}: {} rows in {:.1}s", s.rows, s.seconds);
             Ok(())
         }
     }

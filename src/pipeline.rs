@@ -221,8 +221,15 @@ impl<'a> Session<'a> {
                 tables: names,
             };
             markers.write(&m).await?;
-            crate::snapshot::copy_tables(self.cfg, &self.warehouse, &name, prepared.start, &tables)
-                .await?;
+            crate::snapshot::copy_tables(
+                self.cfg,
+                &self.warehouse,
+                &name,
+                prepared.start,
+                &tables,
+                true,
+            )
+            .await?;
             m.state = SnapshotState::Done;
             markers.write(&m).await?;
         }

@@ -95,6 +95,7 @@ pub async fn copy_tables(
     snapshot_name: &str,
     consistent_point: Lsn,
     tables: &[(String, String)],
+    initial: bool,
 ) -> Result<SnapshotStats, SnapshotError> {
     let started = Instant::now();
     // Workers import the snapshot first: it lives only while the exporting session is idle.
@@ -181,7 +182,7 @@ pub async fn copy_tables(
                     remaining[t] -= 1;
                     if remaining[t] == 0 {
                         let (c, m) = std::mem::take(&mut adds[t]);
-                        commit_table(&targets[t], &app_id(&cfg.source.slot), c, m).await?;
+                        commit_table(&targets[t], &app_id(&cfg.source.slot), c, m, initial).await?;
                         committed += 1;
                         METRICS.snapshot_tables_remaining.set((targets.len() - committed) as i64);
                         tracing::info!(table = %targets[t].name, rows = rows_per_table[t], "table snapshot committed");

@@ -176,13 +176,17 @@ impl ChunkWriter {
     }
 }
 
-/// Makes a table's snapshot visible: appends to the changelog, replaces the mirror, both with
-/// the application transaction at the snapshot's LSN.
+/// Makes a table's copy visible: appends to the changelog and replaces the mirror, whose
+/// application transaction moves to the snapshot's LSN. An initial snapshot (`initial`) sets the
+/// changelog's too; a backfill leaves it, so changes the stream has not yet appended there still
+/// are. Refuses when the stream already applied changes past the snapshot to the mirror (the copy
+/// would be older than what it replaces).
 pub async fn commit_table(
     target: &SnapshotTarget,
     app_id: &str,
     changes: Vec<Add>,
     mirror: Vec<Add>,
+    initial: bool,
 ) -> Result<(), ApplyError> {
     let delta = |source| ApplyError::Delta {
         table: target.name.clone(),
@@ -192,12 +196,33 @@ pub async fn commit_table(
         CommitProperties::default()
             .with_application_transaction(Transaction::new(app_id, target.lsn.0 as i64))
     };
-    let state = target.changes.snapshot().map_err(delta)?;
-    CommitBuilder::from(props())
+    // Commit on the newest versions: whatever the stream committed meanwhile is superseded by
+    // the copy, unless it is past the snapshot.
+    let mut changes_table = target.changes.clone();
+    changes_table.update_state().await.map_err(delta)?;
+    let mut mirror_table = target.mirror.clone();
+    mirror_table.update_state().await.map_err(delta)?;
+    let now = super::applied_lsn(&mirror_table, app_id)
+        .await
+        .map_err(delta)?;
+    if now > target.lsn {
+        return Err(ApplyError::Snapshot(format!(
+            "{}: while the copy ran, the stream applied changes up to {now}, past the copy's snapshot              ({}); the copy is stale. Run the backfill again when the table is quieter, or stop              `walden run` during it",
+            target.name,
+            Lsn(target.lsn.0 + 1)
+        )));
+    }
+    let state = changes_table.snapshot().map_err(delta)?;
+    let changelog_props = if initial {
+        props()
+    } else {
+        CommitProperties::default()
+    };
+    CommitBuilder::from(changelog_props)
         .with_actions(changes.into_iter().map(Action::Add).collect())
         .build(
             Some(state),
-            target.changes.log_store(),
+            changes_table.log_store(),
             DeltaOperation::Write {
                 mode: SaveMode::Append,
                 partition_by: None,
@@ -208,7 +233,7 @@ pub async fn commit_table(
         .map_err(delta)?;
     crate::checkpoint::failpoint("after-snapshot-changelog-commit");
 
-    let state = target.mirror.snapshot().map_err(delta)?;
+    let state = mirror_table.snapshot().map_err(delta)?;
     let mut actions: Vec<Action> = state
         .log_data()
         .iter()
@@ -219,7 +244,7 @@ pub async fn commit_table(
         .with_actions(actions)
         .build(
             Some(state),
-            target.mirror.log_store(),
+            mirror_table.log_store(),
             DeltaOperation::Write {
                 mode: SaveMode::Overwrite,
                 partition_by: None,

@@ -186,7 +186,7 @@ pub async fn prepare(
             })
         }
         None => {
-            let created = repl.create_slot(&cfg.slot, export_snapshot).await?;
+            let created = repl.create_slot(&cfg.slot, export_snapshot, false).await?;
             tracing::info!(slot = %cfg.slot, at = %created.consistent_point, "created replication slot");
             Ok(Prepared {
                 start: created.consistent_point,

@@ -312,6 +312,7 @@ impl ReplicationConn {
         &mut self,
         slot: &str,
         export_snapshot: bool,
+        temporary: bool,
     ) -> Result<CreatedSlot, SourceError> {
         let snap = if export_snapshot {
             "EXPORT_SNAPSHOT"
@@ -319,8 +320,9 @@ impl ReplicationConn {
             "NOEXPORT_SNAPSHOT"
         };
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}",
-            quote_ident(slot)
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {snap}",
+            quote_ident(slot),
+            if temporary { " TEMPORARY" } else { "" }
         );
         let rows = self.simple_query(&sql).await?;
         let row = rows.first().ok_or_else(|| {

@@ -136,6 +136,10 @@ pub fn plan_chunks(table: usize, spec: &TableSpec, chunk_rows: u64) -> Vec<Chunk
         .collect()
 }
 
+/// The same output settings as the replication connection, so text values parse alike.
+const OUTPUT_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; \
+    SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex';";
+
 /// A connection inside a transaction that sees the exported snapshot.
 pub struct SnapshotReader {
     client: tokio_postgres::Client,
@@ -147,11 +151,20 @@ impl SnapshotReader {
         // The same output settings as the replication connection, so text values parse alike.
         client
             .batch_execute(&format!(
-                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; \
-                 SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-                 BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+                "{OUTPUT_SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
                  SET TRANSACTION SNAPSHOT {}",
                 super::replication::quote_literal(snapshot_name)
+            ))
+            .await?;
+        Ok(SnapshotReader { client })
+    }
+
+    /// A reader that sees the database as of now (one `REPEATABLE READ` transaction).
+    pub async fn current(cfg: &SourceConfig) -> Result<Self, SourceError> {
+        let client = connect_sql(cfg).await?;
+        client
+            .batch_execute(&format!(
+                "{OUTPUT_SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
             ))
             .await?;
         Ok(SnapshotReader { client })
