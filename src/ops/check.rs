@@ -288,25 +288,25 @@ async fn checks(
         }
     }
     for t in &tables {
-        let (schema, name, ident, pk, select): (String, String, String, bool, bool) =
+        let (schema, name, replident, pk, select): (String, String, String, bool, bool) =
             (t.get(0), t.get(1), t.get(2), t.get(3), t.get(4));
-        let q = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+        let q = format!("{}.{}", ident(&schema), ident(&name));
         let label = format!("table {schema}.{name}");
         if !select {
             r.push(
                 &label,
                 Level::Error,
                 "no SELECT privilege (needed for the snapshot and verify)".into(),
-                Some(format!("GRANT SELECT ON {q} TO {};", quote_ident(&user))),
+                Some(format!("GRANT SELECT ON {q} TO {};", ident(&user))),
             );
         }
-        let usable = match ident.as_str() {
+        let usable = match replident.as_str() {
             "d" => pk,
             "n" => false,
             _ => true,
         };
         if !usable {
-            let why = if ident == "n" {
+            let why = if replident == "n" {
                 "REPLICA IDENTITY NOTHING"
             } else {
                 "no primary key (REPLICA IDENTITY DEFAULT)"
@@ -323,7 +323,7 @@ async fn checks(
         let cols = sql
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod \
-                 FROM pg_attribute a WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                 FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
                  ORDER BY a.attnum",
                 &[&q],
             )
@@ -344,6 +344,21 @@ async fn checks(
         }
     }
     Ok(())
+}
+
+/// An identifier as a person would type it: bare when that is unambiguous, quoted otherwise.
+fn ident(s: &str) -> String {
+    let plain = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        s.to_string()
+    } else {
+        quote_ident(s)
+    }
 }
 
 /// Types whose natural Arrow form is text.

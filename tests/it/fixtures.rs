@@ -48,7 +48,7 @@ async fn capture() -> Vec<bytes::Bytes> {
     let mut repl = ReplicationConn::connect(&pg, Duration::from_secs(5))
         .await
         .unwrap();
-    let slot = repl.create_slot("fixtures", false).await.unwrap();
+    let slot = repl.create_slot("fixtures", false, false).await.unwrap();
     for sql in WORKLOAD {
         db.client.batch_execute(sql).await.unwrap();
     }

@@ -3,6 +3,7 @@
 mod crash;
 mod errors;
 mod fixtures;
+mod ops;
 mod pg;
 mod snapshot;
 mod stream;
