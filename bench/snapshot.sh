@@ -38,6 +38,10 @@ for round in $(seq 1 "$ROUNDS"); do
   RUST_LOG=warn /usr/bin/time -f "%M %U %S" -o "$W/rss" "$WALDEN" run --once
   t1=$(date +%s.%N)
   walden_s=$(echo "$t1 - $t0" | bc)
+  # Not a null sink: the mirror and the changelog must hold every row.
+  counts=$(WALDEN_SOURCE__URL="postgres://postgres@127.0.0.1:$PORT/postgres" WALDEN_WAREHOUSE__URL="$W/wh" \
+    "$WALDEN" query --format csv "SELECT (SELECT count(*) FROM public.bench) AS m, (SELECT count(*) FROM changes.public.bench) AS c" | tail -1)
+  [ "$counts" = "$ROWS,$ROWS" ] || { echo "warehouse holds $counts rows (mirror,changelog), expected $ROWS" >&2; exit 1; }
 
   copy_rate=$(echo "$ROWS / $copy_s" | bc)
   walden_rate=$(echo "$ROWS / $walden_s" | bc)

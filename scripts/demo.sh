@@ -47,14 +47,17 @@ TOML
 "${PSQL[@]}" <<'SQL'
 CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, created timestamptz DEFAULT now());
 CREATE TABLE orders (id bigserial PRIMARY KEY, customer int REFERENCES customers, amount numeric(10,2), status text);
+INSERT INTO customers (id, name, email) SELECT g, 'customer ' || g, 'c' || g || '@example.com' FROM generate_series(1, 1000) g;
 SQL
 
-echo "==> walden run --once (creates the slot and publication)"
+echo "==> walden check (preflight)"
+"$WALDEN" check --config "$DEMO/walden.toml" || true
+
+echo "==> walden run --once (creates the slot and publication, snapshots the existing rows)"
 "$WALDEN" run --once --config "$DEMO/walden.toml"
 
 echo "==> writing sample data and changes"
 "${PSQL[@]}" <<'SQL'
-INSERT INTO customers (id, name, email) SELECT g, 'customer ' || g, 'c' || g || '@example.com' FROM generate_series(1, 1000) g;
 INSERT INTO orders (customer, amount, status) SELECT 1 + g % 1000, (g % 500) + 0.99, 'new' FROM generate_series(1, 5000) g;
 UPDATE orders SET status = 'shipped' WHERE id % 3 = 0;
 BEGIN; DELETE FROM orders WHERE customer > 995; DELETE FROM customers WHERE id > 995; COMMIT;
@@ -68,4 +71,6 @@ echo "==> walden run --once (replicates everything committed)"
 echo "==> what landed in $DEMO/warehouse"
 "$WALDEN" tables --config "$DEMO/walden.toml" --rows 3
 echo "source:    customers=$("${PSQL[@]}" -tAc 'SELECT count(*) FROM customers') orders=$("${PSQL[@]}" -tAc 'SELECT count(*) FROM orders')"
+echo "==> walden verify (source vs mirror: row counts and checksums)"
+"$WALDEN" verify --config "$DEMO/walden.toml"
 echo "Delta tables (readable by Spark, Trino, DuckDB, Polars): $DEMO/warehouse/{mirror,changes}/public/*"

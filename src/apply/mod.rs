@@ -33,7 +33,7 @@ use crate::sink::{delta_is_transient, writer_properties, SinkError, TableKind, W
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Sink(Box<SinkError>),
     #[error("building the Arrow batch for {table}: {source}")]
     Arrow {
         table: String,
@@ -54,6 +54,12 @@ pub enum ApplyError {
         #[source]
         source: datafusion::error::DataFusionError,
     },
+}
+
+impl From<SinkError> for ApplyError {
+    fn from(e: SinkError) -> Self {
+        ApplyError::Sink(Box::new(e))
+    }
 }
 
 impl ApplyError {

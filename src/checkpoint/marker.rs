@@ -45,13 +45,13 @@ impl MarkerStore {
     pub async fn read(&self) -> Result<Option<SnapshotMarker>, SinkError> {
         match self.store.get(&self.path).await {
             Ok(r) => {
-                let bytes = r.bytes().await.map_err(SinkError::Store)?;
+                let bytes = r.bytes().await.map_err(SinkError::from)?;
                 serde_json::from_slice(&bytes)
                     .map(Some)
                     .map_err(|e| SinkError::Marker(format!("{}: {e}", self.path)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(SinkError::Store(e)),
+            Err(e) => Err(SinkError::from(e)),
         }
     }
 
@@ -60,7 +60,7 @@ impl MarkerStore {
         self.store
             .put(&self.path, PutPayload::from(body))
             .await
-            .map_err(SinkError::Store)?;
+            .map_err(SinkError::from)?;
         Ok(())
     }
 }

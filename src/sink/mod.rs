@@ -37,9 +37,15 @@ pub enum SinkError {
         source: DeltaTableError,
     },
     #[error("warehouse object store: {0}")]
-    Store(#[from] object_store::Error),
+    Store(Box<object_store::Error>),
     #[error("walden's marker file {0} is unreadable; delete it to start over")]
     Marker(String),
+}
+
+impl From<object_store::Error> for SinkError {
+    fn from(e: object_store::Error) -> Self {
+        SinkError::Store(Box::new(e))
+    }
 }
 
 impl SinkError {
@@ -47,7 +53,7 @@ impl SinkError {
         match self {
             SinkError::Delta { source, .. } => delta_is_transient(source),
             SinkError::Store(e) => !matches!(
-                e,
+                **e,
                 object_store::Error::PermissionDenied { .. }
                     | object_store::Error::Unauthenticated { .. }
             ),

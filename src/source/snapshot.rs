@@ -119,11 +119,11 @@ pub async fn describe(
 /// Splits a table into page ranges of about `chunk_rows` rows each. The last range is open so
 /// nothing beyond the measured size can be missed.
 pub fn plan_chunks(table: usize, spec: &TableSpec, chunk_rows: u64) -> Vec<Chunk> {
-    let rows_per_page = if spec.pages > 0 {
-        (spec.estimated_rows / spec.pages).max(1)
-    } else {
-        1
-    };
+    let rows_per_page = spec
+        .estimated_rows
+        .checked_div(spec.pages)
+        .unwrap_or(1)
+        .max(1);
     let pages_per_chunk = (chunk_rows / rows_per_page).max(1);
     let n = spec.pages.div_ceil(pages_per_chunk).max(1);
     (0..n)
