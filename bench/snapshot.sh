@@ -35,7 +35,7 @@ for round in $(seq 1 "$ROUNDS"); do
   t0=$(date +%s.%N)
   WALDEN_SOURCE__URL="postgres://postgres@127.0.0.1:$PORT/postgres" WALDEN_SOURCE__SLOT=walden \
   WALDEN_SOURCE__PUBLICATION=bench WALDEN_WAREHOUSE__URL="$W/wh" WALDEN_SNAPSHOT__PARALLELISM="$PARALLELISM" \
-  RUST_LOG=warn /usr/bin/time -f "%M %U %S" -o "$W/rss" "$WALDEN" run --once
+  RUST_LOG=warn /usr/bin/time -f "%M %U %S" -o "$W/rss" ${BENCH_WALDEN_PREFIX:-} "$WALDEN" run --once
   t1=$(date +%s.%N)
   walden_s=$(echo "$t1 - $t0" | bc)
   # Not a null sink: the mirror and the changelog must hold every row.

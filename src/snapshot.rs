@@ -236,16 +236,15 @@ async fn copy_chunk(
     let mut writer = ChunkWriter::new(target)?;
     let mut copy = reader.copy(&target.relation, chunk).await?;
     let mut offset = 0u64;
-    while let Some(tuples) = copy.next_rows(ROWS_PER_BATCH).await? {
+    while let Some((cols, n)) = copy.next_columns(&target.relation, ROWS_PER_BATCH).await? {
         let arrow = |source| SnapshotError::Arrow {
             table: target.name.clone(),
             source,
         };
         let (changelog, unrep) = target
-            .changelog_batch(&tuples, chunk.index, offset)
+            .changelog_batch(cols, n, chunk.index, offset)
             .map_err(arrow)?;
         let mirror = target.mirror_of(&changelog).map_err(arrow)?;
-        drop(tuples);
         offset += changelog.num_rows() as u64;
         bad.fetch_add(unrep, Ordering::Relaxed);
         copied.fetch_add(changelog.num_rows() as u64, Ordering::Relaxed);

@@ -18,9 +18,10 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
 use super::{schema_differs, ApplyError};
-use crate::batch::{builders, changelog_schema, mirror_schema};
+use crate::batch::{changelog_schema, mirror_schema};
 use crate::checkpoint::Lsn;
-use crate::decode::pgoutput::{Relation, Tuple};
+use crate::decode::pgoutput::Relation;
+use crate::decode::types::ColumnBuilder;
 use crate::sink::{writer_properties, TableKind, Warehouse};
 
 /// Both Delta tables of one source table being snapshotted.
@@ -74,23 +75,17 @@ impl SnapshotTarget {
         })
     }
 
-    /// Changelog rows of snapshot tuples; `_walden_seq` is `chunk << 32 | row within chunk`, so
+    /// Changelog rows of `n` snapshot rows held by `cols`; `_walden_seq` is `chunk << 32 | row within chunk`, so
     /// (`_walden_lsn`, `_walden_seq`) stays unique. Returns the batch and the count of values that
     /// could not be represented (stored as NULL).
     pub fn changelog_batch(
         &self,
-        rows: &[Tuple],
+        cols: Vec<ColumnBuilder>,
+        n: usize,
         chunk: u32,
         first_row: u64,
     ) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
         let rel = &self.relation;
-        let mut cols = builders(rel, rows.len());
-        for t in rows {
-            for (b, v) in cols.iter_mut().zip(&t.0) {
-                b.append(v);
-            }
-        }
-        let n = rows.len();
         let mut bad = 0;
         let mut arrays: Vec<ArrayRef> = cols
             .into_iter()

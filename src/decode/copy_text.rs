@@ -10,6 +10,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::pgoutput::{Tuple, Value};
+use super::types::ColumnBuilder;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CopyTextError {
@@ -40,30 +41,97 @@ impl CopyTextParser {
         self.rows
     }
 
-    /// Adds a chunk and appends every complete row in it to `out`.
-    pub fn feed(&mut self, chunk: Bytes, out: &mut Vec<Tuple>) -> Result<(), CopyTextError> {
+    /// Hands each complete line of the data seen so far to `line` (without its newline).
+    fn lines(
+        &mut self,
+        chunk: Bytes,
+        mut line: impl FnMut(&mut Self, Bytes) -> Result<(), CopyTextError>,
+    ) -> Result<(), CopyTextError> {
         let data = if self.pending.is_empty() {
             chunk
         } else {
             self.pending.extend_from_slice(&chunk);
             self.pending.split().freeze()
         };
-        let Some(last_nl) = memchr_last(&data) else {
+        let Some(last_nl) = memchr::memrchr(b'\n', &data) else {
             self.pending.extend_from_slice(&data);
             return Ok(());
         };
-        let complete = data.slice(..=last_nl);
         if last_nl + 1 < data.len() {
             self.pending.extend_from_slice(&data[last_nl + 1..]);
         }
+        let complete = data.slice(..last_nl);
         let mut start = 0;
-        while start < complete.len() {
-            let end = start
-                + complete[start..]
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .expect("complete ends with a newline");
-            out.push(self.row(complete.slice(start..end))?);
+        for end in memchr::memchr_iter(b'\n', &complete).chain(std::iter::once(complete.len())) {
+            self.rows += 1;
+            line(self, complete.slice(start..end))?;
+            start = end + 1;
+        }
+        Ok(())
+    }
+
+    /// Adds a chunk and appends every complete row in it to `out`.
+    pub fn feed(&mut self, chunk: Bytes, out: &mut Vec<Tuple>) -> Result<(), CopyTextError> {
+        self.lines(chunk, |p, line| {
+            let mut values = Vec::with_capacity(p.width);
+            p.fields(&line, |f| values.push(field_value(line.slice_ref(f))))?;
+            out.push(Tuple(values));
+            Ok(())
+        })
+    }
+
+    /// Adds a chunk and appends every complete row in it straight to the column builders (one
+    /// per column): no per-row allocation. Returns the rows appended.
+    pub fn feed_into(
+        &mut self,
+        chunk: Bytes,
+        cols: &mut [ColumnBuilder],
+    ) -> Result<usize, CopyTextError> {
+        let before = self.rows;
+        let mut unescaped = Vec::new();
+        self.lines(chunk, |p, line| {
+            let mut i = 0;
+            p.fields(&line, |f| {
+                let b = &mut cols[i];
+                i += 1;
+                if f == b"\\N" {
+                    b.append_null();
+                } else if memchr::memchr(b'\\', f).is_none() {
+                    b.append_bytes(f);
+                } else {
+                    unescaped.clear();
+                    unescape_into(f, &mut unescaped);
+                    b.append_bytes(&unescaped);
+                }
+            })
+        })?;
+        Ok((self.rows - before) as usize)
+    }
+
+    /// Calls `field` for each tab-separated field of `line`, after checking there are `width`.
+    fn fields<'l>(
+        &self,
+        line: &'l [u8],
+        mut field: impl FnMut(&'l [u8]),
+    ) -> Result<(), CopyTextError> {
+        let got = if self.width == 0 && line.is_empty() {
+            0
+        } else {
+            memchr::memchr_iter(b'\t', line).count() + 1
+        };
+        if got != self.width {
+            return Err(CopyTextError::Width {
+                row: self.rows,
+                got,
+                want: self.width,
+            });
+        }
+        if self.width == 0 {
+            return Ok(());
+        }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\t', line).chain(std::iter::once(line.len())) {
+            field(&line[start..end]);
             start = end + 1;
         }
         Ok(())
@@ -77,47 +145,6 @@ impl CopyTextParser {
             Err(CopyTextError::Truncated)
         }
     }
-
-    fn row(&mut self, line: Bytes) -> Result<Tuple, CopyTextError> {
-        self.rows += 1;
-        let mut values = Vec::with_capacity(self.width);
-        if self.width == 0 {
-            return if line.is_empty() {
-                Ok(Tuple(values))
-            } else {
-                Err(self.width_error(1))
-            };
-        }
-        let mut start = 0;
-        loop {
-            let end = line[start..]
-                .iter()
-                .position(|&b| b == b'\t')
-                .map(|p| start + p);
-            let field = line.slice(start..end.unwrap_or(line.len()));
-            values.push(field_value(field));
-            match end {
-                Some(e) => start = e + 1,
-                None => break,
-            }
-        }
-        if values.len() != self.width {
-            return Err(self.width_error(values.len()));
-        }
-        Ok(Tuple(values))
-    }
-
-    fn width_error(&self, got: usize) -> CopyTextError {
-        CopyTextError::Width {
-            row: self.rows,
-            got,
-            want: self.width,
-        }
-    }
-}
-
-fn memchr_last(data: &[u8]) -> Option<usize> {
-    data.iter().rposition(|&b| b == b'\n')
 }
 
 fn field_value(field: Bytes) -> Value {
@@ -127,11 +154,12 @@ fn field_value(field: Bytes) -> Value {
     if !field.contains(&b'\\') {
         return Value::Text(field);
     }
-    Value::Text(Bytes::from(unescape(&field)))
+    let mut out = Vec::with_capacity(field.len());
+    unescape_into(&field, &mut out);
+    Value::Text(Bytes::from(out))
 }
 
-fn unescape(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
+fn unescape_into(s: &[u8], out: &mut Vec<u8>) {
     let mut i = 0;
     while i < s.len() {
         let b = s[i];
@@ -171,7 +199,6 @@ fn unescape(s: &[u8]) -> Vec<u8> {
             other => out.push(other),
         }
     }
-    out
 }
 
 fn hex(b: u8) -> u8 {
@@ -203,6 +230,35 @@ mod tests {
         p.finish().unwrap();
         assert_eq!(out[0].0, vec![text("1"), text("a\tb"), Value::Null]);
         assert_eq!(out[1].0, vec![text("2"), text("x\\y"), text("zA")]);
+    }
+
+    #[test]
+    fn rows_go_straight_into_builders() {
+        use crate::decode::types::PgKind;
+        use arrow::array::{Array, AsArray};
+        let mut cols = vec![
+            ColumnBuilder::new(PgKind::Int32, 4),
+            ColumnBuilder::new(PgKind::Text, 4),
+        ];
+        let mut p = CopyTextParser::new(2);
+        let n = p
+            .feed_into(Bytes::from_static(b"1\ta\\tb\n2\t\\N\n3"), &mut cols)
+            .unwrap();
+        assert_eq!(n, 2);
+        let n = p
+            .feed_into(Bytes::from_static(b"\tx\\\\y\n"), &mut cols)
+            .unwrap();
+        assert_eq!(n, 1);
+        p.finish().unwrap();
+        let mut it = cols.into_iter();
+        let ids = it.next().unwrap().finish();
+        let texts = it.next().unwrap().finish();
+        let ids = ids.as_primitive::<arrow::datatypes::Int32Type>();
+        assert_eq!(ids.values().to_vec(), vec![1, 2, 3]);
+        let texts = texts.as_string::<i32>();
+        assert_eq!(texts.value(0), "a\tb");
+        assert!(texts.is_null(1));
+        assert_eq!(texts.value(2), "x\\y");
     }
 
     #[test]

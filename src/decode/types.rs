@@ -205,6 +205,14 @@ impl ColumnBuilder {
         }
     }
 
+    /// Appends one text-format value (NULL, counted, when it has no representation).
+    pub fn append_bytes(&mut self, text: &[u8]) {
+        if !self.append_text(text) {
+            self.unrepresentable += 1;
+            self.append_null();
+        }
+    }
+
     /// Parses a text-format value; false when it has no representation in the Arrow type.
     fn append_text(&mut self, t: &[u8]) -> bool {
         let s = match std::str::from_utf8(t) {

@@ -17,7 +17,7 @@ use arrow::row::{RowConverter, SortField};
 use serde::Serialize;
 
 use crate::apply::inspect;
-use crate::batch::{builders, source_fields};
+use crate::batch::source_fields;
 use crate::config::Config;
 use crate::decode::pgoutput::Relation;
 use crate::sink::{TableKind, Warehouse};
@@ -104,13 +104,7 @@ async fn source_digest(reader: &SnapshotReader, rel: &Relation) -> anyhow::Resul
         end_page: None,
     };
     let mut copy = reader.copy(rel, &whole).await?;
-    while let Some(rows) = copy.next_rows(65_536).await? {
-        let mut cols = builders(rel, rows.len());
-        for t in &rows {
-            for (b, v) in cols.iter_mut().zip(&t.0) {
-                b.append(v);
-            }
-        }
+    while let Some((cols, _)) = copy.next_columns(rel, 65_536).await? {
         let arrays: Vec<ArrayRef> = cols.into_iter().map(|b| b.finish()).collect();
         d.add(&RecordBatch::try_new(schema.clone(), arrays)?)?;
     }

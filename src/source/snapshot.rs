@@ -14,7 +14,8 @@ use futures::StreamExt;
 use super::{connect_sql, replication::quote_ident, SourceError};
 use crate::config::SourceConfig;
 use crate::decode::copy_text::CopyTextParser;
-use crate::decode::pgoutput::{Column, Relation, Tuple};
+use crate::decode::pgoutput::{Column, Relation};
+use crate::decode::types::ColumnBuilder;
 
 /// One ctid range of one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,24 +204,28 @@ pub struct ChunkCopy {
 }
 
 impl ChunkCopy {
-    /// The next rows (about `batch_rows` of them), or `None` at the end of the chunk.
-    pub async fn next_rows(
+    /// The next rows (about `batch_rows` of them) as column builders for `rel` and their count,
+    /// or `None` at the end of the chunk.
+    pub async fn next_columns(
         &mut self,
+        rel: &Relation,
         batch_rows: usize,
-    ) -> Result<Option<Vec<Tuple>>, SourceError> {
+    ) -> Result<Option<(Vec<ColumnBuilder>, usize)>, SourceError> {
         if self.done {
             return Ok(None);
         }
-        let mut rows: Vec<Tuple> = Vec::with_capacity(batch_rows);
+        let mut cols = crate::batch::builders(rel, batch_rows);
+        let mut n = 0;
         let bad = |e: crate::decode::copy_text::CopyTextError, t: &str| {
             SourceError::Protocol(format!("{t}: {e}"))
         };
-        while rows.len() < batch_rows {
+        while n < batch_rows {
             match self.stream.next().await {
                 Some(data) => {
                     let data: Bytes = data?;
-                    self.parser
-                        .feed(data, &mut rows)
+                    n += self
+                        .parser
+                        .feed_into(data, &mut cols)
                         .map_err(|e| bad(e, &self.table))?;
                 }
                 None => {
@@ -230,7 +235,7 @@ impl ChunkCopy {
                 }
             }
         }
-        Ok((!rows.is_empty()).then_some(rows))
+        Ok((n > 0).then_some((cols, n)))
     }
 
     /// Rows read so far.
