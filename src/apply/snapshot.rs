@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
@@ -18,7 +18,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
 use super::{schema_differs, ApplyError};
-use crate::batch::{changelog_schema, mirror_schema};
+use crate::batch::{changelog_schema, finish_columns, mirror_schema};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
 use crate::decode::types::ColumnBuilder;
@@ -86,14 +86,7 @@ impl SnapshotTarget {
         first_row: u64,
     ) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
         let rel = &self.relation;
-        let mut bad = 0;
-        let mut arrays: Vec<ArrayRef> = cols
-            .into_iter()
-            .map(|b| {
-                bad += b.unrepresentable;
-                b.finish()
-            })
-            .collect();
+        let (mut arrays, bad) = finish_columns(cols);
         let base = ((chunk as i64) << 32) + first_row as i64;
         arrays.push(Arc::new(StringArray::from(vec!["snapshot"; n])));
         arrays.push(Arc::new(Int64Array::from(vec![self.lsn.0 as i64; n])));

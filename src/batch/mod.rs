@@ -235,6 +235,19 @@ pub fn builders(relation: &Relation, capacity: usize) -> Vec<ColumnBuilder> {
         .collect()
 }
 
+/// Finishes source-column builders: their arrays, and how many values could not be represented.
+pub fn finish_columns(cols: Vec<ColumnBuilder>) -> (Vec<ArrayRef>, u64) {
+    let mut bad = 0;
+    let arrays = cols
+        .into_iter()
+        .map(|b| {
+            bad += b.unrepresentable;
+            b.finish()
+        })
+        .collect();
+    (arrays, bad)
+}
+
 /// Rows after `applied` (commit LSN) of one table, as changelog records.
 pub fn changelog_batch(
     buf: &TableBuffer,
@@ -279,14 +292,7 @@ pub fn changelog_batch(
         xids.push(row.xid as i64);
         tss.push(row.commit_ts_us);
     }
-    let mut bad = 0;
-    let mut arrays: Vec<ArrayRef> = cols
-        .into_iter()
-        .map(|b| {
-            bad += b.unrepresentable;
-            b.finish()
-        })
-        .collect();
+    let (mut arrays, bad) = finish_columns(cols);
     arrays.push(Arc::new(StringArray::from(ops)));
     arrays.push(Arc::new(Int64Array::from(lsns)));
     arrays.push(Arc::new(Int64Array::from(seqs)));

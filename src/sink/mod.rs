@@ -156,14 +156,7 @@ impl Warehouse {
             url: self.root.to_string(),
             reason: e.to_string(),
         })?;
-        if url.scheme() == "file" {
-            if let Ok(p) = url.to_file_path() {
-                std::fs::create_dir_all(&p).map_err(|source| SinkError::NotWritable {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-            }
-        }
+        ensure_local_dir(&url)?;
         deltalake::logstore::store_for(&url, self.storage_options.clone()).map_err(|source| {
             SinkError::Delta {
                 table: url.to_string(),
@@ -195,14 +188,7 @@ impl Warehouse {
             table: url.to_string(),
             source,
         };
-        if url.scheme() == "file" {
-            if let Ok(p) = url.to_file_path() {
-                std::fs::create_dir_all(&p).map_err(|source| SinkError::NotWritable {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-            }
-        }
+        ensure_local_dir(url)?;
         let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())
             .map_err(delta)?
             .with_storage_options(self.storage_options.clone())
@@ -224,6 +210,19 @@ impl Warehouse {
             .await
             .map_err(delta)
     }
+}
+
+/// Creates the directory behind a `file://` URL (object stores need no directories).
+fn ensure_local_dir(url: &Url) -> Result<(), SinkError> {
+    if url.scheme() == "file" {
+        if let Ok(p) = url.to_file_path() {
+            std::fs::create_dir_all(&p).map_err(|source| SinkError::NotWritable {
+                path: p.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Parquet settings for every file walden writes.
