@@ -250,3 +250,59 @@ async fn slot_drop_refuses_an_active_slot_unless_forced() {
         .status
         .success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_while_walden_run_keeps_streaming() {
+    let db = test_db("ops_backfill_live").await;
+    let wh = warehouse_dir("ops_backfill_live");
+    seed(&db).await;
+    let mut run = walden(&db, &wh, &["run"], None).spawn().unwrap();
+    let wait_for = |n: i64| {
+        let wh = wh.clone();
+        async move {
+            for _ in 0..300 {
+                if std::fs::metadata(wh.join("mirror/public/orders/_delta_log")).is_ok() {
+                    let got = crate::warehouse::delta_rows(
+                        &wh,
+                        TableKind::Mirror,
+                        "orders",
+                        "SELECT CAST(count(*) AS VARCHAR) FROM t",
+                    )
+                    .await;
+                    if got == vec![n.to_string()] {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the mirror never reached {n} rows");
+        }
+    };
+    wait_for(5000).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO orders SELECT g, 'x', 1, now() FROM generate_series(5001, 5100) g",
+        )
+        .await
+        .unwrap();
+    wait_for(5100).await;
+
+    // The mirror loses rows behind walden's back; backfill repairs it while `run` streams on.
+    delete_from_mirror(&wh, "orders", "id > 100").await;
+    let out = cli(&db, &wh, &["backfill", "--table", "public.orders"]);
+    assert!(out.status.success(), "{}", text(&out));
+    db.client
+        .batch_execute("INSERT INTO orders SELECT g, 'y', 2, now() FROM generate_series(5101, 5200) g; \
+                        DELETE FROM orders WHERE id <= 50; UPDATE orders SET total = 7 WHERE id BETWEEN 51 AND 60")
+        .await
+        .unwrap();
+    wait_for(5150).await;
+    Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    let status = run.wait().unwrap();
+    assert!(status.success(), "walden run exit: {status}");
+    let out = cli(&db, &wh, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
