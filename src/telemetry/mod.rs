@@ -139,7 +139,7 @@ pub fn render() -> String {
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,walden=info"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,walden=info,deltalake_core::operations::merge=error"));
     let json = std::env::var("WALDEN_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
