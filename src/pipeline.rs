@@ -198,6 +198,10 @@ impl<'a> Session<'a> {
             // prepare() waits for a dying holder to let go and refuses a slot held by another process.
             let _ = source::prepare(sql, repl, src, false).await?;
             source::drop_slot(sql, &src.slot).await?;
+        } else if slot_exists && interrupted {
+            tracing::warn!(slot = %src.slot, "an initial snapshot was interrupted and snapshot.enabled = false: \
+                tables it had not committed are missing from the warehouse; enable snapshots to redo it, \
+                or `walden backfill --table T` each missing table");
         } else if !slot_exists && snapshots {
             // Written before the slot exists, so a crash between creating it and copying is
             // recognised as an interrupted snapshot.
