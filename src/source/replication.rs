@@ -563,6 +563,18 @@ fn parse_copy_data(mut body: Bytes, batch: &mut Vec<WalMessage>) -> Result<bool,
     }
 }
 
+/// Messages handed to the consumer at most at once; while this many wait, the socket is not read.
+const HANDOFF_MAX: usize = 4096;
+/// Fewer messages than this wait up to [`HANDOFF_WAIT`] for more before they are handed on: the
+/// socket is still read as data lands (a walsender whose output is drained promptly works less),
+/// but the consumer wakes once per burst instead of once per read.
+const HANDOFF_MIN: usize = 1024;
+const HANDOFF_WAIT: Duration = Duration::from_millis(2);
+
+fn handoff_due(pending: &[WalMessage], since: tokio::time::Instant) -> bool {
+    !pending.is_empty() && (pending.len() >= HANDOFF_MIN || since.elapsed() >= HANDOFF_WAIT)
+}
+
 /// Reads the socket, hands batches to the consumer, and keeps the server informed. While the
 /// consumer is busy (channel full) it stops reading, but still sends status updates on the timer
 /// so the walsender never times out.
@@ -577,6 +589,7 @@ async fn io_task(
     let mut ticker = tokio::time::interval(status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: Vec<WalMessage> = Vec::new();
+    let mut pending_since = tokio::time::Instant::now();
     let mut sent_flushed = 0u64;
     let result: Result<(), SourceError> = async {
         loop {
@@ -592,7 +605,8 @@ async fn io_task(
             }
             // Parse what is buffered into the pending batch.
             let mut reply_now = false;
-            if pending.is_empty() {
+            let was_empty = pending.is_empty();
+            if pending.len() < HANDOFF_MAX {
                 while let Some(f) = take_frame(&mut buf)? {
                     match f.tag {
                         b'd' => reply_now |= parse_copy_data(f.body, &mut pending)?,
@@ -605,10 +619,13 @@ async fn io_task(
                         }
                         _ => {} // Notice, ParameterStatus
                     }
-                    if pending.len() >= 4096 {
+                    if pending.len() >= HANDOFF_MAX {
                         break;
                     }
                 }
+            }
+            if was_empty && !pending.is_empty() {
+                pending_since = tokio::time::Instant::now();
             }
             if reply_now {
                 let f = feedback.flushed.load(Ordering::SeqCst);
@@ -632,7 +649,7 @@ async fn io_task(
                     wr.flush().await?;
                     sent_flushed = f;
                 }
-                permit = tx.reserve(), if !pending.is_empty() => {
+                permit = tx.reserve(), if handoff_due(&pending, pending_since) => {
                     match permit {
                         Ok(p) => p.send(Ok(std::mem::take(&mut pending))),
                         Err(_) => {
@@ -641,7 +658,12 @@ async fn io_task(
                         }
                     }
                 }
-                n = rd.read_buf(&mut buf), if pending.is_empty() => {
+                _ = tokio::time::sleep_until(pending_since + HANDOFF_WAIT),
+                    if !pending.is_empty() && pending.len() < HANDOFF_MIN => {
+                    // Handed off by the branch above on the next turn.
+                    pending_since -= HANDOFF_WAIT;
+                }
+                n = rd.read_buf(&mut buf), if pending.len() < HANDOFF_MAX => {
                     if buf.capacity() - buf.len() < 64 * 1024 {
                         buf.reserve(256 * 1024);
                     }

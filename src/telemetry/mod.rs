@@ -138,8 +138,9 @@ pub fn render() -> String {
 /// Installs the log subscriber; `RUST_LOG` filters, `WALDEN_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,walden=info,deltalake_core::operations::merge=error"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("warn,walden=info,deltalake_core::operations::merge=error")
+    });
     let json = std::env::var("WALDEN_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
