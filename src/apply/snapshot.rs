@@ -22,7 +22,7 @@ use crate::batch::{changelog_schema, finish_columns, mirror_schema};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
 use crate::decode::types::ColumnBuilder;
-use crate::sink::{writer_properties, TableKind, Warehouse};
+use crate::sink::{snapshot_writer_properties, TableKind, Warehouse};
 
 /// Both Delta tables of one source table being snapshotted.
 #[derive(Clone)]
@@ -130,10 +130,10 @@ impl ChunkWriter {
         Ok(ChunkWriter {
             changes: RecordBatchWriter::for_table(&target.changes)
                 .map_err(delta)?
-                .with_writer_properties(writer_properties()),
+                .with_writer_properties(snapshot_writer_properties()),
             mirror: RecordBatchWriter::for_table(&target.mirror)
                 .map_err(delta)?
-                .with_writer_properties(writer_properties()),
+                .with_writer_properties(snapshot_writer_properties()),
             table: target.name.clone(),
         })
     }

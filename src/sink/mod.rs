@@ -212,6 +212,17 @@ impl Warehouse {
     }
 }
 
+/// Parquet settings for snapshot files: as [`writer_properties`], but `_walden_op` is one constant
+/// value there, which plain encoding plus Snappy stores as cheaply as a dictionary and without
+/// interning every row.
+pub fn snapshot_writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_dictionary_enabled(false)
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .build()
+}
+
 /// Creates the directory behind a `file://` URL (object stores need no directories).
 fn ensure_local_dir(url: &Url) -> Result<(), SinkError> {
     if url.scheme() == "file" {
