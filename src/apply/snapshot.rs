@@ -106,10 +106,12 @@ impl SnapshotTarget {
         &self,
         changelog: &RecordBatch,
     ) -> Result<RecordBatch, arrow::error::ArrowError> {
-        let n = self.relation.columns.len();
-        let mut idx: Vec<usize> = (0..n).collect();
-        idx.push(n + 1); // _walden_lsn
-        idx.push(n + 4); // _walden_commit_ts
+        let from = changelog.schema();
+        let idx = mirror_schema(&self.relation)
+            .fields()
+            .iter()
+            .map(|f| from.index_of(f.name()))
+            .collect::<Result<Vec<_>, _>>()?;
         changelog.project(&idx)
     }
 }

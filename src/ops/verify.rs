@@ -21,6 +21,7 @@ use crate::batch::source_fields;
 use crate::config::Config;
 use crate::decode::pgoutput::Relation;
 use crate::sink::{TableKind, Warehouse};
+use crate::source::replication::quote_ident;
 use crate::source::snapshot::{describe, published_tables, Chunk, SnapshotReader};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -116,11 +117,7 @@ async fn mirror_digest(w: &Warehouse, rel: &Relation) -> anyhow::Result<Option<D
     let Ok(table) = inspect::open(&url).await else {
         return Ok(None);
     };
-    let cols: Vec<String> = rel
-        .columns
-        .iter()
-        .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
-        .collect();
+    let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let batches = inspect::query(&table, &format!("SELECT {} FROM t", cols.join(", "))).await?;
     let mut d = Digester::new(source_schema(rel))?;
     for b in &batches {

@@ -216,11 +216,7 @@ impl Warehouse {
 /// value there, which plain encoding plus Snappy stores as cheaply as a dictionary and without
 /// interning every row.
 pub fn snapshot_writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_dictionary_enabled(false)
-        .set_max_row_group_row_count(Some(128 * 1024))
-        .build()
+    base_properties().build()
 }
 
 /// Creates the directory behind a `file://` URL (object stores need no directories).
@@ -241,12 +237,17 @@ fn ensure_local_dir(url: &Url) -> Result<(), SinkError> {
 /// Dictionary encoding is off except for the operation column: CDC data is mostly high-cardinality
 /// and interning every value costs more CPU than Snappy saves in bytes.
 pub fn writer_properties() -> WriterProperties {
+    base_properties()
+        .set_column_dictionary_enabled(ColumnPath::from(crate::batch::OP), true)
+        .build()
+}
+
+/// Snappy, no dictionaries, row groups of 128k rows.
+fn base_properties() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_dictionary_enabled(false)
-        .set_column_dictionary_enabled(ColumnPath::from(crate::batch::OP), true)
         .set_max_row_group_row_count(Some(128 * 1024))
-        .build()
 }
 
 #[cfg(test)]

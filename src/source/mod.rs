@@ -191,7 +191,7 @@ pub async fn prepare(
             Ok(Prepared {
                 start: created.consistent_point,
                 slot_created: true,
-                snapshot_name: created.snapshot_name.filter(|_| export_snapshot),
+                snapshot_name: created.snapshot_name,
             })
         }
     }

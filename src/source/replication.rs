@@ -571,13 +571,9 @@ const HANDOFF_MAX: usize = 4096;
 const HANDOFF_MIN: usize = 1024;
 const HANDOFF_WAIT: Duration = Duration::from_millis(2);
 
-fn handoff_due(pending: &[WalMessage], since: tokio::time::Instant) -> bool {
-    !pending.is_empty() && (pending.len() >= HANDOFF_MIN || since.elapsed() >= HANDOFF_WAIT)
-}
-
 /// Reads the socket, hands batches to the consumer, and keeps the server informed. While the
-/// consumer is busy (channel full) it stops reading, but still sends status updates on the timer
-/// so the walsender never times out.
+/// consumer is busy (channel full and [`HANDOFF_MAX`] messages waiting) it stops reading, but
+/// still sends status updates on the timer so the walsender never times out.
 async fn io_task(
     io: Box<dyn Io>,
     mut buf: BytesMut,
@@ -633,6 +629,8 @@ async fn io_task(
                 wr.flush().await?;
                 sent_flushed = f;
             }
+            // A small batch waits briefly for more before it is handed on.
+            let hold = pending.len() < HANDOFF_MIN;
             tokio::select! {
                 biased;
                 _ = feedback.wake.notified() => {
@@ -649,7 +647,12 @@ async fn io_task(
                     wr.flush().await?;
                     sent_flushed = f;
                 }
-                permit = tx.reserve(), if handoff_due(&pending, pending_since) => {
+                permit = async {
+                    if hold {
+                        tokio::time::sleep_until(pending_since + HANDOFF_WAIT).await;
+                    }
+                    tx.reserve().await
+                }, if !pending.is_empty() => {
                     match permit {
                         Ok(p) => p.send(Ok(std::mem::take(&mut pending))),
                         Err(_) => {
@@ -657,11 +660,6 @@ async fn io_task(
                             feedback.closing.store(1, Ordering::SeqCst);
                         }
                     }
-                }
-                _ = tokio::time::sleep_until(pending_since + HANDOFF_WAIT),
-                    if !pending.is_empty() && pending.len() < HANDOFF_MIN => {
-                    // Handed off by the branch above on the next turn.
-                    pending_since -= HANDOFF_WAIT;
                 }
                 n = rd.read_buf(&mut buf), if pending.len() < HANDOFF_MAX => {
                     if buf.capacity() - buf.len() < 64 * 1024 {
