@@ -244,7 +244,6 @@ async fn copy_chunk(
         let (changelog, unrep) = target
             .changelog_batch(cols, n, chunk.index, offset)
             .map_err(arrow)?;
-        let mirror = target.mirror_of(&changelog).map_err(arrow)?;
         offset += changelog.num_rows() as u64;
         bad.fetch_add(unrep, Ordering::Relaxed);
         copied.fetch_add(changelog.num_rows() as u64, Ordering::Relaxed);
@@ -252,7 +251,7 @@ async fn copy_chunk(
             .snapshot_rows_total
             .inc_by(changelog.num_rows() as u64);
         METRICS.unrepresentable_values_total.inc_by(unrep);
-        writer.write(changelog, mirror).await?;
+        writer.write(changelog).await?;
     }
     let rows = copy.rows();
     let (changes, mirror) = writer.finish().await?;

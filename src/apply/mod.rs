@@ -6,6 +6,7 @@
 //! it is skipped. The changelog is appended; the mirror is merged (DataFusion-backed MERGE keyed on
 //! the replica identity), appended for insert-only batches, or replaced after a truncate.
 
+pub mod files;
 pub mod inspect;
 pub mod snapshot;
 
@@ -196,24 +197,38 @@ impl Applier {
         };
 
         // 1. changelog
-        let mut changelog: Option<(Lsn, RecordBatch)> = None;
+        let mut changelog: Option<Changelog> = None;
         if last > pair.changes_lsn {
             let (batch, bad) = changelog_batch(buf, pair.changes_lsn).map_err(arrow)?;
-            changelog = Some((pair.changes_lsn, batch.clone()));
             stats.changelog_rows = batch.num_rows();
             stats.unrepresentable += bad;
-            let evolve = schema_differs(&pair.changes, &batch.schema());
-            let mut w = pair
-                .changes
-                .clone()
-                .write(vec![batch])
-                .with_save_mode(SaveMode::Append)
-                .with_writer_properties(writer_properties())
-                .with_commit_properties(props());
-            if evolve {
-                w = w.with_schema_mode(SchemaMode::Merge);
-            }
-            pair.changes = w.await.map_err(delta)?;
+            let files = if schema_differs(&pair.changes, &batch.schema()) {
+                // A new column: the write operation evolves the table's schema.
+                pair.changes = pair
+                    .changes
+                    .clone()
+                    .write(vec![batch.clone()])
+                    .with_save_mode(SaveMode::Append)
+                    .with_writer_properties(writer_properties())
+                    .with_commit_properties(props())
+                    .with_schema_mode(SchemaMode::Merge)
+                    .await
+                    .map_err(delta)?;
+                None
+            } else {
+                let adds = files::write_files(&pair.changes, batch.clone(), writer_properties())
+                    .await
+                    .map_err(delta)?;
+                files::commit_append(&mut pair.changes, adds.clone(), props())
+                    .await
+                    .map_err(delta)?;
+                Some(adds)
+            };
+            changelog = Some(Changelog {
+                from: pair.changes_lsn,
+                batch,
+                files,
+            });
             pair.changes_lsn = last;
             crate::checkpoint::failpoint("after-changelog-commit");
         } else {
@@ -227,24 +242,47 @@ impl Applier {
                 .iter()
                 .filter(|r| r.commit_lsn > pair.mirror_lsn)
                 .all(|r| r.change.kind == ChangeKind::Insert);
-            let mb = match changelog {
-                Some((from, batch)) if insert_only && from == pair.mirror_lsn => {
-                    Some(from_changelog(&batch, &buf.relation).map_err(arrow)?)
+            let columns = files::column_names(&mirror_schema(&buf.relation));
+            match changelog {
+                // Exactly the changelog's rows, all inserts: the mirror gets the changelog's
+                // files, projected (no second encode).
+                Some(Changelog {
+                    from,
+                    batch,
+                    files: Some(adds),
+                }) if insert_only
+                    && from == pair.mirror_lsn
+                    && !schema_differs(&pair.mirror, &mirror_schema(&buf.relation)) =>
+                {
+                    let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+                    let adds =
+                        files::project_files(&pair.changes, &pair.mirror, &adds, &columns).await?;
+                    files::commit_append(&mut pair.mirror, adds, props())
+                        .await
+                        .map_err(delta)?;
+                    stats.mirror_rows = batch.num_rows();
                 }
-                _ => mirror_batch(buf, pair.mirror_lsn).map_err(arrow)?,
-            };
-            if let Some(mb) = mb {
-                stats.mirror_rows = mb.batch.num_rows();
-                pair.mirror = apply_mirror(&ctx, pair.mirror.clone(), mb, props())
-                    .await
-                    .map_err(|e| match e {
-                        MirrorErr::Delta(source) => delta(source),
-                        MirrorErr::Arrow(source) => arrow(source),
-                        MirrorErr::DataFusion(source) => ApplyError::DataFusion {
-                            table: name.to_string(),
-                            source,
-                        },
-                    })?;
+                changelog => {
+                    let mb = match changelog {
+                        Some(c) if insert_only && c.from == pair.mirror_lsn => {
+                            Some(from_changelog(&c.batch, &buf.relation).map_err(arrow)?)
+                        }
+                        _ => mirror_batch(buf, pair.mirror_lsn).map_err(arrow)?,
+                    };
+                    if let Some(mb) = mb {
+                        stats.mirror_rows = mb.batch.num_rows();
+                        pair.mirror = apply_mirror(&ctx, pair.mirror.clone(), mb, props())
+                            .await
+                            .map_err(|e| match e {
+                                MirrorErr::Delta(source) => delta(source),
+                                MirrorErr::Arrow(source) => arrow(source),
+                                MirrorErr::DataFusion(source) => ApplyError::DataFusion {
+                                    table: name.to_string(),
+                                    source,
+                                },
+                            })?;
+                    }
+                }
             }
             pair.mirror_lsn = last;
         }
@@ -254,6 +292,15 @@ impl Applier {
 
 pub fn app_id(slot: &str) -> String {
     format!("walden:{slot}")
+}
+
+/// What step 1 of [`Applier::apply`] appended to the changelog.
+struct Changelog {
+    /// The changelog's LSN before: its rows are the changes above it.
+    from: Lsn,
+    batch: RecordBatch,
+    /// The files added, when written ahead of the commit (not on a schema change).
+    files: Option<Vec<deltalake::kernel::Add>>,
 }
 
 enum MirrorErr {

@@ -17,6 +17,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
+use super::files::{column_names, project_files};
 use super::{schema_differs, ApplyError};
 use crate::batch::{changelog_schema, finish_columns, mirror_schema};
 use crate::checkpoint::Lsn;
@@ -100,69 +101,60 @@ impl SnapshotTarget {
         arrays.push(Arc::new(StringArray::from(vec![None::<&str>; n])));
         Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
     }
-
-    /// The mirror's columns of a changelog batch: source columns, `_walden_lsn`, commit time.
-    pub fn mirror_of(
-        &self,
-        changelog: &RecordBatch,
-    ) -> Result<RecordBatch, arrow::error::ArrowError> {
-        let from = changelog.schema();
-        let idx = mirror_schema(&self.relation)
-            .fields()
-            .iter()
-            .map(|f| from.index_of(f.name()))
-            .collect::<Result<Vec<_>, _>>()?;
-        changelog.project(&idx)
-    }
 }
 
-/// Writes the files of one chunk (not yet committed).
+/// Writes the files of one chunk (not yet committed): the changelog's through the Delta writer
+/// (which also computes the file statistics), the mirror's by copying the encoded columns it
+/// shares with the changelog file ([`project_files`]): every value is encoded once.
 pub struct ChunkWriter {
     changes: RecordBatchWriter,
-    mirror: RecordBatchWriter,
-    table: String,
+    target: SnapshotTarget,
 }
 
 impl ChunkWriter {
     pub fn new(target: &SnapshotTarget) -> Result<Self, ApplyError> {
-        let delta = |source| ApplyError::Delta {
-            table: target.name.clone(),
-            source,
-        };
         Ok(ChunkWriter {
             changes: RecordBatchWriter::for_table(&target.changes)
-                .map_err(delta)?
+                .map_err(|source| ApplyError::Delta {
+                    table: target.name.clone(),
+                    source,
+                })?
                 .with_writer_properties(snapshot_writer_properties()),
-            mirror: RecordBatchWriter::for_table(&target.mirror)
-                .map_err(delta)?
-                .with_writer_properties(snapshot_writer_properties()),
-            table: target.name.clone(),
+            target: target.clone(),
         })
     }
 
-    pub async fn write(
-        &mut self,
-        changelog: RecordBatch,
-        mirror: RecordBatch,
-    ) -> Result<(), ApplyError> {
-        let delta = |source| ApplyError::Delta {
-            table: self.table.clone(),
-            source,
-        };
-        self.changes.write(changelog).await.map_err(delta)?;
-        self.mirror.write(mirror).await.map_err(delta)?;
-        Ok(())
+    /// Writes changelog rows (see [`SnapshotTarget::changelog_batch`]).
+    pub async fn write(&mut self, changelog: RecordBatch) -> Result<(), ApplyError> {
+        self.changes
+            .write(changelog)
+            .await
+            .map_err(|source| ApplyError::Delta {
+                table: self.target.name.clone(),
+                source,
+            })
     }
 
     /// Finishes the files; returns their add actions (changelog, mirror).
     pub async fn finish(mut self) -> Result<(Vec<Add>, Vec<Add>), ApplyError> {
-        let delta = |source| ApplyError::Delta {
-            table: self.table.clone(),
-            source,
-        };
-        let c = self.changes.flush().await.map_err(delta)?;
-        let m = self.mirror.flush().await.map_err(delta)?;
-        Ok((c, m))
+        let changes = self
+            .changes
+            .flush()
+            .await
+            .map_err(|source| ApplyError::Delta {
+                table: self.target.name.clone(),
+                source,
+            })?;
+        let columns = column_names(&mirror_schema(&self.target.relation));
+        let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let mirror = project_files(
+            &self.target.changes,
+            &self.target.mirror,
+            &changes,
+            &columns,
+        )
+        .await?;
+        Ok((changes, mirror))
     }
 }
 
@@ -197,7 +189,9 @@ pub async fn commit_table(
         .map_err(delta)?;
     if now > target.lsn {
         return Err(ApplyError::Snapshot(format!(
-            "{}: while the copy ran, the stream applied changes up to {now}, past the copy's snapshot              ({}); the copy is stale. Run the backfill again when the table is quieter, or stop              `walden run` during it",
+            "{}: while the copy ran, the stream applied changes up to {now}, past the copy's snapshot \
+             ({}); the copy is stale. Run the backfill again when the table is quieter, or stop \
+             `walden run` during it",
             target.name,
             Lsn(target.lsn.0 + 1)
         )));

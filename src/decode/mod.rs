@@ -1,11 +1,13 @@
 //! From pgoutput bytes to committed transactions and Arrow values.
 //!
 //! [`pgoutput`] decodes single messages, [`txn`] assembles them into committed transactions
-//! (including protocol-v2 streamed ones), [`types`] maps Postgres types and text values to Arrow,
-//! [`copy_text`] splits the snapshot's COPY text output into the same text values.
+//! (including protocol-v2 streamed ones), [`types`] maps Postgres types and text values to Arrow
+//! (each value parsed by [`text_format`]), [`copy_text`] splits the snapshot's COPY text output
+//! into the same text values.
 
 pub mod copy_text;
 pub mod pgoutput;
+pub mod text_format;
 
 /// Splits a captured stream in the fixture format (`u32` big-endian length, then one XLogData
 /// payload, repeated) into its messages; a truncated tail is ignored.

@@ -20,6 +20,8 @@ use url::Url;
 
 use crate::config::WarehouseConfig;
 
+pub mod project;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("warehouse.url {url:?} is not a usable location: {reason}")]
@@ -38,6 +40,14 @@ pub enum SinkError {
     },
     #[error("warehouse object store: {0}")]
     Store(Box<object_store::Error>),
+    #[error("Parquet file {file}: {source}")]
+    Parquet {
+        file: String,
+        #[source]
+        source: deltalake::parquet::errors::ParquetError,
+    },
+    #[error("statistics of Parquet file {file}: {reason}")]
+    Stats { file: String, reason: String },
     #[error("walden's marker file {0} is unreadable; delete it to start over")]
     Marker(String),
 }

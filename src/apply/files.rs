@@ -1,0 +1,94 @@
+//! Data files of a Delta table written ahead of their commit, and the commit that adds them.
+//!
+//! Used where one set of values goes to both tables of a source table (snapshot chunks,
+//! insert-only stream batches): the changelog's files are written once by the Delta writer (which
+//! computes their statistics), and the mirror gets files projected from them, column chunks
+//! copied without re-encoding ([`project_columns`]).
+
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableError, Path};
+use object_store::ObjectStoreExt;
+
+use arrow::array::RecordBatch;
+
+use crate::sink::project::{project_columns, project_stats};
+use crate::sink::SinkError;
+
+/// Writes `batch` as data files of `table`, not committed; returns their add actions.
+pub async fn write_files(
+    table: &DeltaTable,
+    batch: RecordBatch,
+    props: WriterProperties,
+) -> Result<Vec<Add>, DeltaTableError> {
+    let mut w = RecordBatchWriter::for_table(table)?.with_writer_properties(props);
+    w.write(batch).await?;
+    w.flush().await
+}
+
+/// Files in `to` holding `columns` of the files `adds` of `from` (same names, same rows), with
+/// their add actions (statistics restricted to those columns).
+pub async fn project_files(
+    from: &DeltaTable,
+    to: &DeltaTable,
+    adds: &[Add],
+    columns: &[&str],
+) -> Result<Vec<Add>, SinkError> {
+    let (from_store, to_store) = (from.object_store(), to.object_store());
+    let mut out = Vec::with_capacity(adds.len());
+    for add in adds {
+        let path = Path::from(add.path.as_str());
+        let source = from_store.get(&path).await?.bytes().await?;
+        let projected = project_columns(&source, columns).map_err(|source| SinkError::Parquet {
+            file: format!("{}/{}", from.table_url(), add.path),
+            source,
+        })?;
+        let size = projected.len() as i64;
+        to_store.put(&path, projected.into()).await?;
+        let stats = add
+            .stats
+            .as_deref()
+            .map(|s| project_stats(s, columns))
+            .transpose()
+            .map_err(|e| SinkError::Stats {
+                file: add.path.clone(),
+                reason: e.to_string(),
+            })?;
+        out.push(Add {
+            size,
+            stats,
+            ..add.clone()
+        });
+    }
+    Ok(out)
+}
+
+/// Commits `adds` to `table` as one append; `table` then holds the new version.
+pub async fn commit_append(
+    table: &mut DeltaTable,
+    adds: Vec<Add>,
+    props: CommitProperties,
+) -> Result<(), DeltaTableError> {
+    let commit = CommitBuilder::from(props)
+        .with_actions(adds.into_iter().map(Action::Add).collect())
+        .build(
+            Some(table.snapshot()?),
+            table.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await?;
+    table.state = Some(commit.snapshot());
+    Ok(())
+}
+
+/// The names of a table's columns, for [`project_files`].
+pub fn column_names(schema: &arrow::datatypes::Schema) -> Vec<String> {
+    schema.fields().iter().map(|f| f.name().clone()).collect()
+}
