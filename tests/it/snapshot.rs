@@ -126,6 +126,35 @@ async fn existing_tables_are_copied_in_chunks_while_writes_go_on() {
     let marker =
         std::fs::read_to_string(wh.join("_walden/s_snap_concurrent/snapshot.json")).unwrap();
     assert!(marker.contains("\"done\""), "{marker}");
+
+    // The mirror's snapshot files are projections of the changelog's (same names), and their
+    // add actions carry statistics of the mirror's columns only.
+    let log =
+        std::fs::read_to_string(wh.join("mirror/public/big/_delta_log/00000000000000000001.json"))
+            .unwrap();
+    let adds: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("add").cloned())
+        .collect();
+    assert!(adds.len() >= 5, "{} mirror files", adds.len());
+    let mut mirror_rows = 0;
+    for add in &adds {
+        let path = add["path"].as_str().unwrap();
+        assert!(
+            wh.join("changes/public/big").join(path).exists(),
+            "{path} has no changelog counterpart"
+        );
+        let stats: serde_json::Value =
+            serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+        mirror_rows += stats["numRecords"].as_i64().unwrap();
+        assert!(stats["minValues"].get("id").is_some(), "{stats}");
+        assert!(stats["minValues"].get("_walden_op").is_none(), "{stats}");
+    }
+    assert!(
+        mirror_rows >= rows - txns as i64,
+        "{mirror_rows} rows in the snapshot files"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
