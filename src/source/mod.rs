@@ -3,6 +3,7 @@
 //! Ordinary SQL (catalog queries, slot inspection) goes through tokio-postgres; the replication
 //! connection is our own small client in [`replication`] (see ARCHITECTURE.md for why).
 
+pub mod coalesce;
 pub mod error;
 pub mod replication;
 pub mod snapshot;

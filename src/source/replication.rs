@@ -17,6 +17,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
+use super::coalesce::{Coalescer, TcpTuning, LOOPBACK_RCVBUF};
 use super::error::{ServerError, SourceError};
 use crate::checkpoint::Lsn;
 
@@ -93,6 +94,8 @@ pub type Rows = Vec<Vec<Option<String>>>;
 /// An authenticated replication connection, before streaming.
 pub struct ReplicationConn {
     io: Box<dyn Io>,
+    /// The TCP socket under `io` (None for a Unix socket), for [`Coalescer`].
+    tcp: Option<TcpTuning>,
     buf: BytesMut,
 }
 
@@ -105,7 +108,7 @@ impl ReplicationConn {
         config: &tokio_postgres::Config,
         timeout: Duration,
     ) -> Result<Self, SourceError> {
-        let io = open_socket(config, timeout).await?;
+        let (io, tcp) = open_socket(config, timeout).await?;
         let user = config
             .get_user()
             .map(str::to_string)
@@ -114,6 +117,7 @@ impl ReplicationConn {
         let db = config.get_dbname().unwrap_or(&user).to_string();
         let mut conn = ReplicationConn {
             io,
+            tcp,
             buf: BytesMut::with_capacity(256 * 1024),
         };
         let params = [
@@ -387,15 +391,49 @@ impl ReplicationConn {
         });
         let (tx, rx) = mpsc::channel(16);
         let buf = std::mem::take(&mut self.buf);
-        let task = tokio::spawn(io_task(self.io, buf, tx, feedback.clone(), status_interval));
+        let task = tokio::spawn(io_task(
+            self.io,
+            Coalescer::new(self.tcp),
+            buf,
+            tx,
+            feedback.clone(),
+            status_interval,
+        ));
         Ok(ReplicationStream { rx, feedback, task })
     }
+}
+
+/// A connected socket, and its TCP handle when it is one.
+type Socket = (Box<dyn Io>, Option<TcpTuning>);
+
+/// Connects to the first address of `addr` that answers. On a loopback address the receive buffer
+/// is kept small ([`LOOPBACK_RCVBUF`]): see [`super::coalesce`].
+async fn connect_tcp(addr: &str) -> std::io::Result<(tokio::net::TcpStream, bool)> {
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        let sock = if sa.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let loopback = sa.ip().is_loopback();
+        if loopback {
+            sock.set_recv_buffer_size(LOOPBACK_RCVBUF)?;
+        }
+        match sock.connect(sa).await {
+            Ok(s) => return Ok((s, loopback)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the host name has no address")
+    }))
 }
 
 async fn open_socket(
     config: &tokio_postgres::Config,
     timeout: Duration,
-) -> Result<Box<dyn Io>, SourceError> {
+) -> Result<Socket, SourceError> {
     use tokio_postgres::config::Host;
     let hosts = config.get_hosts();
     let ports = config.get_ports();
@@ -404,7 +442,7 @@ async fn open_socket(
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let (addr, fut): (
             String,
-            futures::future::BoxFuture<'_, std::io::Result<Box<dyn Io>>>,
+            futures::future::BoxFuture<'_, std::io::Result<Socket>>,
         ) = match host {
             Host::Tcp(h) => {
                 let addr = format!("{h}:{port}");
@@ -412,9 +450,10 @@ async fn open_socket(
                 (
                     addr,
                     Box::pin(async move {
-                        let s = tokio::net::TcpStream::connect(a).await?;
+                        let (s, loopback) = connect_tcp(&a).await?;
                         s.set_nodelay(true)?;
-                        Ok(Box::new(s) as Box<dyn Io>)
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+                        Ok((Box::new(s) as Box<dyn Io>, Some(TcpTuning { fd, loopback })))
                     }),
                 )
             }
@@ -424,7 +463,7 @@ async fn open_socket(
                     path.display().to_string(),
                     Box::pin(async move {
                         let s = tokio::net::UnixStream::connect(path).await?;
-                        Ok(Box::new(s) as Box<dyn Io>)
+                        Ok((Box::new(s) as Box<dyn Io>, None))
                     }),
                 )
             }
@@ -576,6 +615,7 @@ const HANDOFF_WAIT: Duration = Duration::from_millis(2);
 /// still sends status updates on the timer so the walsender never times out.
 async fn io_task(
     io: Box<dyn Io>,
+    mut coalescer: Coalescer,
     mut buf: BytesMut,
     tx: mpsc::Sender<Result<Vec<WalMessage>, SourceError>>,
     feedback: Arc<Feedback>,
@@ -671,6 +711,15 @@ async fn io_task(
                             "server closed the replication connection",
                         )));
                     }
+                    coalescer.on_read();
+                }
+                _ = async {
+                    match coalescer.deadline() {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if coalescer.deadline().is_some() && pending.len() < HANDOFF_MAX => {
+                    coalescer.quiet(&mut buf)?;
                 }
             }
         }
