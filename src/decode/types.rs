@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
+use arrow::array::PrimitiveBuilder;
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
     Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
     TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, TimeUnit};
+use arrow::datatypes::{ArrowPrimitiveType, DataType, TimeUnit};
 
 use super::pgoutput::Value;
 use super::text_format::{
@@ -227,38 +228,14 @@ impl ColumnBuilder {
                 b"f" => b.append_value(false),
                 _ => return false,
             },
-            Inner::I16(b) => match parse_i64(t).and_then(|v| i16::try_from(v).ok()) {
-                Some(v) => b.append_value(v),
-                None => return false,
-            },
-            Inner::I32(b) => match parse_i64(t).and_then(|v| i32::try_from(v).ok()) {
-                Some(v) => b.append_value(v),
-                None => return false,
-            },
-            Inner::I64(b) => match parse_i64(t) {
-                Some(v) => b.append_value(v),
-                None => return false,
-            },
-            Inner::F32(b) => match parse_float(t) {
-                Some(v) => b.append_value(v as f32),
-                None => return false,
-            },
-            Inner::F64(b) => match parse_float(t) {
-                Some(v) => b.append_value(v),
-                None => return false,
-            },
-            Inner::Dec(b, scale) => match parse_decimal(t, *scale) {
-                Some(v) => b.append_value(v),
-                None => return false,
-            },
-            Inner::Date(b) => match parse_date(t) {
-                Some(days) => b.append_value(days),
-                None => return false,
-            },
-            Inner::Ts(b) => match parse_timestamp(t) {
-                Some(us) => b.append_value(us),
-                None => return false,
-            },
+            Inner::I16(b) => return put(b, parse_i64(t).and_then(|v| i16::try_from(v).ok())),
+            Inner::I32(b) => return put(b, parse_i64(t).and_then(|v| i32::try_from(v).ok())),
+            Inner::I64(b) => return put(b, parse_i64(t)),
+            Inner::F32(b) => return put(b, parse_float(t).map(|v| v as f32)),
+            Inner::F64(b) => return put(b, parse_float(t)),
+            Inner::Dec(b, scale) => return put(b, parse_decimal(t, *scale)),
+            Inner::Date(b) => return put(b, parse_date(t)),
+            Inner::Ts(b) => return put(b, parse_timestamp(t)),
             Inner::Bin(b, scratch) => {
                 scratch.clear();
                 if !parse_bytea_hex(t, scratch) {
@@ -288,6 +265,17 @@ impl ColumnBuilder {
             Inner::Bin(b, _) => Arc::new(b.finish()),
             Inner::Text(b) => Arc::new(b.finish()),
         }
+    }
+}
+
+/// Appends a parsed value; false (nothing appended) when there is none.
+fn put<T: ArrowPrimitiveType>(b: &mut PrimitiveBuilder<T>, v: Option<T::Native>) -> bool {
+    match v {
+        Some(v) => {
+            b.append_value(v);
+            true
+        }
+        None => false,
     }
 }
 
