@@ -82,6 +82,11 @@ pub struct SourceConfig {
     /// giving up with an error.
     #[serde(default = "default_slot_wait_s")]
     pub slot_wait_s: u64,
+    /// Receive buffer of the replication TCP connection, bytes. Unset: 16 KiB when the server is
+    /// on a loopback address (walden beside Postgres; the walsender then coalesces its sends),
+    /// the kernel's autotuned buffer otherwise. 0: always the kernel's.
+    #[serde(default)]
+    pub receive_buffer_bytes: Option<u32>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -308,6 +313,7 @@ impl fmt::Debug for SourceConfig {
             .field("status_interval_ms", &self.status_interval_ms)
             .field("connect_timeout_s", &self.connect_timeout_s)
             .field("slot_wait_s", &self.slot_wait_s)
+            .field("receive_buffer_bytes", &self.receive_buffer_bytes)
             .finish()
     }
 }
@@ -391,6 +397,7 @@ mod tests {
             "status_interval_ms",
             "connect_timeout_s",
             "slot_wait_s",
+            "receive_buffer_bytes",
         ] {
             assert!(
                 schema["properties"]["source"]["properties"]
@@ -399,6 +406,18 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    #[test]
+    fn receive_buffer_from_env() {
+        let env = vec![(
+            "WALDEN_SOURCE__RECEIVE_BUFFER_BYTES".to_string(),
+            "0".to_string(),
+        )];
+        let cfg = Config::from_toml_and_env(BASE, "t", env).unwrap();
+        assert_eq!(cfg.source.receive_buffer_bytes, Some(0));
+        let cfg = Config::from_toml_and_env(BASE, "t", vec![]).unwrap();
+        assert_eq!(cfg.source.receive_buffer_bytes, None);
     }
 
     #[test]

@@ -244,8 +244,12 @@ impl<'a> Session<'a> {
         let src = &self.cfg.source;
         let sql = source::connect_sql(src).await?;
         let pg = source::parse_url(&src.url)?;
-        let mut repl =
-            ReplicationConn::connect(&pg, Duration::from_secs(src.connect_timeout_s)).await?;
+        let mut repl = ReplicationConn::connect(
+            &pg,
+            Duration::from_secs(src.connect_timeout_s),
+            src.receive_buffer_bytes,
+        )
+        .await?;
         let prepared = self.prepare(&sql, &mut repl).await?;
         self.frontier = Frontier::new(prepared.start);
         let target = match self.mode {

@@ -37,8 +37,12 @@ pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
         );
     }
     let pg = parse_url(&cfg.source.url)?;
-    let mut repl =
-        ReplicationConn::connect(&pg, Duration::from_secs(cfg.source.connect_timeout_s)).await?;
+    let mut repl = ReplicationConn::connect(
+        &pg,
+        Duration::from_secs(cfg.source.connect_timeout_s),
+        cfg.source.receive_buffer_bytes,
+    )
+    .await?;
     let temp = format!("{}_backfill_{}", cfg.source.slot, std::process::id());
     let created = repl.create_slot(&temp, true, true).await?;
     let snapshot = created

@@ -17,7 +17,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
-use super::coalesce::{Coalescer, TcpTuning, LOOPBACK_RCVBUF};
+use super::coalesce::{Coalescer, TcpTuning};
 use super::error::{ServerError, SourceError};
 use crate::checkpoint::Lsn;
 
@@ -104,11 +104,13 @@ impl ReplicationConn {
     ///
     /// The walsender session gets fixed output settings (UTC, ISO dates, hex bytea, exact floats) so
     /// that pgoutput's text values parse the same whatever the server's defaults are.
+    /// `receive_buffer`: `source.receive_buffer_bytes` (see [`TcpTuning::receive_buffer_for`]).
     pub async fn connect(
         config: &tokio_postgres::Config,
         timeout: Duration,
+        receive_buffer: Option<u32>,
     ) -> Result<Self, SourceError> {
-        let (io, tcp) = open_socket(config, timeout).await?;
+        let (io, tcp) = open_socket(config, timeout, receive_buffer).await?;
         let user = config
             .get_user()
             .map(str::to_string)
@@ -406,9 +408,12 @@ impl ReplicationConn {
 /// A connected socket, and its TCP handle when it is one.
 type Socket = (Box<dyn Io>, Option<TcpTuning>);
 
-/// Connects to the first address of `addr` that answers. On a loopback address the receive buffer
-/// is kept small ([`LOOPBACK_RCVBUF`]): see [`super::coalesce`].
-async fn connect_tcp(addr: &str) -> std::io::Result<(tokio::net::TcpStream, bool)> {
+/// Connects to the first address of `addr` that answers, with the receive buffer chosen by
+/// [`TcpTuning::receive_buffer_for`] (see [`super::coalesce`]).
+async fn connect_tcp(
+    addr: &str,
+    configured: Option<u32>,
+) -> std::io::Result<(tokio::net::TcpStream, Option<u32>)> {
     let mut last = None;
     for sa in tokio::net::lookup_host(addr).await? {
         let sock = if sa.is_ipv4() {
@@ -416,12 +421,12 @@ async fn connect_tcp(addr: &str) -> std::io::Result<(tokio::net::TcpStream, bool
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        let loopback = sa.ip().is_loopback();
-        if loopback {
-            sock.set_recv_buffer_size(LOOPBACK_RCVBUF)?;
+        let receive_buffer = TcpTuning::receive_buffer_for(configured, sa.ip().is_loopback());
+        if let Some(n) = receive_buffer {
+            sock.set_recv_buffer_size(n)?;
         }
         match sock.connect(sa).await {
-            Ok(s) => return Ok((s, loopback)),
+            Ok(s) => return Ok((s, receive_buffer)),
             Err(e) => last = Some(e),
         }
     }
@@ -433,6 +438,7 @@ async fn connect_tcp(addr: &str) -> std::io::Result<(tokio::net::TcpStream, bool
 async fn open_socket(
     config: &tokio_postgres::Config,
     timeout: Duration,
+    receive_buffer: Option<u32>,
 ) -> Result<Socket, SourceError> {
     use tokio_postgres::config::Host;
     let hosts = config.get_hosts();
@@ -450,10 +456,13 @@ async fn open_socket(
                 (
                     addr,
                     Box::pin(async move {
-                        let (s, loopback) = connect_tcp(&a).await?;
+                        let (s, receive_buffer) = connect_tcp(&a, receive_buffer).await?;
                         s.set_nodelay(true)?;
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-                        Ok((Box::new(s) as Box<dyn Io>, Some(TcpTuning { fd, loopback })))
+                        Ok((
+                            Box::new(s) as Box<dyn Io>,
+                            Some(TcpTuning { fd, receive_buffer }),
+                        ))
                     }),
                 )
             }

@@ -45,7 +45,7 @@ async fn capture() -> Vec<bytes::Bytes> {
         .await
         .unwrap();
     let pg = walden::source::parse_url(&db.url).unwrap();
-    let mut repl = ReplicationConn::connect(&pg, Duration::from_secs(5))
+    let mut repl = ReplicationConn::connect(&pg, Duration::from_secs(5), None)
         .await
         .unwrap();
     let slot = repl.create_slot("fixtures", false, false).await.unwrap();
