@@ -10,10 +10,9 @@
 //!
 //! On a loopback connection (walden beside Postgres) the receive buffer is also kept small
 //! ([`LOOPBACK_RCVBUF`]; no bandwidth-delay product to cover there; `source.receive_buffer_bytes`
-//! overrides it). The receive window is then
-//! closed most of the time, so the walsender's per-change sends only queue data in its socket
-//! and the kernel moves it in large segments when walden reads, instead of running the whole TCP
-//! path once per change. Measured: the walsender needs ~35% less CPU for the same WAL
+//! overrides it). The receive window is then closed most of the time, so the walsender's
+//! per-change sends only queue data in its socket and the kernel moves it in large segments when
+//! walden reads, instead of running the whole TCP path once per change. Measured: the walsender needs ~35% less CPU for the same WAL
 //! (`bench/RESULTS.md`); a remote connection keeps the kernel's autotuned buffer.
 
 use std::io::Read;
@@ -51,6 +50,7 @@ impl TcpTuning {
         }
     }
 }
+
 /// Reads closer together than this mean the stream is busy.
 const BUSY: Duration = Duration::from_millis(1);
 /// Without a read for this long, the threshold goes back to one byte.
