@@ -14,6 +14,9 @@
 //! per-change sends only queue data in its socket and the kernel moves it in large segments when
 //! walden reads, instead of running the whole TCP path once per change. Measured: the walsender needs ~35% less CPU for the same WAL
 //! (`bench/RESULTS.md`); a remote connection keeps the kernel's autotuned buffer.
+//!
+//! Plain TCP only: [`Coalescer::quiet`] reads the socket directly, which under TLS would bypass
+//! the TLS layer. With TLS, keep the socket options and let the quiet read go through the stream.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, RawFd};
