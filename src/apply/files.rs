@@ -14,6 +14,7 @@ use deltalake::{DeltaTable, DeltaTableError, Path};
 use object_store::ObjectStoreExt;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
 
 use crate::sink::project::{project_columns, project_stats};
 use crate::sink::SinkError;
@@ -29,14 +30,16 @@ pub async fn write_files(
     w.flush().await
 }
 
-/// Files in `to` holding `columns` of the files `adds` of `from` (same names, same rows), with
-/// their add actions (statistics restricted to those columns).
+/// Files in `to` holding the columns of `schema` (`to`'s) taken from the files `adds` of `from`
+/// (same names, same rows), with their add actions (statistics restricted to those columns).
 pub async fn project_files(
     from: &DeltaTable,
     to: &DeltaTable,
     adds: &[Add],
-    columns: &[&str],
+    schema: &Schema,
 ) -> Result<Vec<Add>, SinkError> {
+    let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let columns = &columns[..];
     let (from_store, to_store) = (from.object_store(), to.object_store());
     let mut out = Vec::with_capacity(adds.len());
     for add in adds {
@@ -86,9 +89,4 @@ pub async fn commit_append(
         .await?;
     table.state = Some(commit.snapshot());
     Ok(())
-}
-
-/// The names of a table's columns, for [`project_files`].
-pub fn column_names(schema: &arrow::datatypes::Schema) -> Vec<String> {
-    schema.fields().iter().map(|f| f.name().clone()).collect()
 }

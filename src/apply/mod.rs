@@ -242,47 +242,40 @@ impl Applier {
                 .iter()
                 .filter(|r| r.commit_lsn > pair.mirror_lsn)
                 .all(|r| r.change.kind == ChangeKind::Insert);
-            let columns = files::column_names(&mirror_schema(&buf.relation));
-            match changelog {
-                // Exactly the changelog's rows, all inserts: the mirror gets the changelog's
-                // files, projected (no second encode).
+            // The changelog just appended exactly these rows, all inserts: the mirror takes them
+            // from there.
+            let same_rows = changelog.filter(|c| insert_only && c.from == pair.mirror_lsn);
+            let want = mirror_schema(&buf.relation);
+            let mb = match same_rows {
+                // Its files, projected (no second encode).
                 Some(Changelog {
-                    from,
                     batch,
                     files: Some(adds),
-                }) if insert_only
-                    && from == pair.mirror_lsn
-                    && !schema_differs(&pair.mirror, &mirror_schema(&buf.relation)) =>
-                {
-                    let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+                    ..
+                }) if !schema_differs(&pair.mirror, &want) => {
                     let adds =
-                        files::project_files(&pair.changes, &pair.mirror, &adds, &columns).await?;
+                        files::project_files(&pair.changes, &pair.mirror, &adds, &want).await?;
                     files::commit_append(&mut pair.mirror, adds, props())
                         .await
                         .map_err(delta)?;
                     stats.mirror_rows = batch.num_rows();
+                    None
                 }
-                changelog => {
-                    let mb = match changelog {
-                        Some(c) if insert_only && c.from == pair.mirror_lsn => {
-                            Some(from_changelog(&c.batch, &buf.relation).map_err(arrow)?)
-                        }
-                        _ => mirror_batch(buf, pair.mirror_lsn).map_err(arrow)?,
-                    };
-                    if let Some(mb) = mb {
-                        stats.mirror_rows = mb.batch.num_rows();
-                        pair.mirror = apply_mirror(&ctx, pair.mirror.clone(), mb, props())
-                            .await
-                            .map_err(|e| match e {
-                                MirrorErr::Delta(source) => delta(source),
-                                MirrorErr::Arrow(source) => arrow(source),
-                                MirrorErr::DataFusion(source) => ApplyError::DataFusion {
-                                    table: name.to_string(),
-                                    source,
-                                },
-                            })?;
-                    }
-                }
+                Some(c) => Some(from_changelog(&c.batch, &buf.relation).map_err(arrow)?),
+                None => mirror_batch(buf, pair.mirror_lsn).map_err(arrow)?,
+            };
+            if let Some(mb) = mb {
+                stats.mirror_rows = mb.batch.num_rows();
+                pair.mirror = apply_mirror(&ctx, pair.mirror.clone(), mb, props())
+                    .await
+                    .map_err(|e| match e {
+                        MirrorErr::Delta(source) => delta(source),
+                        MirrorErr::Arrow(source) => arrow(source),
+                        MirrorErr::DataFusion(source) => ApplyError::DataFusion {
+                            table: name.to_string(),
+                            source,
+                        },
+                    })?;
             }
             pair.mirror_lsn = last;
         }

@@ -17,7 +17,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
-use super::files::{column_names, project_files};
+use super::files::project_files;
 use super::{schema_differs, ApplyError};
 use crate::batch::{changelog_schema, finish_columns, mirror_schema};
 use crate::checkpoint::Lsn;
@@ -106,13 +106,13 @@ impl SnapshotTarget {
 /// Writes the files of one chunk (not yet committed): the changelog's through the Delta writer
 /// (which also computes the file statistics), the mirror's by copying the encoded columns it
 /// shares with the changelog file ([`project_files`]): every value is encoded once.
-pub struct ChunkWriter {
+pub struct ChunkWriter<'a> {
     changes: RecordBatchWriter,
-    target: SnapshotTarget,
+    target: &'a SnapshotTarget,
 }
 
-impl ChunkWriter {
-    pub fn new(target: &SnapshotTarget) -> Result<Self, ApplyError> {
+impl<'a> ChunkWriter<'a> {
+    pub fn new(target: &'a SnapshotTarget) -> Result<Self, ApplyError> {
         Ok(ChunkWriter {
             changes: RecordBatchWriter::for_table(&target.changes)
                 .map_err(|source| ApplyError::Delta {
@@ -120,7 +120,7 @@ impl ChunkWriter {
                     source,
                 })?
                 .with_writer_properties(snapshot_writer_properties()),
-            target: target.clone(),
+            target,
         })
     }
 
@@ -145,13 +145,11 @@ impl ChunkWriter {
                 table: self.target.name.clone(),
                 source,
             })?;
-        let columns = column_names(&mirror_schema(&self.target.relation));
-        let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
         let mirror = project_files(
             &self.target.changes,
             &self.target.mirror,
             &changes,
-            &columns,
+            &mirror_schema(&self.target.relation),
         )
         .await?;
         Ok((changes, mirror))
