@@ -21,6 +21,41 @@ pub struct Config {
     pub batch: BatchConfig,
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub spill: SpillConfig,
+}
+
+/// Where transactions larger than the memory budget wait for their commit.
+#[derive(Clone, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct SpillConfig {
+    /// Local directory for spill files (in Kubernetes: an emptyDir). Files are created unlinked,
+    /// so a crash leaves nothing behind.
+    #[serde(default = "default_spill_dir")]
+    pub dir: String,
+    /// Changes of open (uncommitted) transactions held in memory before the largest one moves to
+    /// disk, bytes.
+    #[serde(default = "default_spill_memory_bytes")]
+    pub memory_bytes: usize,
+}
+
+impl Default for SpillConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_spill_dir(),
+            memory_bytes: default_spill_memory_bytes(),
+        }
+    }
+}
+
+fn default_spill_dir() -> String {
+    std::env::temp_dir()
+        .join("walden-spill")
+        .display()
+        .to_string()
+}
+fn default_spill_memory_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 /// The initial copy of the published tables (and `walden backfill`).

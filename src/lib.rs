@@ -9,6 +9,7 @@ pub mod config;
 pub mod decode;
 pub mod ops;
 pub mod pipeline;
+pub mod plan;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

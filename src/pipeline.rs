@@ -15,7 +15,8 @@ use crate::checkpoint::marker::{MarkerStore, SnapshotMarker, SnapshotState};
 use crate::checkpoint::{Frontier, Lsn};
 use crate::config::Config;
 use crate::decode::pgoutput::DecodeError;
-use crate::decode::txn::{Assembler, Event};
+use crate::decode::spill::{SpillError, SpillPolicy};
+use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
 use crate::sink::{SinkError, Warehouse};
 use crate::source::snapshot::published_tables;
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
@@ -31,10 +32,21 @@ pub enum PipelineError {
     Apply(Box<ApplyError>),
     #[error(transparent)]
     Sink(Box<SinkError>),
+    #[error(transparent)]
+    Spill(#[from] SpillError),
     #[error("initial snapshot: {0}")]
     Snapshot(Box<crate::snapshot::SnapshotError>),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<AssembleError> for PipelineError {
+    fn from(e: AssembleError) -> Self {
+        match e {
+            AssembleError::Decode(e) => PipelineError::Decode(e),
+            AssembleError::Spill(e) => PipelineError::Spill(e),
+        }
+    }
 }
 
 impl From<ApplyError> for PipelineError {
@@ -62,6 +74,11 @@ impl PipelineError {
             PipelineError::Apply(e) => e.is_transient(),
             PipelineError::Sink(e) => e.is_transient(),
             PipelineError::Snapshot(e) => e.is_transient(),
+            // A full disk can clear; a directory walden may not write to will not.
+            PipelineError::Spill(e) => !matches!(
+                e.source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ),
             PipelineError::Decode(_) | PipelineError::Internal(_) => false,
         }
     }
@@ -162,7 +179,10 @@ impl<'a> Session<'a> {
             warehouse,
             in_flight: None,
             batcher: Batcher::new(cfg.batch.clone()),
-            assembler: Assembler::new(),
+            assembler: Assembler::with_spill(SpillPolicy {
+                dir: cfg.spill.dir.clone().into(),
+                memory_bytes: cfg.spill.memory_bytes,
+            }),
             frontier: Frontier::default(),
             summary: Summary::default(),
             streamed: false,
@@ -327,13 +347,19 @@ impl<'a> Session<'a> {
                     };
                     for msg in msgs? {
                         match self.assembler.push(msg)? {
-                            Some(Event::Commit(txn)) => {
+                            Some(Event::Commit(mut txn)) => {
                                 let (commit, end) = (txn.commit_lsn, txn.end_lsn);
                                 self.summary.transactions += 1;
-                                self.summary.changes += txn.changes.len() as u64;
                                 METRICS.transactions_total.inc();
-                                METRICS.changes_total.inc_by(txn.changes.len() as u64);
-                                let touched = self.batcher.push(txn);
+                                let touched = if txn.changes.is_spilled()
+                                    || txn.changes.remaining() > self.cfg.batch.max_rows
+                                {
+                                    self.push_large(stream, &mut txn).await?
+                                } else {
+                                    let changes = txn.take_changes()?;
+                                    self.count(changes.len());
+                                    self.batcher.push(&txn, changes, 0)
+                                };
                                 self.frontier.received(commit, end, touched.iter().map(String::as_str));
                                 METRICS.received_lsn.set(end.0 as i64);
                                 if target.is_some_and(|t| end >= t) {
@@ -372,6 +398,44 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    fn count(&mut self, changes: usize) {
+        self.summary.changes += changes as u64;
+        METRICS.changes_total.inc_by(changes as u64);
+    }
+
+    /// Buffers a transaction too large for one batch: everything received before it is made
+    /// durable first, then its changes go out a batch at a time, each flush recording how far
+    /// into the transaction it got (`Applied::partial`); the last part stays buffered like a
+    /// whole transaction. Returns the tables that part touched. Nothing of it is confirmed until
+    /// the last part is durable: after a crash the slot sends it again and each table skips the
+    /// changes it has.
+    async fn push_large(
+        &mut self,
+        stream: &ReplicationStream,
+        txn: &mut Transaction,
+    ) -> Result<Vec<String>, PipelineError> {
+        tracing::info!(xid = txn.xid, lsn = %txn.commit_lsn, changes = txn.changes.remaining(),
+            spilled = txn.changes.is_spilled(), "large transaction: applying it in parts");
+        self.start_flush(stream).await?;
+        self.finish_flush(stream).await?;
+        let part = self.cfg.batch.max_rows.max(1);
+        let mut seq = 0i64;
+        loop {
+            let changes = txn.changes.next_chunk(part)?;
+            let n = changes.len();
+            self.count(n);
+            let touched = self.batcher.push(txn, changes, seq);
+            seq += n as i64;
+            if txn.changes.is_done() {
+                return Ok(touched);
+            }
+            self.batcher.mark_partial();
+            self.start_flush(stream).await?;
+            self.finish_flush(stream).await?;
+            crate::checkpoint::failpoint("after-large-part");
+        }
     }
 
     /// Hands everything buffered to a background flush, after waiting for the one under way.
@@ -448,6 +512,25 @@ impl<'a> Session<'a> {
                     .inc_by(stats.unrepresentable);
                 tracing::warn!(table = %name, values = stats.unrepresentable,
                     "values with no Arrow representation (numeric NaN, infinite dates) were stored as NULL");
+            }
+            if stats.unidentified > 0 {
+                METRICS
+                    .mirror_unapplied_changes_total
+                    .with_label_values(&["no_identity"])
+                    .inc_by(stats.unidentified as u64);
+                tracing::warn!(table = %name, changes = stats.unidentified,
+                    "updates/deletes without a replica identity reach the changelog only; the mirror \
+                     cannot apply them. Give the table one: `ALTER TABLE {name} REPLICA IDENTITY FULL` \
+                     (or add a primary key), then `walden backfill --table {name}`");
+            }
+            if stats.missing > 0 {
+                METRICS
+                    .mirror_unapplied_changes_total
+                    .with_label_values(&["row_missing"])
+                    .inc_by(stats.missing as u64);
+                tracing::warn!(table = %name, changes = stats.missing,
+                    "changes named mirror rows that were not there: the mirror had diverged from the \
+                     source. Repair it with `walden backfill --table {name}`");
             }
         }
         if let Some(e) = done.error {

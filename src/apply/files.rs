@@ -7,6 +7,7 @@
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add};
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
@@ -28,6 +29,21 @@ pub async fn write_files(
     let mut w = RecordBatchWriter::for_table(table)?.with_writer_properties(props);
     w.write(batch).await?;
     w.flush().await
+}
+
+/// Reads one data file of `table` (`path` relative to the table) whole.
+pub async fn read_file(table: &DeltaTable, path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
+    let parquet = |source| SinkError::Parquet {
+        file: format!("{}{}", table.table_url(), path),
+        source,
+    };
+    let bytes = table.object_store().get(path).await?.bytes().await?;
+    ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(parquet)?
+        .build()
+        .map_err(parquet)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parquet(e.into()))
 }
 
 /// Files in `to` holding the columns of `schema` (`to`'s) taken from the files `adds` of `from`

@@ -3,32 +3,29 @@
 //! Owns, per source table, its changelog and mirror Delta tables and the source commit LSN each one
 //! has durably applied. That LSN is stored in the same atomic Delta commit as the data, as the
 //! application transaction `walden:<slot>`; on start it is read back and every change at or below
-//! it is skipped. The changelog is appended; the mirror is merged (DataFusion-backed MERGE keyed on
-//! the replica identity), appended for insert-only batches, or replaced after a truncate.
+//! it is skipped. The changelog is appended; the mirror gets the batch's [`MirrorPlan`]
+//! (`crate::plan`), carried out by [`mirror::execute`], or, for insert-only batches whose changelog
+//! files were just written, files projected from those.
+//!
+//! [`MirrorPlan`]: crate::plan::MirrorPlan
 
+pub mod evolve;
 pub mod files;
 pub mod inspect;
+pub mod mirror;
 pub mod snapshot;
 
 use std::collections::HashMap;
 
-use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::common::Column;
-use datafusion::logical_expr::{not, when, Expr};
-use datafusion::prelude::SessionContext;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
-use deltalake::operations::write::SchemaMode;
-use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 
-use crate::batch::mirror::{
-    from_changelog, mirror_batch, unchanged_flag, MirrorBatch, DELETE_FLAG,
-};
 use crate::batch::{changelog_batch, changelog_schema, mirror_schema, TableBuffer};
-use crate::checkpoint::Lsn;
+use crate::checkpoint::{Applied, Lsn};
 use crate::decode::txn::ChangeKind;
+use crate::plan::mirror_plan;
 use crate::sink::{delta_is_transient, writer_properties, SinkError, TableKind, Warehouse};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +44,19 @@ pub enum ApplyError {
         #[source]
         source: DeltaTableError,
     },
+    #[error("column {column} of {table} changed type at the source from {from} to {to}, which the \
+        warehouse cannot follow exactly (it widens integers, real to double, numeric precision, and \
+        integers/numerics to text; other changes rewrite values with the ALTER's USING expression, \
+        which only Postgres knows). To go on: stop walden, move the table's directories \
+        changes/<schema>/<table> and mirror/<schema>/<table> aside, and run `walden backfill --table {table}`")]
+    IncompatibleType {
+        table: String,
+        column: String,
+        from: String,
+        to: String,
+    },
     #[error("snapshot: {0}")]
     Snapshot(String),
-    #[error("DataFusion on {table}: {source}")]
-    DataFusion {
-        table: String,
-        #[source]
-        source: datafusion::error::DataFusionError,
-    },
 }
 
 impl From<SinkError> for ApplyError {
@@ -80,20 +82,23 @@ pub struct ApplyStats {
     pub mirror_rows: usize,
     pub skipped_rows: usize,
     pub unrepresentable: u64,
+    /// Updates and deletes of a table without a replica identity (changelog only).
+    pub unidentified: usize,
+    /// Changes that named a mirror row that was not there (the mirror had diverged).
+    pub missing: usize,
 }
 
 struct Pair {
     changes: DeltaTable,
-    changes_lsn: Lsn,
+    changes_at: Applied,
     mirror: DeltaTable,
-    mirror_lsn: Lsn,
+    mirror_at: Applied,
 }
 
 pub struct Applier {
     warehouse: Warehouse,
     app_id: String,
     tables: HashMap<String, Pair>,
-    ctx: SessionContext,
 }
 
 /// Reads the LSN recorded by application transaction `app_id` (0 when none).
@@ -105,8 +110,19 @@ pub async fn applied_lsn(table: &DeltaTable, app_id: &str) -> Result<Lsn, DeltaT
     Ok(Lsn(v.unwrap_or(0).max(0) as u64))
 }
 
-fn qcol(relation: &str, name: &str) -> Expr {
-    Expr::Column(Column::new(Some(relation), name))
+/// Reads how far the table has applied: the LSN of `app_id`, and the part of a larger
+/// transaction recorded beside it (see [`Applied`]).
+pub async fn applied(table: &DeltaTable, app_id: &str) -> Result<Applied, DeltaTableError> {
+    let lsn = applied_lsn(table, app_id).await?;
+    let partial_lsn = applied_lsn(table, &partial_lsn_id(app_id)).await?;
+    let seq = table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), &partial_seq_id(app_id))
+        .await?;
+    Ok(Applied {
+        lsn,
+        partial: seq.filter(|_| partial_lsn > lsn).map(|s| (partial_lsn, s)),
+    })
 }
 
 pub(crate) fn schema_differs(table: &DeltaTable, want: &SchemaRef) -> bool {
@@ -128,7 +144,6 @@ impl Applier {
             warehouse,
             app_id: app_id(slot),
             tables: HashMap::new(),
-            ctx: SessionContext::new(),
         }
     }
 
@@ -154,33 +169,38 @@ impl Applier {
                 table: name.to_string(),
                 source,
             };
-            let changes_lsn = applied_lsn(&changes, &self.app_id).await.map_err(delta)?;
-            let mirror_lsn = applied_lsn(&mirror, &self.app_id).await.map_err(delta)?;
-            tracing::info!(table = name, changelog_lsn = %changes_lsn, mirror_lsn = %mirror_lsn, "opened Delta tables");
+            let changes_at = applied(&changes, &self.app_id).await.map_err(delta)?;
+            let mirror_at = applied(&mirror, &self.app_id).await.map_err(delta)?;
+            tracing::info!(table = name, changelog = %changes_at, mirror = %mirror_at, "opened Delta tables");
+            if !rel.columns.iter().any(|c| c.key) {
+                tracing::warn!(table = name, "the table has no replica identity (REPLICA IDENTITY NOTHING, \
+                    or DEFAULT without a primary key): Postgres refuses its updates and deletes while the \
+                    publication publishes them, and the mirror gets inserts and truncates only. To replicate \
+                    updates and deletes: `ALTER TABLE {name} REPLICA IDENTITY FULL` (or add a primary key)");
+            }
             self.tables.insert(
                 name.to_string(),
                 Pair {
                     changes,
-                    changes_lsn,
+                    changes_at,
                     mirror,
-                    mirror_lsn,
+                    mirror_at,
                 },
             );
         }
         Ok(self.tables.get_mut(name).expect("inserted above"))
     }
 
-    /// The LSNs the changelog and mirror of `name` have applied (after they were opened).
-    pub fn applied(&self, name: &str) -> Option<(Lsn, Lsn)> {
-        self.tables.get(name).map(|p| (p.changes_lsn, p.mirror_lsn))
+    /// How far the changelog and mirror of `name` have applied (after they were opened).
+    pub fn applied(&self, name: &str) -> Option<(Applied, Applied)> {
+        self.tables.get(name).map(|p| (p.changes_at, p.mirror_at))
     }
 
-    /// Makes everything in `buf` durable in both tables; changes at or below a table's recorded LSN
-    /// are skipped there.
+    /// Makes everything in `buf` durable in both tables; changes a table has already applied are
+    /// skipped there.
     pub async fn apply(&mut self, name: &str, buf: &TableBuffer) -> Result<ApplyStats, ApplyError> {
         let app_id = self.app_id.clone();
-        let ctx = self.ctx.clone();
-        let last = buf.rows.last().map(|r| r.commit_lsn).unwrap_or_default();
+        let storage = self.warehouse.storage_options().clone();
         let pair = self.pair(name, buf).await?;
         let mut stats = ApplyStats::default();
         let delta = |source| ApplyError::Delta {
@@ -191,96 +211,127 @@ impl Applier {
             table: name.to_string(),
             source,
         };
-        let props = || {
-            CommitProperties::default()
-                .with_application_transaction(Transaction::new(&app_id, last.0 as i64))
-        };
+        let new = |at: &Applied| buf.rows.iter().any(|r| !at.covers(r.commit_lsn, r.seq));
 
         // 1. changelog
         let mut changelog: Option<Changelog> = None;
-        if last > pair.changes_lsn {
-            let (batch, bad) = changelog_batch(buf, pair.changes_lsn).map_err(arrow)?;
+        if new(&pair.changes_at) {
+            let (batch, bad) = changelog_batch(buf, pair.changes_at).map_err(arrow)?;
             stats.changelog_rows = batch.num_rows();
             stats.unrepresentable += bad;
-            let files = if schema_differs(&pair.changes, &batch.schema()) {
-                // A new column: the write operation evolves the table's schema.
-                pair.changes = pair
-                    .changes
-                    .clone()
-                    .write(vec![batch.clone()])
-                    .with_save_mode(SaveMode::Append)
-                    .with_writer_properties(writer_properties())
-                    .with_commit_properties(props())
-                    .with_schema_mode(SchemaMode::Merge)
-                    .await
-                    .map_err(delta)?;
-                None
-            } else {
-                let adds = files::write_files(&pair.changes, batch.clone(), writer_properties())
-                    .await
-                    .map_err(delta)?;
-                files::commit_append(&mut pair.changes, adds.clone(), props())
-                    .await
-                    .map_err(delta)?;
-                Some(adds)
-            };
+            evolve::evolve(&mut pair.changes, name, &batch.schema(), &storage).await?;
+            let target = evolve::table_schema(&pair.changes).map_err(delta)?;
+            let batch = evolve::align(&batch, &target).map_err(arrow)?;
+            let adds = files::write_files(&pair.changes, batch, writer_properties())
+                .await
+                .map_err(delta)?;
+            let to = progress(buf, pair.changes_at);
+            files::commit_append(&mut pair.changes, adds.clone(), commit_props(&app_id, to))
+                .await
+                .map_err(delta)?;
             changelog = Some(Changelog {
-                from: pair.changes_lsn,
-                batch,
-                files,
+                from: pair.changes_at,
+                rows: stats.changelog_rows,
+                files: adds,
             });
-            pair.changes_lsn = last;
+            pair.changes_at = to;
             crate::checkpoint::failpoint("after-changelog-commit");
         } else {
             stats.skipped_rows += buf.rows.len();
         }
 
         // 2. mirror
-        if last > pair.mirror_lsn {
+        if new(&pair.mirror_at) {
+            let from = pair.mirror_at;
+            let to = progress(buf, from);
             let insert_only = buf
                 .rows
                 .iter()
-                .filter(|r| r.commit_lsn > pair.mirror_lsn)
+                .filter(|r| !from.covers(r.commit_lsn, r.seq))
                 .all(|r| r.change.kind == ChangeKind::Insert);
-            // The changelog just appended exactly these rows, all inserts: the mirror takes them
-            // from there.
-            let same_rows = changelog.filter(|c| insert_only && c.from == pair.mirror_lsn);
             let want = mirror_schema(&buf.relation);
-            let mb = match same_rows {
-                // Its files, projected (no second encode).
-                Some(Changelog {
-                    batch,
-                    files: Some(adds),
-                    ..
-                }) if !schema_differs(&pair.mirror, &want) => {
+            match changelog {
+                // The changelog just appended exactly these rows, all inserts, in files written
+                // ahead: the mirror takes those files' columns (no second encode).
+                Some(c)
+                    if insert_only && c.from == from && !schema_differs(&pair.mirror, &want) =>
+                {
                     let adds =
-                        files::project_files(&pair.changes, &pair.mirror, &adds, &want).await?;
-                    files::commit_append(&mut pair.mirror, adds, props())
+                        files::project_files(&pair.changes, &pair.mirror, &c.files, &want).await?;
+                    files::commit_append(&mut pair.mirror, adds, commit_props(&app_id, to))
                         .await
                         .map_err(delta)?;
-                    stats.mirror_rows = batch.num_rows();
-                    None
+                    stats.mirror_rows = c.rows;
                 }
-                Some(c) => Some(from_changelog(&c.batch, &buf.relation).map_err(arrow)?),
-                None => mirror_batch(buf, pair.mirror_lsn).map_err(arrow)?,
-            };
-            if let Some(mb) = mb {
-                stats.mirror_rows = mb.batch.num_rows();
-                pair.mirror = apply_mirror(&ctx, pair.mirror.clone(), mb, props())
-                    .await
-                    .map_err(|e| match e {
-                        MirrorErr::Delta(source) => delta(source),
-                        MirrorErr::Arrow(source) => arrow(source),
-                        MirrorErr::DataFusion(source) => ApplyError::DataFusion {
-                            table: name.to_string(),
-                            source,
-                        },
-                    })?;
+                _ => {
+                    if let Some(plan) = mirror_plan(buf, from) {
+                        let props = commit_props(&app_id, to);
+                        let done = mirror::execute(
+                            &mut pair.mirror,
+                            name,
+                            &buf.relation,
+                            &plan,
+                            props,
+                            &storage,
+                        )
+                        .await?;
+                        stats.mirror_rows = done.rows_added + done.rows_removed;
+                        stats.unidentified = plan.unidentified;
+                        stats.missing = done.missing;
+                        if stats.changelog_rows == 0 {
+                            stats.unrepresentable += done.unrepresentable;
+                        }
+                    }
+                }
             }
-            pair.mirror_lsn = last;
+            pair.mirror_at = to;
         }
         Ok(stats)
     }
+}
+
+/// How far a table has applied once `buf` is durable in it: through the last transaction of the
+/// buffer, or, when that one is incomplete, through the ones before it plus the changes of it
+/// that the buffer holds.
+fn progress(buf: &TableBuffer, before: Applied) -> Applied {
+    let Some(last) = buf.rows.last() else {
+        return before;
+    };
+    if !buf.partial {
+        return Applied {
+            lsn: last.commit_lsn.max(before.lsn),
+            partial: before.partial,
+        };
+    }
+    let complete = buf
+        .rows
+        .iter()
+        .map(|r| r.commit_lsn)
+        .filter(|&l| l < last.commit_lsn)
+        .max()
+        .unwrap_or_default();
+    Applied {
+        lsn: before.lsn.max(complete),
+        partial: Some((last.commit_lsn, last.seq)),
+    }
+}
+
+/// The application transactions that record `at` in the same commit as the data.
+fn commit_props(app_id: &str, at: Applied) -> CommitProperties {
+    let mut txns = vec![Transaction::new(app_id, at.lsn.0 as i64)];
+    if let Some((lsn, seq)) = at.partial {
+        txns.push(Transaction::new(partial_lsn_id(app_id), lsn.0 as i64));
+        txns.push(Transaction::new(partial_seq_id(app_id), seq));
+    }
+    CommitProperties::default().with_application_transactions(txns)
+}
+
+fn partial_lsn_id(app_id: &str) -> String {
+    format!("{app_id}:partial-lsn")
+}
+
+fn partial_seq_id(app_id: &str) -> String {
+    format!("{app_id}:partial-seq")
 }
 
 pub fn app_id(slot: &str) -> String {
@@ -289,107 +340,9 @@ pub fn app_id(slot: &str) -> String {
 
 /// What step 1 of [`Applier::apply`] appended to the changelog.
 struct Changelog {
-    /// The changelog's LSN before: its rows are the changes above it.
-    from: Lsn,
-    batch: RecordBatch,
-    /// The files added, when written ahead of the commit (not on a schema change).
-    files: Option<Vec<deltalake::kernel::Add>>,
-}
-
-enum MirrorErr {
-    Delta(DeltaTableError),
-    Arrow(arrow::error::ArrowError),
-    DataFusion(datafusion::error::DataFusionError),
-}
-
-/// The mirror's columns of a merge-source batch (without the flags).
-fn mirror_columns(mb: &MirrorBatch, width: usize) -> Result<RecordBatch, MirrorErr> {
-    mb.batch
-        .project(&(0..width).collect::<Vec<_>>())
-        .map_err(MirrorErr::Arrow)
-}
-
-async fn apply_mirror(
-    ctx: &SessionContext,
-    table: DeltaTable,
-    mb: MirrorBatch,
-    props: CommitProperties,
-) -> Result<DeltaTable, MirrorErr> {
-    let width = mb.batch.num_columns() - 1 - mb.unchanged.len();
-    let names: Vec<String> = mb.batch.schema().fields()[..width]
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let want = mirror_columns(&mb, width)?.schema();
-    let evolve = schema_differs(&table, &want);
-    if mb.replace || mb.keys.is_empty() || (mb.insert_only && mb.deletes == 0) {
-        let rows = mirror_columns(&mb, width)?;
-        if rows.num_rows() == 0 && !mb.replace {
-            return Ok(table);
-        }
-        let mode = if mb.replace {
-            SaveMode::Overwrite
-        } else {
-            SaveMode::Append
-        };
-        let mut w = table
-            .write(vec![rows])
-            .with_save_mode(mode)
-            .with_writer_properties(writer_properties())
-            .with_commit_properties(props);
-        if evolve {
-            w = w.with_schema_mode(SchemaMode::Merge);
-        }
-        return w.await.map_err(MirrorErr::Delta);
-    }
-    if mb.batch.num_rows() == 0 {
-        return Ok(table);
-    }
-    let predicate = mb
-        .keys
-        .iter()
-        .map(|k| qcol("target", k).eq(qcol("source", k)))
-        .reduce(Expr::and)
-        .expect("keys is not empty");
-    let unchanged: HashMap<String, usize> = mb
-        .unchanged
-        .iter()
-        .map(|&i| (names[i].clone(), i))
-        .collect();
-    let source = ctx.read_batch(mb.batch).map_err(MirrorErr::DataFusion)?;
-    let value = |name: &String| -> Expr {
-        match unchanged.get(name) {
-            Some(&i) => when(qcol("source", &unchanged_flag(i)), qcol("target", name))
-                .otherwise(qcol("source", name))
-                .expect("when/otherwise is complete"),
-            None => qcol("source", name),
-        }
-    };
-    let (table, _metrics) = table
-        .merge(source, predicate)
-        .with_source_alias("source")
-        .with_target_alias("target")
-        .with_merge_schema(evolve)
-        .with_writer_properties(writer_properties())
-        .with_commit_properties(props)
-        .when_matched_delete(|d| d.predicate(qcol("source", DELETE_FLAG)))
-        .map_err(MirrorErr::Delta)?
-        .when_matched_update(|mut u| {
-            for n in &names {
-                u = u.update(Column::new_unqualified(n.clone()), value(n));
-            }
-            u
-        })
-        .map_err(MirrorErr::Delta)?
-        .when_not_matched_insert(|mut i| {
-            i = i.predicate(not(qcol("source", DELETE_FLAG)));
-            for n in &names {
-                i = i.set(Column::new_unqualified(n.clone()), qcol("source", n));
-            }
-            i
-        })
-        .map_err(MirrorErr::Delta)?
-        .await
-        .map_err(MirrorErr::Delta)?;
-    Ok(table)
+    /// How far the changelog had applied before: its rows are the changes past that.
+    from: Applied,
+    rows: usize,
+    /// The files added.
+    files: Vec<deltalake::kernel::Add>,
 }

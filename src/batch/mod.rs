@@ -1,11 +1,9 @@
 //! Per-table buffers of committed changes, and their conversion to Arrow record batches.
 //!
 //! Owns the flush policy (`max_rows`, `max_bytes`, `max_delay`), which is only ever checked
-//! between transactions, so a flush never holds half a source transaction. Builds two batches per
-//! table: the changelog rows (every change, in order) and the mirror rows (the last state per
-//! replica-identity key, see [`mirror`]).
-
-pub mod mirror;
+//! between transactions, so a flush never holds half a source transaction. Builds the changelog
+//! batch of a table (every change, in order); what the mirror does with the changes is planned
+//! in `crate::plan`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,9 +12,10 @@ use std::time::{Duration, Instant};
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
-use crate::checkpoint::Lsn;
+use crate::checkpoint::{Applied, Lsn};
 use crate::config::BatchConfig;
 use crate::decode::pgoutput::{Relation, Tuple, Value};
+use crate::decode::spill::change_bytes;
 use crate::decode::txn::{Change, ChangeKind, Transaction};
 use crate::decode::types::{ColumnBuilder, PgKind};
 
@@ -54,6 +53,8 @@ pub struct TableBuffer {
     pub relation: Arc<Relation>,
     pub rows: Vec<Row>,
     pub bytes: usize,
+    /// The last transaction in `rows` is incomplete: more of its changes come in later flushes.
+    pub partial: bool,
 }
 
 /// `schema.table`, the name a source table goes by everywhere in walden.
@@ -70,15 +71,6 @@ pub struct Batcher {
     oldest: Option<Instant>,
 }
 
-fn tuple_bytes(t: &Tuple) -> usize {
-    t.0.iter()
-        .map(|v| match v {
-            Value::Text(b) | Value::Binary(b) => b.len() + 16,
-            _ => 16,
-        })
-        .sum()
-}
-
 impl Batcher {
     pub fn new(cfg: BatchConfig) -> Self {
         Batcher {
@@ -90,11 +82,12 @@ impl Batcher {
         }
     }
 
-    /// Adds a whole transaction; returns the tables it touched.
-    pub fn push(&mut self, txn: Transaction) -> Vec<String> {
+    /// Adds changes of transaction `txn` (all of them, or the next part of a large one whose
+    /// first change is number `first_seq`); returns the tables they touched.
+    pub fn push(&mut self, txn: &Transaction, changes: Vec<Change>, first_seq: i64) -> Vec<String> {
         let mut touched: Vec<String> = Vec::new();
         let mut last: Option<(*const Relation, String)> = None;
-        for (seq, change) in txn.changes.into_iter().enumerate() {
+        for (i, change) in changes.into_iter().enumerate() {
             let ptr = Arc::as_ptr(&change.relation);
             let name = match &last {
                 Some((p, n)) if *p == ptr => n.clone(),
@@ -104,9 +97,7 @@ impl Batcher {
                     n
                 }
             };
-            let size = 64
-                + change.new.as_ref().map_or(0, tuple_bytes)
-                + change.old.as_ref().map_or(0, |(_, t)| tuple_bytes(t));
+            let size = change_bytes(&change);
             let buf = self
                 .tables
                 .entry(name.clone())
@@ -114,6 +105,7 @@ impl Batcher {
                     relation: change.relation.clone(),
                     rows: Vec::new(),
                     bytes: 0,
+                    partial: false,
                 });
             if !Arc::ptr_eq(&buf.relation, &change.relation) {
                 buf.relation = change.relation.clone();
@@ -124,7 +116,7 @@ impl Batcher {
                 commit_lsn: txn.commit_lsn,
                 commit_ts_us: txn.commit_ts_us,
                 xid: txn.xid,
-                seq: seq as i64,
+                seq: first_seq + i as i64,
             });
             self.rows += 1;
             self.bytes += size;
@@ -136,6 +128,13 @@ impl Batcher {
             self.oldest = Some(Instant::now());
         }
         touched
+    }
+
+    /// The buffered changes end in part of a transaction whose other changes follow later.
+    pub fn mark_partial(&mut self) {
+        for buf in self.tables.values_mut() {
+            buf.partial = true;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -248,13 +247,17 @@ pub fn finish_columns(cols: Vec<ColumnBuilder>) -> (Vec<ArrayRef>, u64) {
     (arrays, bad)
 }
 
-/// Rows after `applied` (commit LSN) of one table, as changelog records.
+/// Rows of one table that `applied` does not cover, as changelog records.
 pub fn changelog_batch(
     buf: &TableBuffer,
-    applied: Lsn,
+    applied: Applied,
 ) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
     let rel = &buf.relation;
-    let rows: Vec<&Row> = buf.rows.iter().filter(|r| r.commit_lsn > applied).collect();
+    let rows: Vec<&Row> = buf
+        .rows
+        .iter()
+        .filter(|r| !applied.covers(r.commit_lsn, r.seq))
+        .collect();
     let mut cols = builders(rel, rows.len());
     let mut ops = Vec::with_capacity(rows.len());
     let mut lsns = Vec::with_capacity(rows.len());

@@ -37,6 +37,35 @@ impl FromStr for Lsn {
     }
 }
 
+/// How far one Delta table has applied the source: every change of the transactions committed at
+/// or below `lsn`, and, of the larger transaction committed at `partial.0`, the changes numbered
+/// up to `partial.1` (a transaction too large for one batch lands in several commits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub lsn: Lsn,
+    pub partial: Option<(Lsn, i64)>,
+}
+
+impl Applied {
+    pub fn at(lsn: Lsn) -> Self {
+        Applied { lsn, partial: None }
+    }
+
+    /// Change number `seq` of the transaction committed at `lsn` is already applied.
+    pub fn covers(&self, lsn: Lsn, seq: i64) -> bool {
+        lsn <= self.lsn || self.partial.is_some_and(|(l, s)| l == lsn && seq <= s)
+    }
+}
+
+impl fmt::Display for Applied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.partial {
+            Some((l, s)) if l > self.lsn => write!(f, "{} (+ {l} through change {s})", self.lsn),
+            _ => write!(f, "{}", self.lsn),
+        }
+    }
+}
+
 /// Tracks what has been received and what each table holds undurably.
 ///
 /// Keys are source tables (whose changelog and mirror are applied together; each Delta table also

@@ -7,9 +7,8 @@ use arrow::array::{
 };
 
 use super::pgoutput::{OldKind, Value};
-use super::txn::{Assembler, ChangeKind, Event, Transaction};
+use super::txn::{Assembler, Change, ChangeKind, Event, Transaction};
 use crate::batch::{changelog_batch, Batcher};
-use crate::checkpoint::Lsn;
 use crate::config::BatchConfig;
 
 const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/pgoutput-v2.bin");
@@ -18,18 +17,21 @@ fn messages() -> Vec<bytes::Bytes> {
     super::fixture_messages(FIXTURE)
 }
 
-fn events() -> (Vec<Transaction>, usize) {
+fn events() -> (Vec<(Transaction, Vec<Change>)>, usize) {
     let mut a = Assembler::new();
     let mut txns = Vec::new();
     let mut markers = 0;
     for m in messages() {
         match a.push_data(m).expect("fixture decodes") {
-            Some(Event::Commit(t)) => txns.push(t),
+            Some(Event::Commit(mut t)) => {
+                let changes = t.take_changes().expect("in memory");
+                txns.push((*t, changes))
+            }
             Some(Event::Marker { .. }) => markers += 1,
             _ => {}
         }
     }
-    assert_eq!(a.open_changes(), 0);
+    assert_eq!(a.open_bytes(), 0);
     (txns, markers)
 }
 
@@ -39,8 +41,8 @@ fn transactions_and_changes() {
     assert_eq!(markers, 1, "the non-transactional walden marker");
     let kinds: Vec<Vec<ChangeKind>> = txns
         .iter()
-        .filter(|t| !t.changes.is_empty())
-        .map(|t| t.changes.iter().map(|c| c.kind).collect())
+        .filter(|t| !t.1.is_empty())
+        .map(|t| t.1.iter().map(|c| c.kind).collect())
         .collect();
     use ChangeKind::*;
     assert_eq!(kinds[0], vec![Insert]);
@@ -54,10 +56,10 @@ fn transactions_and_changes() {
     );
     assert!(kinds[6].iter().all(|k| *k == Insert));
     for w in txns.windows(2) {
-        assert!(w[0].commit_lsn < w[1].commit_lsn && w[0].end_lsn <= w[1].commit_lsn);
+        assert!(w[0].0.commit_lsn < w[1].0.commit_lsn && w[0].0.end_lsn <= w[1].0.commit_lsn);
     }
 
-    let rel = &txns[0].changes[0].relation;
+    let rel = &txns[0].1[0].relation;
     assert_eq!(
         (rel.schema.as_str(), rel.name.as_str()),
         ("public", "kinds")
@@ -66,15 +68,15 @@ fn transactions_and_changes() {
     assert!(rel.columns[0].key && rel.columns[1..].iter().all(|c| !c.key));
 
     // UPDATE i2 only: the external TOAST column `big` is not sent.
-    let upd = &txns[2].changes[0];
+    let upd = &txns[2].1[0];
     let big = rel.columns.iter().position(|c| c.name == "big").unwrap();
     assert_eq!(upd.new.as_ref().unwrap().0[big], Value::Unchanged);
     // Key change: old key sent.
-    let (kind, old) = txns[3].changes[0].old.as_ref().unwrap();
+    let (kind, old) = txns[3].1[0].old.as_ref().unwrap();
     assert_eq!(*kind, OldKind::Key);
     assert_eq!(old.0[0], Value::Text("1".into()));
     assert_eq!(old.0[1], Value::Null);
-    let (kind, old) = txns[4].changes[0].old.as_ref().unwrap();
+    let (kind, old) = txns[4].1[0].old.as_ref().unwrap();
     assert_eq!((*kind, &old.0[0]), (OldKind::Key, &Value::Text("2".into())));
 }
 
@@ -82,10 +84,10 @@ fn transactions_and_changes() {
 fn values_map_to_arrow() {
     let (txns, _) = events();
     let mut b = Batcher::new(BatchConfig::default());
-    b.push(txns[0].clone());
+    b.push(&txns[0].0, txns[0].1.clone(), 0);
     let tables = b.take();
     let buf = &tables["public.kinds"];
-    let (batch, bad) = changelog_batch(buf, Lsn(0)).unwrap();
+    let (batch, bad) = changelog_batch(buf, Default::default()).unwrap();
     assert_eq!(bad, 0);
     let col = |name: &str| batch.column_by_name(name).unwrap().clone();
     let get = |name: &str| arrow::util::display::array_value_to_string(&col(name), 0).unwrap();
@@ -178,6 +180,6 @@ fn values_map_to_arrow() {
             .downcast_ref::<Int64Array>()
             .unwrap()
             .value(0),
-        txns[0].commit_lsn.0 as i64
+        txns[0].0.commit_lsn.0 as i64
     );
 }

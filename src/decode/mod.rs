@@ -7,6 +7,7 @@
 
 pub mod copy_text;
 pub mod pgoutput;
+pub mod spill;
 pub mod text_format;
 
 /// Splits a captured stream in the fixture format (`u32` big-endian length, then one XLogData

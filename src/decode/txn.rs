@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::pgoutput::{DecodeError, Decoder, Message, OldKind, Relation, Tuple};
+use super::spill::{Changes, SpillError, SpillPolicy, TxnBuffer};
 use crate::checkpoint::Lsn;
 use crate::source::WalMessage;
 
@@ -46,24 +47,60 @@ pub struct Change {
     /// Old key or row (update with changed key or FULL identity, delete).
     pub old: Option<(OldKind, Tuple)>,
     /// Transaction id that made the change (a sub-transaction inside streamed transactions).
-    sub_xid: u32,
+    pub(crate) sub_xid: u32,
+}
+
+impl Change {
+    /// A change of a committed top-level transaction (as the assembler hands them on).
+    pub fn new(
+        relation: Arc<Relation>,
+        kind: ChangeKind,
+        new: Option<Tuple>,
+        old: Option<(OldKind, Tuple)>,
+    ) -> Self {
+        Change {
+            relation,
+            kind,
+            new,
+            old,
+            sub_xid: 0,
+        }
+    }
 }
 
 /// A committed source transaction.
-#[derive(Debug, Clone)]
 pub struct Transaction {
     pub xid: u32,
     pub commit_lsn: Lsn,
     pub end_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch (UTC).
     pub commit_ts_us: i64,
-    pub changes: Vec<Change>,
+    /// Its changes, in order; those of a large transaction partly on disk.
+    pub changes: Changes,
+}
+
+impl Transaction {
+    /// All its changes, read into memory.
+    pub fn take_changes(&mut self) -> Result<Vec<Change>, SpillError> {
+        std::mem::replace(&mut self.changes, Changes::in_memory(Vec::new())).into_vec()
+    }
+}
+
+impl std::fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("xid", &self.xid)
+            .field("commit_lsn", &self.commit_lsn)
+            .field("changes", &self.changes.remaining())
+            .field("spilled", &self.changes.is_spilled())
+            .finish()
+    }
 }
 
 /// What the assembler hands to the pipeline.
 #[derive(Debug)]
 pub enum Event {
-    Commit(Transaction),
+    Commit(Box<Transaction>),
     /// The server is at this position and no transaction is open on our side.
     Idle(Lsn),
     /// A non-transactional logical message with walden's prefix (a drain marker).
@@ -78,7 +115,16 @@ pub const MARKER_PREFIX: &str = "walden";
 
 struct Open {
     xid: u32,
-    changes: Vec<Change>,
+    changes: TxnBuffer,
+}
+
+/// Why the assembler stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Spill(#[from] SpillError),
 }
 
 #[derive(Default)]
@@ -86,8 +132,10 @@ pub struct Assembler {
     decoder: Decoder,
     relations: HashMap<u32, Arc<Relation>>,
     current: Option<Open>,
-    streamed: HashMap<u32, Vec<Change>>,
+    streamed: HashMap<u32, TxnBuffer>,
     stream_xid: Option<u32>,
+    /// Where open transactions go past their memory budget (`None`: they stay in memory).
+    spill: Option<SpillPolicy>,
     /// Counts logical decoding messages seen (they are not replicated).
     pub logical_messages: u64,
 }
@@ -97,13 +145,32 @@ impl Assembler {
         Self::default()
     }
 
-    /// Number of changes held for transactions that are not committed yet.
-    pub fn open_changes(&self) -> usize {
-        self.current.as_ref().map_or(0, |o| o.changes.len())
-            + self.streamed.values().map(Vec::len).sum::<usize>()
+    /// An assembler whose open transactions spill to disk past `policy.memory_bytes`.
+    pub fn with_spill(policy: SpillPolicy) -> Self {
+        Assembler {
+            spill: Some(policy),
+            ..Self::default()
+        }
     }
 
-    pub fn push(&mut self, msg: WalMessage) -> Result<Option<Event>, DecodeError> {
+    /// Bytes held in memory for transactions that are not committed yet.
+    pub fn open_bytes(&self) -> usize {
+        self.current.as_ref().map_or(0, |o| o.changes.memory_bytes)
+            + self
+                .streamed
+                .values()
+                .map(|b| b.memory_bytes)
+                .sum::<usize>()
+    }
+
+    fn policy(&self) -> SpillPolicy {
+        self.spill.clone().unwrap_or(SpillPolicy {
+            dir: std::env::temp_dir(),
+            memory_bytes: usize::MAX,
+        })
+    }
+
+    pub fn push(&mut self, msg: WalMessage) -> Result<Option<Event>, AssembleError> {
         match msg {
             WalMessage::Keepalive { wal_end } => Ok(self.idle(wal_end)),
             WalMessage::XLogData { data, .. } => self.push_data(data),
@@ -126,7 +193,7 @@ impl Assembler {
     }
 
     /// Where a data message's change goes: the open streamed transaction, or the ordinary one.
-    fn sink(&mut self, xid: Option<u32>) -> Result<(&mut Vec<Change>, u32), DecodeError> {
+    fn sink(&mut self, xid: Option<u32>) -> Result<(&mut TxnBuffer, u32), DecodeError> {
         match (xid, self.stream_xid) {
             (Some(sub), Some(top)) => Ok((self.streamed.entry(top).or_default(), sub)),
             (None, None) => match &mut self.current {
@@ -146,7 +213,7 @@ impl Assembler {
         kind: ChangeKind,
         new: Option<Tuple>,
         old: Option<(OldKind, Tuple)>,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<(), AssembleError> {
         let relation = self.relation(oid)?;
         let (changes, sub_xid) = self.sink(xid)?;
         changes.push(Change {
@@ -156,18 +223,47 @@ impl Assembler {
             old,
             sub_xid,
         });
+        if let Some(policy) = &self.spill {
+            if self.open_bytes() > policy.memory_bytes {
+                self.spill_largest()?;
+            }
+        }
         Ok(())
     }
 
-    pub fn push_data(&mut self, data: Bytes) -> Result<Option<Event>, DecodeError> {
+    /// Moves the open transaction that holds the most memory to disk.
+    fn spill_largest(&mut self) -> Result<(), SpillError> {
+        let policy = self.policy();
+        let largest = self
+            .current
+            .as_mut()
+            .map(|o| &mut o.changes)
+            .into_iter()
+            .chain(self.streamed.values_mut())
+            .max_by_key(|b| b.memory_bytes);
+        match largest {
+            Some(b) => b.spill(&policy),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(&self, buf: TxnBuffer) -> Result<Changes, SpillError> {
+        if buf.is_spilled() {
+            buf.finish(&self.policy())
+        } else {
+            Ok(Changes::in_memory(buf.memory))
+        }
+    }
+
+    pub fn push_data(&mut self, data: Bytes) -> Result<Option<Event>, AssembleError> {
         match self.decoder.decode(data)? {
             Message::Begin { xid, .. } => {
                 if self.current.is_some() {
-                    return Err(DecodeError::OutOfOrder("Begin inside a transaction"));
+                    return Err(DecodeError::OutOfOrder("Begin inside a transaction").into());
                 }
                 self.current = Some(Open {
                     xid,
-                    changes: Vec::new(),
+                    changes: TxnBuffer::default(),
                 });
             }
             Message::Commit {
@@ -180,13 +276,13 @@ impl Assembler {
                     .current
                     .take()
                     .ok_or(DecodeError::OutOfOrder("Commit without Begin"))?;
-                return Ok(Some(Event::Commit(Transaction {
+                return Ok(Some(Event::Commit(Box::new(Transaction {
                     xid: open.xid,
                     commit_lsn,
                     end_lsn,
                     commit_ts_us: commit_ts.saturating_add(PG_EPOCH_OFFSET_US),
-                    changes: open.changes,
-                })));
+                    changes: self.finish(open.changes)?,
+                }))));
             }
             Message::Relation { relation, .. } => {
                 self.relations.insert(relation.oid, Arc::new(relation));
@@ -207,18 +303,18 @@ impl Assembler {
             }
             Message::StreamStart { xid, .. } => {
                 if self.stream_xid.is_some() {
-                    return Err(DecodeError::OutOfOrder(
-                        "Stream Start inside a stream block",
-                    ));
+                    return Err(
+                        DecodeError::OutOfOrder("Stream Start inside a stream block").into(),
+                    );
                 }
                 self.stream_xid = Some(xid);
                 self.streamed.entry(xid).or_default();
             }
             Message::StreamStop => {
                 if self.stream_xid.take().is_none() {
-                    return Err(DecodeError::OutOfOrder(
-                        "Stream Stop outside a stream block",
-                    ));
+                    return Err(
+                        DecodeError::OutOfOrder("Stream Stop outside a stream block").into(),
+                    );
                 }
             }
             Message::StreamCommit {
@@ -229,19 +325,19 @@ impl Assembler {
                 ..
             } => {
                 let changes = self.streamed.remove(&xid).unwrap_or_default();
-                return Ok(Some(Event::Commit(Transaction {
+                return Ok(Some(Event::Commit(Box::new(Transaction {
                     xid,
                     commit_lsn,
                     end_lsn,
                     commit_ts_us: commit_ts.saturating_add(PG_EPOCH_OFFSET_US),
-                    changes,
-                })));
+                    changes: self.finish(changes)?,
+                }))));
             }
             Message::StreamAbort { xid, subxid } => {
                 if xid == subxid {
                     self.streamed.remove(&xid);
                 } else if let Some(changes) = self.streamed.get_mut(&xid) {
-                    changes.retain(|c| c.sub_xid != subxid);
+                    changes.abort_sub(subxid);
                 }
             }
             Message::LogicalMessage {
@@ -308,7 +404,7 @@ mod tests {
         a.push_data(insert(Some(100), b"1")).unwrap();
         a.push_data(insert(Some(101), b"2")).unwrap();
         a.push_data(Bytes::from_static(b"E")).unwrap();
-        assert_eq!(a.open_changes(), 2);
+        assert!(a.open_bytes() > 0);
         // abort of subtransaction 101 only
         let mut ab = BytesMut::new();
         ab.put_u8(b'A');
@@ -323,24 +419,26 @@ mod tests {
         c.put_u64(510);
         c.put_i64(0);
         let ev = a.push_data(c.freeze()).unwrap();
-        let Some(Event::Commit(t)) = ev else { panic!() };
-        assert_eq!(t.changes.len(), 1);
+        let Some(Event::Commit(mut t)) = ev else {
+            panic!()
+        };
+        assert_eq!(t.take_changes().unwrap().len(), 1);
         assert_eq!((t.commit_lsn, t.end_lsn), (Lsn(500), Lsn(510)));
         assert_eq!(t.commit_ts_us, PG_EPOCH_OFFSET_US);
-        assert_eq!(a.open_changes(), 0);
+        assert_eq!(a.open_bytes(), 0);
     }
 
     #[test]
     fn change_before_relation_or_outside_txn_is_an_error() {
         let mut a = Assembler::new();
-        assert_eq!(
+        assert!(matches!(
             a.push_data(insert(None, b"1")).unwrap_err(),
-            DecodeError::UnknownRelation(1)
-        );
+            AssembleError::Decode(DecodeError::UnknownRelation(1))
+        ));
         a.push_data(rel()).unwrap();
         assert!(matches!(
             a.push_data(insert(None, b"1")).unwrap_err(),
-            DecodeError::OutOfOrder(_)
+            AssembleError::Decode(DecodeError::OutOfOrder(_))
         ));
     }
 

@@ -157,6 +157,11 @@ impl Warehouse {
         &self.root
     }
 
+    /// Options for the object store (credentials, endpoints); never logged.
+    pub fn storage_options(&self) -> &HashMap<String, String> {
+        &self.storage_options
+    }
+
     /// An object store rooted at `{warehouse}/{dir}` (dir ends with `/`).
     pub fn object_store(
         &self,

@@ -18,6 +18,26 @@ use crate::checkpoint::Lsn;
 use crate::config::SourceConfig;
 use replication::quote_ident;
 
+/// The session settings of every connection walden opens (replication and SQL alike), so every
+/// value reaches the one text parser (`decode::text_format`) in the same form: the one place they
+/// are set.
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, YMD"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// [`SESSION_SETTINGS`] as SQL.
+fn session_settings_sql() -> String {
+    SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("SET {k} = {};", replication::quote_literal(v)))
+        .collect()
+}
+
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
     tokio_postgres::Config::from_str(url).map_err(|e| SourceError::BadUrl(e.to_string()))
 }
@@ -38,6 +58,7 @@ pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, S
             tracing::debug!(error = %e, "SQL connection ended");
         }
     });
+    client.batch_execute(&session_settings_sql()).await?;
     Ok(client)
 }
 

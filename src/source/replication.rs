@@ -130,15 +130,12 @@ impl ReplicationConn {
                 "application_name",
                 config.get_application_name().unwrap_or("walden"),
             ),
-            ("client_encoding", "UTF8"),
-            ("DateStyle", "ISO, YMD"),
-            ("TimeZone", "UTC"),
-            ("IntervalStyle", "iso_8601"),
-            ("extra_float_digits", "3"),
-            ("bytea_output", "hex"),
         ];
         let mut out = BytesMut::new();
-        frontend::startup_message(params.iter().copied(), &mut out)?;
+        frontend::startup_message(
+            params.iter().chain(super::SESSION_SETTINGS).copied(),
+            &mut out,
+        )?;
         conn.io.write_all(&out).await?;
         conn.authenticate(&user, config.get_password()).await?;
         Ok(conn)

@@ -137,10 +137,6 @@ pub fn plan_chunks(table: usize, spec: &TableSpec, chunk_rows: u64) -> Vec<Chunk
         .collect()
 }
 
-/// The same output settings as the replication connection, so text values parse alike.
-const OUTPUT_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; \
-    SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex';";
-
 /// A connection inside a transaction that sees the exported snapshot.
 pub struct SnapshotReader {
     client: tokio_postgres::Client,
@@ -149,11 +145,9 @@ pub struct SnapshotReader {
 impl SnapshotReader {
     pub async fn open(cfg: &SourceConfig, snapshot_name: &str) -> Result<Self, SourceError> {
         let client = connect_sql(cfg).await?;
-        // The same output settings as the replication connection, so text values parse alike.
         client
             .batch_execute(&format!(
-                "{OUTPUT_SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
-                 SET TRANSACTION SNAPSHOT {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
                 super::replication::quote_literal(snapshot_name)
             ))
             .await?;
@@ -164,9 +158,7 @@ impl SnapshotReader {
     pub async fn current(cfg: &SourceConfig) -> Result<Self, SourceError> {
         let client = connect_sql(cfg).await?;
         client
-            .batch_execute(&format!(
-                "{OUTPUT_SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-            ))
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         Ok(SnapshotReader { client })
     }

@@ -3,6 +3,8 @@
 mod crash;
 mod errors;
 mod fixtures;
+mod identity;
+mod large;
 mod ops;
 mod pg;
 mod snapshot;

@@ -73,3 +73,37 @@ pub async fn run_once(cfg: &Config) -> walden::pipeline::Summary {
     .expect("run --once did not finish in 180 s")
     .unwrap_or_else(|e| panic!("run --once failed: {e}"))
 }
+
+/// Every Parquet file under `wh` embeds only plain Arrow types (no `Utf8View`/`BinaryView`, which
+/// readers such as Daft reject).
+pub fn assert_plain_arrow_types(wh: &Path) {
+    let mut files = 0;
+    let mut stack = vec![wh.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                let f = std::fs::File::open(&p).unwrap();
+                let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                    .unwrap();
+                for field in b.schema().fields() {
+                    assert!(
+                        !matches!(
+                            field.data_type(),
+                            arrow::datatypes::DataType::Utf8View
+                                | arrow::datatypes::DataType::BinaryView
+                        ),
+                        "{}: column {} is {}",
+                        p.display(),
+                        field.name(),
+                        field.data_type()
+                    );
+                }
+                files += 1;
+            }
+        }
+    }
+    assert!(files > 0, "no Parquet files under {}", wh.display());
+}

@@ -1,0 +1,376 @@
+//! Changes of open transactions beyond the memory budget, kept in local files.
+//!
+//! Owns the spill file format and the budget rule. Every open transaction (the ordinary one and
+//! each protocol-v2 streamed one) holds its changes in a [`TxnBuffer`]; when the changes held in
+//! memory by all of them pass `spill.memory_bytes`, the buffer that grows moves its changes to
+//! an anonymous file in `spill.dir` (created unlinked: nothing is left behind by a crash, and
+//! the slot resends the transaction anyway). A committed transaction is read back in order,
+//! file first, then memory, in chunks ([`Transaction::next_chunk`]); a sub-transaction abort
+//! drops the in-memory changes at once and the spilled ones as they are read back.
+//!
+//! [`Transaction::next_chunk`]: super::txn::Transaction::next_chunk
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::pgoutput::{OldKind, Relation, Tuple, Value};
+use super::txn::{Change, ChangeKind};
+
+#[derive(Debug, thiserror::Error)]
+#[error("spill directory {dir}: {source}. Free space there or point spill.dir elsewhere")]
+pub struct SpillError {
+    pub dir: String,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Where and past what size open transactions spill.
+#[derive(Debug, Clone)]
+pub struct SpillPolicy {
+    pub dir: PathBuf,
+    pub memory_bytes: usize,
+}
+
+impl SpillPolicy {
+    fn error(&self, source: io::Error) -> SpillError {
+        SpillError {
+            dir: self.dir.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Estimated memory of one change (the same measure the batcher uses).
+pub fn change_bytes(c: &Change) -> usize {
+    64 + c.new.as_ref().map_or(0, tuple_bytes) + c.old.as_ref().map_or(0, |(_, t)| tuple_bytes(t))
+}
+
+pub fn tuple_bytes(t: &Tuple) -> usize {
+    t.0.iter()
+        .map(|v| match v {
+            Value::Text(b) | Value::Binary(b) => b.len() + 16,
+            _ => 16,
+        })
+        .sum()
+}
+
+/// The changes of one open transaction.
+#[derive(Default)]
+pub struct TxnBuffer {
+    pub memory: Vec<Change>,
+    pub memory_bytes: usize,
+    spilled: Option<SpillFile>,
+}
+
+struct SpillFile {
+    out: BufWriter<File>,
+    relations: Vec<Arc<Relation>>,
+    changes: usize,
+    aborted: HashSet<u32>,
+}
+
+impl TxnBuffer {
+    pub fn push(&mut self, c: Change) {
+        self.memory_bytes += change_bytes(&c);
+        self.memory.push(c);
+    }
+
+    pub fn is_spilled(&self) -> bool {
+        self.spilled.is_some()
+    }
+
+    /// Drops the changes of sub-transaction `subxid`.
+    pub fn abort_sub(&mut self, subxid: u32) {
+        self.memory.retain(|c| c.sub_xid != subxid);
+        self.memory_bytes = self.memory.iter().map(change_bytes).sum();
+        if let Some(f) = &mut self.spilled {
+            f.aborted.insert(subxid);
+        }
+    }
+
+    /// Moves the in-memory changes to the spill file.
+    pub fn spill(&mut self, policy: &SpillPolicy) -> Result<(), SpillError> {
+        if self.spilled.is_none() {
+            std::fs::create_dir_all(&policy.dir).map_err(|e| policy.error(e))?;
+            let file = tempfile::tempfile_in(&policy.dir).map_err(|e| policy.error(e))?;
+            self.spilled = Some(SpillFile {
+                out: BufWriter::with_capacity(1 << 20, file),
+                relations: Vec::new(),
+                changes: 0,
+                aborted: HashSet::new(),
+            });
+        }
+        let f = self.spilled.as_mut().expect("created above");
+        for c in self.memory.drain(..) {
+            f.write(&c).map_err(|e| policy.error(e))?;
+        }
+        self.memory_bytes = 0;
+        f.out.flush().map_err(|e| policy.error(e))
+    }
+
+    /// The committed transaction's changes, ready to be read back.
+    pub fn finish(self, policy: &SpillPolicy) -> Result<Changes, SpillError> {
+        match self.spilled {
+            Some(f) => {
+                let reader = f.into_reader().map_err(|e| policy.error(e))?;
+                Changes::spilled(reader, self.memory, policy.dir.display().to_string())
+            }
+            None => Ok(Changes::in_memory(self.memory)),
+        }
+    }
+}
+
+const NULL: u8 = 0;
+const UNCHANGED: u8 = 1;
+const TEXT: u8 = 2;
+const BINARY: u8 = 3;
+
+impl SpillFile {
+    fn relation_slot(&mut self, r: &Arc<Relation>) -> u32 {
+        match self.relations.iter().rposition(|x| Arc::ptr_eq(x, r)) {
+            Some(i) => i as u32,
+            None => {
+                self.relations.push(r.clone());
+                (self.relations.len() - 1) as u32
+            }
+        }
+    }
+
+    fn write(&mut self, c: &Change) -> io::Result<()> {
+        let slot = self.relation_slot(&c.relation);
+        let o = &mut self.out;
+        o.write_all(&slot.to_le_bytes())?;
+        o.write_all(&c.sub_xid.to_le_bytes())?;
+        let kind = match c.kind {
+            ChangeKind::Insert => 0u8,
+            ChangeKind::Update => 1,
+            ChangeKind::Delete => 2,
+            ChangeKind::Truncate => 3,
+        };
+        let old = match &c.old {
+            None => 0u8,
+            Some((OldKind::Key, _)) => 1,
+            Some((OldKind::Full, _)) => 2,
+        };
+        o.write_all(&[kind, u8::from(c.new.is_some()), old])?;
+        if let Some(t) = &c.new {
+            write_tuple(o, t)?;
+        }
+        if let Some((_, t)) = &c.old {
+            write_tuple(o, t)?;
+        }
+        self.changes += 1;
+        Ok(())
+    }
+
+    fn into_reader(self) -> io::Result<SpillReader> {
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.rewind()?;
+        Ok(SpillReader {
+            input: BufReader::with_capacity(1 << 20, file),
+            relations: self.relations,
+            left: self.changes,
+            aborted: self.aborted,
+        })
+    }
+}
+
+fn write_tuple(o: &mut impl Write, t: &Tuple) -> io::Result<()> {
+    o.write_all(&(t.0.len() as u32).to_le_bytes())?;
+    for v in &t.0 {
+        match v {
+            Value::Null => o.write_all(&[NULL])?,
+            Value::Unchanged => o.write_all(&[UNCHANGED])?,
+            Value::Text(b) | Value::Binary(b) => {
+                let tag = if matches!(v, Value::Text(_)) {
+                    TEXT
+                } else {
+                    BINARY
+                };
+                o.write_all(&[tag])?;
+                o.write_all(&(b.len() as u32).to_le_bytes())?;
+                o.write_all(b)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct SpillReader {
+    input: BufReader<File>,
+    relations: Vec<Arc<Relation>>,
+    left: usize,
+    aborted: HashSet<u32>,
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("spill file: {what}"))
+}
+
+impl SpillReader {
+    fn u32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.input.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn tuple(&mut self) -> io::Result<Tuple> {
+        let n = self.u32()? as usize;
+        let mut values = Vec::with_capacity(n.min(1600));
+        for _ in 0..n {
+            let mut tag = [0u8; 1];
+            self.input.read_exact(&mut tag)?;
+            values.push(match tag[0] {
+                NULL => Value::Null,
+                UNCHANGED => Value::Unchanged,
+                TEXT | BINARY => {
+                    let len = self.u32()? as usize;
+                    let mut b = vec![0u8; len];
+                    self.input.read_exact(&mut b)?;
+                    let b = Bytes::from(b);
+                    if tag[0] == TEXT {
+                        Value::Text(b)
+                    } else {
+                        Value::Binary(b)
+                    }
+                }
+                _ => return Err(corrupt("bad value tag")),
+            });
+        }
+        Ok(Tuple(values))
+    }
+
+    /// The next change not dropped by a sub-transaction abort.
+    fn next(&mut self) -> io::Result<Option<Change>> {
+        while self.left > 0 {
+            self.left -= 1;
+            let slot = self.u32()? as usize;
+            let sub_xid = self.u32()?;
+            let mut head = [0u8; 3];
+            self.input.read_exact(&mut head)?;
+            let kind = match head[0] {
+                0 => ChangeKind::Insert,
+                1 => ChangeKind::Update,
+                2 => ChangeKind::Delete,
+                3 => ChangeKind::Truncate,
+                _ => return Err(corrupt("bad change kind")),
+            };
+            let new = if head[1] == 1 {
+                Some(self.tuple()?)
+            } else {
+                None
+            };
+            let old = match head[2] {
+                0 => None,
+                1 => Some((OldKind::Key, self.tuple()?)),
+                2 => Some((OldKind::Full, self.tuple()?)),
+                _ => return Err(corrupt("bad old-tuple kind")),
+            };
+            if self.aborted.contains(&sub_xid) {
+                continue;
+            }
+            let relation = self
+                .relations
+                .get(slot)
+                .cloned()
+                .ok_or_else(|| corrupt("unknown relation slot"))?;
+            let mut c = Change::new(relation, kind, new, old);
+            c.sub_xid = sub_xid;
+            return Ok(Some(c));
+        }
+        Ok(None)
+    }
+}
+
+/// A committed transaction's changes: spilled ones (oldest) first, then those in memory.
+pub struct Changes {
+    spilled: Option<SpillReader>,
+    memory: std::vec::IntoIter<Change>,
+    /// The next change, read ahead so the end is known before it is reached.
+    ahead: Option<Change>,
+    dir: String,
+}
+
+impl Changes {
+    pub fn in_memory(changes: Vec<Change>) -> Self {
+        let mut memory = changes.into_iter();
+        Changes {
+            spilled: None,
+            ahead: memory.next(),
+            memory,
+            dir: String::new(),
+        }
+    }
+
+    fn spilled(reader: SpillReader, memory: Vec<Change>, dir: String) -> Result<Self, SpillError> {
+        let mut c = Changes {
+            spilled: Some(reader),
+            memory: memory.into_iter(),
+            ahead: None,
+            dir,
+        };
+        c.ahead = c.pull()?;
+        Ok(c)
+    }
+
+    /// Some changes are on disk.
+    pub fn is_spilled(&self) -> bool {
+        self.spilled.is_some()
+    }
+
+    /// Every change was read.
+    pub fn is_done(&self) -> bool {
+        self.ahead.is_none()
+    }
+
+    /// Changes still to read (an upper bound when spilled changes may be dropped by aborts).
+    pub fn remaining(&self) -> usize {
+        usize::from(self.ahead.is_some())
+            + self.spilled.as_ref().map_or(0, |s| s.left)
+            + self.memory.len()
+    }
+
+    fn pull(&mut self) -> Result<Option<Change>, SpillError> {
+        if let Some(r) = &mut self.spilled {
+            match r.next() {
+                Ok(Some(c)) => return Ok(Some(c)),
+                Ok(None) => self.spilled = None,
+                Err(source) => {
+                    return Err(SpillError {
+                        dir: self.dir.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(self.memory.next())
+    }
+
+    /// Up to `n` next changes; empty when all were read.
+    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<Change>, SpillError> {
+        let mut out = Vec::with_capacity(n.min(self.remaining()));
+        while out.len() < n {
+            match self.ahead.take() {
+                Some(c) => {
+                    out.push(c);
+                    self.ahead = self.pull()?;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Everything left, in memory (small transactions).
+    pub fn into_vec(mut self) -> Result<Vec<Change>, SpillError> {
+        self.next_chunk(usize::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests;
