@@ -7,6 +7,7 @@ mod identity;
 mod large;
 mod ops;
 mod pg;
+mod schema;
 mod snapshot;
 mod stream;
 mod warehouse;

@@ -1,0 +1,84 @@
+//! Schema changes while streaming: added, dropped and widened columns evolve both Delta tables
+//! with no restart; a type change the warehouse cannot follow exactly stops with what to do.
+
+use walden::sink::TableKind;
+
+use crate::pg::{config, test_db, warehouse_dir};
+use crate::warehouse::{assert_same, delta_rows, pg_rows, run_once};
+
+const PG: &str =
+    "SELECT concat_ws('|', id::text, n::text, v, amount::text, coalesce(added::text,'~')) \
+    FROM s ORDER BY id";
+const DF: &str =
+    "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(n AS VARCHAR), v, CAST(amount AS VARCHAR), \
+    coalesce(CAST(added AS VARCHAR),'~')) FROM t ORDER BY id";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_dropped_and_widened_columns_evolve_the_warehouse() {
+    let db = test_db("schema_evolve").await;
+    let wh = warehouse_dir("schema_evolve");
+    db.client
+        .batch_execute(
+            "CREATE TABLE s (id int PRIMARY KEY, n int, v varchar(10), amount numeric(8,2), gone text);",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await;
+    db.client
+        .batch_execute("INSERT INTO s SELECT g, g * 10, 'v' || g, g + 0.25, 'g' || g FROM generate_series(1, 3) g")
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+
+    db.client
+        .batch_execute(
+            "ALTER TABLE s ALTER COLUMN n TYPE bigint, ALTER COLUMN v TYPE text,
+                 ALTER COLUMN amount TYPE numeric(14,2);
+             ALTER TABLE s ADD COLUMN added int;
+             ALTER TABLE s DROP COLUMN gone;
+             UPDATE s SET n = 5000000000, added = 1 WHERE id = 1;
+             INSERT INTO s VALUES (4, 6000000000, repeat('x', 50), 123456789012.34, 2);",
+        )
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+    let src = pg_rows(&db.client, PG).await;
+    let mir = delta_rows(&wh, TableKind::Mirror, "s", DF).await;
+    assert_same("s", &src, &mir);
+    // The dropped column stays, NULL in rows written after the drop.
+    let gone = delta_rows(
+        &wh,
+        TableKind::Mirror,
+        "s",
+        "SELECT coalesce(gone, '~') FROM t ORDER BY id",
+    )
+    .await;
+    assert_eq!(gone, vec!["~", "g2", "g3", "~"]);
+    // The changelog's history was widened too: old and new values side by side.
+    let hist = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "s",
+        "SELECT concat_ws('|', arrow_typeof(n), CAST(sum(n) AS VARCHAR)) FROM t GROUP BY arrow_typeof(n)",
+    )
+    .await;
+    assert_eq!(hist, vec!["Int64|11000000060"]);
+
+    // Not a widening: Postgres rewrote the values with its USING expression.
+    db.client
+        .batch_execute(
+            "ALTER TABLE s ALTER COLUMN v TYPE int USING length(v);
+             UPDATE s SET added = 3 WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let err = walden::pipeline::run(&cfg, walden::pipeline::Mode::Once, rx)
+        .await
+        .expect_err("an incompatible type change must stop the run");
+    let msg = err.to_string();
+    assert!(msg.contains("column v of public.s changed type"), "{msg}");
+    assert!(msg.contains("walden backfill --table public.s"), "{msg}");
+    assert!(!err.is_transient(), "{msg}");
+}
