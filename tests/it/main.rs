@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one Postgres cluster per process, one database per test.
 
 mod crash;
+mod differential;
 mod errors;
 mod fixtures;
 mod identity;
