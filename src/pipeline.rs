@@ -237,7 +237,7 @@ impl<'a> Session<'a> {
         let mut prepared = source::prepare(sql, repl, src, snapshots).await?;
         if let Some(name) = prepared.snapshot_name.take() {
             let tables = published_tables(sql, &src.publication).await?;
-            let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+            let names: Vec<String> = tables.iter().map(|t| t.qualified()).collect();
             let mut m = SnapshotMarker {
                 slot: src.slot.clone(),
                 state: SnapshotState::Copying,

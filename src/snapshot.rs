@@ -20,7 +20,7 @@ use crate::apply::{app_id, ApplyError};
 use crate::checkpoint::Lsn;
 use crate::config::Config;
 use crate::sink::{SinkError, Warehouse};
-use crate::source::snapshot::{describe, plan_chunks, Chunk, SnapshotReader, TableSpec};
+use crate::source::snapshot::{describe, plan_chunks, Chunk, Published, SnapshotReader, TableSpec};
 use crate::source::{connect_sql, SourceError};
 use crate::telemetry::METRICS;
 
@@ -94,7 +94,7 @@ pub async fn copy_tables(
     warehouse: &Warehouse,
     snapshot_name: &str,
     consistent_point: Lsn,
-    tables: &[(String, String)],
+    tables: &[Published],
     initial: bool,
 ) -> Result<SnapshotStats, SnapshotError> {
     let started = Instant::now();
@@ -106,8 +106,8 @@ pub async fn copy_tables(
     }
     let sql = connect_sql(&cfg.source).await?;
     let mut specs: Vec<TableSpec> = Vec::with_capacity(tables.len());
-    for (schema, name) in tables {
-        specs.push(describe(&sql, schema, name).await?);
+    for table in tables {
+        specs.push(describe(&sql, table).await?);
     }
     let ts_us = chrono::Utc::now().timestamp_micros();
     let mut targets = Vec::with_capacity(specs.len());

@@ -26,7 +26,7 @@ pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
     let warehouse = Warehouse::new(&cfg.warehouse)?;
     let sql = connect_sql(&cfg.source).await?;
     let published = published_tables(&sql, &cfg.source.publication).await?;
-    if !published.iter().any(|(s, n)| s == schema && n == name) {
+    let Some(table) = published.into_iter().find(|p| p.is(schema, name)) else {
         anyhow::bail!(
             "{schema}.{name} is not in publication {:?}: add it first (ALTER PUBLICATION {} ADD TABLE {}.{};), \
              then backfill",
@@ -35,7 +35,7 @@ pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
             crate::source::replication::quote_ident(schema),
             crate::source::replication::quote_ident(name),
         );
-    }
+    };
     let pg = parse_url(&cfg.source.url)?;
     let mut repl = ReplicationConn::connect(
         &pg,
@@ -54,7 +54,7 @@ pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
         &warehouse,
         &snapshot,
         created.consistent_point,
-        &[(schema.to_string(), name.to_string())],
+        &[table],
         false,
     )
     .await?;

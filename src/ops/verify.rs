@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::decode::pgoutput::Relation;
 use crate::sink::{TableKind, Warehouse};
 use crate::source::replication::quote_ident;
-use crate::source::snapshot::{describe, published_tables, Chunk, SnapshotReader};
+use crate::source::snapshot::{describe, published_tables, Chunk, SnapshotReader, TableSpec};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Digest {
@@ -95,7 +95,8 @@ fn source_schema(rel: &Relation) -> SchemaRef {
     std::sync::Arc::new(arrow::datatypes::Schema::new(source_fields(rel)))
 }
 
-async fn source_digest(reader: &SnapshotReader, rel: &Relation) -> anyhow::Result<Digest> {
+async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Result<Digest> {
+    let rel = &spec.relation;
     let schema = source_schema(rel);
     let mut d = Digester::new(schema.clone())?;
     let whole = Chunk {
@@ -103,6 +104,7 @@ async fn source_digest(reader: &SnapshotReader, rel: &Relation) -> anyhow::Resul
         index: 0,
         first_page: 0,
         end_page: None,
+        scope: spec.scope.clone(),
     };
     let mut copy = reader.copy(rel, &whole).await?;
     while let Some((cols, _)) = copy.next_columns(rel, 65_536).await? {
@@ -132,7 +134,7 @@ pub async fn run(cfg: &Config, only: Option<&str>) -> anyhow::Result<Verificatio
     let mut tables = published_tables(&sql, &cfg.source.publication).await?;
     if let Some(t) = only {
         let (s, n) = t.split_once('.').unwrap_or(("public", t));
-        tables.retain(|(ts, tn)| ts == s && tn == n);
+        tables.retain(|p| p.is(s, n));
         if tables.is_empty() {
             anyhow::bail!("{t} is not in publication {:?}", cfg.source.publication);
         }
@@ -147,12 +149,12 @@ pub async fn run(cfg: &Config, only: Option<&str>) -> anyhow::Result<Verificatio
         .and_then(|r| r.get(0));
     let reader = SnapshotReader::current(&cfg.source).await?;
     let mut out = Vec::new();
-    for (schema, name) in tables {
-        let spec = describe(&sql, &schema, &name).await?;
-        let source = source_digest(&reader, &spec.relation).await?;
+    for table in tables {
+        let spec = describe(&sql, &table).await?;
+        let source = source_digest(&reader, &spec).await?;
         let mirror = mirror_digest(&w, &spec.relation).await?;
         out.push(TableVerdict {
-            table: format!("{schema}.{name}"),
+            table: table.qualified(),
             matches: mirror == Some(source),
             source,
             mirror,

@@ -8,6 +8,8 @@
 //! `COPY (SELECT …) TO STDOUT` in text format, which goes through the same type output functions
 //! as pgoutput, so the snapshot and the stream share one type mapping.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -17,7 +19,7 @@ use crate::decode::copy_text::CopyTextParser;
 use crate::decode::pgoutput::{Column, Relation};
 use crate::decode::types::ColumnBuilder;
 
-/// One ctid range of one table.
+/// One ctid range of one table, with the publication's row filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
     /// Index into the list of tables being copied.
@@ -27,38 +29,89 @@ pub struct Chunk {
     pub first_page: u64,
     /// Exclusive; `None` for the last chunk (reads to the end of the table).
     pub end_page: Option<u64>,
+    /// What the publication sends of the table (see [`TableSpec`]).
+    pub scope: Arc<Scope>,
+}
+
+/// The rows of a table the publication sends, as SQL.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// The publication's row filter (PostgreSQL 15+), a boolean expression over the columns.
+    pub row_filter: Option<String>,
+    /// Read the table without its inheritance children (`FROM ONLY`), which are published, and
+    /// copied, on their own. Off for a partitioned table published through its root, whose rows
+    /// all live in its partitions.
+    pub only: bool,
 }
 
 /// A table to copy, with its size estimates.
 #[derive(Debug, Clone)]
 pub struct TableSpec {
+    /// The columns the publication sends (its column list, PostgreSQL 15+), as pgoutput
+    /// describes them.
     pub relation: Relation,
     pub pages: u64,
     pub estimated_rows: u64,
+    pub scope: Arc<Scope>,
 }
 
-/// `schema.table` of every table in the publication.
+/// A table of the publication: its name, and which of its columns and rows are published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub schema: String,
+    pub name: String,
+    /// Published columns; `None`: all of them.
+    pub columns: Option<Vec<String>>,
+    pub row_filter: Option<String>,
+}
+
+impl Published {
+    pub fn is(&self, schema: &str, name: &str) -> bool {
+        self.schema == schema && self.name == name
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// Every table in the publication, with its column list and row filter (PostgreSQL 15+; before
+/// that a publication sends whole tables). A partitioned table published through its root
+/// (`publish_via_partition_root`) is listed as the root, otherwise as its partitions.
 pub async fn published_tables(
     sql: &tokio_postgres::Client,
     publication: &str,
-) -> Result<Vec<(String, String)>, SourceError> {
-    let rows = sql
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
-             WHERE pubname = $1 ORDER BY 1, 2",
-            &[&publication],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+) -> Result<Vec<Published>, SourceError> {
+    let version: i32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let query = if version >= 150000 {
+        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter \
+         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+    } else {
+        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text \
+         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+    };
+    let rows = sql.query(query, &[&publication]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Published {
+            schema: r.get(0),
+            name: r.get(1),
+            columns: r.get(2),
+            row_filter: r.get(3),
+        })
+        .collect())
 }
 
 /// Describes a table the way pgoutput's Relation message would: the columns it publishes
 /// (not dropped, not generated), their types, and which belong to the replica identity.
 pub async fn describe(
     sql: &tokio_postgres::Client,
-    schema: &str,
-    table: &str,
+    table: &Published,
 ) -> Result<TableSpec, SourceError> {
+    let (schema, name) = (table.schema.as_str(), table.name.as_str());
     let rows = sql
         .query(
             "SELECT c.oid, c.relreplident::text, a.attname::text, a.atttypid, a.atttypmod, \
@@ -70,26 +123,34 @@ pub async fn describe(
                                  AND i.indisreplident AND a.attnum = ANY(i.indkey)) \
                   ELSE false END, \
                 greatest(pg_relation_size(c.oid) / current_setting('block_size')::int, 0)::int8, \
-                greatest(c.reltuples, 0)::int8, greatest(c.relpages, 0)::int8 \
+                greatest(c.reltuples, 0)::int8, greatest(c.relpages, 0)::int8, c.relkind::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                   AND a.attgenerated = '' \
              WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
-            &[&schema, &table],
+            &[&schema, &name],
         )
         .await?;
     let first = rows.first().ok_or_else(|| {
         SourceError::Setup(format!(
-            "table {schema}.{table} does not exist or has no columns"
+            "table {schema}.{name} does not exist or has no columns"
         ))
     })?;
+    let relkind: String = first.get(9);
     let oid: u32 = first.get(0);
     let ident: String = first.get(1);
     let pages: i64 = first.get(6);
     let reltuples: i64 = first.get(7);
     let relpages: i64 = first.get(8);
+    let published = |r: &&tokio_postgres::Row| {
+        table
+            .columns
+            .as_ref()
+            .is_none_or(|cols| cols.iter().any(|c| *c == r.get::<_, String>(2)))
+    };
     let columns = rows
         .iter()
+        .filter(published)
         .map(|r| Column {
             key: r.get(5),
             name: r.get(2),
@@ -108,12 +169,16 @@ pub async fn describe(
         relation: Relation {
             oid,
             schema: schema.to_string(),
-            name: table.to_string(),
+            name: name.to_string(),
             replica_identity: ident.bytes().next().unwrap_or(b'd'),
             columns,
         },
         pages,
         estimated_rows,
+        scope: Arc::new(Scope {
+            row_filter: table.row_filter.clone(),
+            only: relkind != "p",
+        }),
     })
 }
 
@@ -133,6 +198,7 @@ pub fn plan_chunks(table: usize, spec: &TableSpec, chunk_rows: u64) -> Vec<Chunk
             index: i as u32,
             first_page: i * pages_per_chunk,
             end_page: (i + 1 < n).then_some((i + 1) * pages_per_chunk),
+            scope: spec.scope.clone(),
         })
         .collect()
 }
@@ -165,18 +231,7 @@ impl SnapshotReader {
 
     /// Starts copying one chunk; read its rows with [`ChunkCopy::next_rows`].
     pub async fn copy(&self, rel: &Relation, chunk: &Chunk) -> Result<ChunkCopy, SourceError> {
-        let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let mut sql = format!(
-            "COPY (SELECT {} FROM {}.{} WHERE ctid >= '({},0)'::tid",
-            cols.join(", "),
-            quote_ident(&rel.schema),
-            quote_ident(&rel.name),
-            chunk.first_page
-        );
-        if let Some(end) = chunk.end_page {
-            sql.push_str(&format!(" AND ctid < '({end},0)'::tid"));
-        }
-        sql.push_str(") TO STDOUT");
+        let sql = copy_sql(rel, chunk);
         let stream = self.client.copy_out(&sql).await?;
         Ok(ChunkCopy {
             stream: Box::pin(stream),
@@ -185,6 +240,27 @@ impl SnapshotReader {
             done: false,
         })
     }
+}
+
+/// The COPY of one chunk: the published columns of the published rows in its page range.
+pub fn copy_sql(rel: &Relation, chunk: &Chunk) -> String {
+    let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let mut sql = format!(
+        "COPY (SELECT {} FROM {}{}.{} WHERE ctid >= '({},0)'::tid",
+        cols.join(", "),
+        if chunk.scope.only { "ONLY " } else { "" },
+        quote_ident(&rel.schema),
+        quote_ident(&rel.name),
+        chunk.first_page
+    );
+    if let Some(end) = chunk.end_page {
+        sql.push_str(&format!(" AND ctid < '({end},0)'::tid"));
+    }
+    if let Some(filter) = &chunk.scope.row_filter {
+        sql.push_str(&format!(" AND ({filter})"));
+    }
+    sql.push_str(") TO STDOUT");
+    sql
 }
 
 /// One chunk's COPY under way.
@@ -251,6 +327,10 @@ mod tests {
             },
             pages,
             estimated_rows: rows,
+            scope: Arc::new(Scope {
+                row_filter: None,
+                only: true,
+            }),
         }
     }
 
@@ -274,8 +354,29 @@ mod tests {
                 table: 3,
                 index: 0,
                 first_page: 0,
-                end_page: None
+                end_page: None,
+                scope: spec(0, 0).scope,
             }]
+        );
+    }
+
+    #[test]
+    fn copy_reads_published_columns_and_rows_without_children() {
+        let mut s = spec(10, 100);
+        s.relation.columns = vec![Column {
+            key: true,
+            name: "Id".into(),
+            type_oid: 23,
+            type_modifier: -1,
+        }];
+        s.scope = Arc::new(Scope {
+            row_filter: Some("(region = 'eu'::text)".into()),
+            only: true,
+        });
+        let c = &plan_chunks(0, &s, 1_000_000)[0];
+        assert_eq!(
+            copy_sql(&s.relation, c),
+            "COPY (SELECT \"Id\" FROM ONLY s.t WHERE ctid >= '(0,0)'::tid AND ((region = 'eu'::text))) TO STDOUT"
         );
     }
 }

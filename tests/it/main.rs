@@ -8,6 +8,7 @@ mod identity;
 mod large;
 mod ops;
 mod pg;
+mod publication;
 mod schema;
 mod snapshot;
 mod stream;
