@@ -5,10 +5,12 @@
 //! confirmed; definite errors stop with a message for the operator. Shutdown (SIGTERM/SIGINT)
 //! flushes whole transactions, confirms, and ends the replication session cleanly.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::apply::inspect;
 use crate::apply::{Applier, ApplyError, ApplyStats};
 use crate::batch::Batcher;
 use crate::checkpoint::marker::{MarkerStore, SnapshotMarker, SnapshotState};
@@ -18,7 +20,7 @@ use crate::decode::pgoutput::DecodeError;
 use crate::decode::spill::{SpillError, SpillPolicy};
 use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
 use crate::sink::{SinkError, Warehouse};
-use crate::source::snapshot::published_tables;
+use crate::source::snapshot::{published_tables, Published};
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
 use crate::telemetry::METRICS;
 
@@ -36,6 +38,8 @@ pub enum PipelineError {
     Spill(#[from] SpillError),
     #[error("initial snapshot: {0}")]
     Snapshot(Box<crate::snapshot::SnapshotError>),
+    #[error(transparent)]
+    Inspect(Box<inspect::InspectError>),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,6 +50,12 @@ impl From<AssembleError> for PipelineError {
             AssembleError::Decode(e) => PipelineError::Decode(e),
             AssembleError::Spill(e) => PipelineError::Spill(e),
         }
+    }
+}
+
+impl From<inspect::InspectError> for PipelineError {
+    fn from(e: inspect::InspectError) -> Self {
+        PipelineError::Inspect(Box::new(e))
     }
 }
 
@@ -79,6 +89,7 @@ impl PipelineError {
                 e.source.kind(),
                 std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
             ),
+            PipelineError::Inspect(e) => matches!(**e, inspect::InspectError::Store(_)),
             PipelineError::Decode(_) | PipelineError::Internal(_) => false,
         }
     }
@@ -168,7 +179,16 @@ struct Session<'a> {
     summary: Summary,
     /// The session got as far as START_REPLICATION.
     streamed: bool,
+    /// The session's SQL connection (catalog queries), once connected.
+    sql: Option<tokio_postgres::Client>,
+    /// Published tables known to have their Delta tables (see [`Session::adopt_new_tables`]).
+    known: HashSet<String>,
+    /// When to look for tables that joined the publication next.
+    next_publication_check: tokio::time::Instant,
 }
+
+/// How often a streaming session looks for tables that joined the publication.
+const PUBLICATION_CHECK: Duration = Duration::from_secs(10);
 
 impl<'a> Session<'a> {
     fn new(cfg: &'a Config, warehouse: Warehouse, mode: Mode) -> Self {
@@ -186,7 +206,53 @@ impl<'a> Session<'a> {
             frontier: Frontier::default(),
             summary: Summary::default(),
             streamed: false,
+            sql: None,
+            known: HashSet::new(),
+            next_publication_check: tokio::time::Instant::now() + PUBLICATION_CHECK,
         }
+    }
+
+    fn sql(&self) -> Result<&tokio_postgres::Client, PipelineError> {
+        self.sql
+            .as_ref()
+            .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))
+    }
+
+    /// Copies tables that joined the publication (ALTER PUBLICATION … ADD TABLE, or a new table
+    /// under FOR ALL TABLES) and have no Delta tables yet: their existing rows are not in the
+    /// stream. The copy is taken beside the stream (`snapshot::copy_beside_stream`), so its
+    /// mirror starts at its own snapshot point and the stream applies only what came after.
+    /// Called with no flush under way, before any change of theirs reaches the Applier.
+    async fn adopt_new_tables(&mut self) -> Result<(), PipelineError> {
+        self.next_publication_check = tokio::time::Instant::now() + PUBLICATION_CHECK;
+        if !self.cfg.snapshot.enabled {
+            return Ok(());
+        }
+        let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
+        let unknown: Vec<Published> = published
+            .into_iter()
+            .filter(|p| !self.known.contains(&p.qualified()))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mirrors: HashSet<String> = inspect::list_tables(&self.warehouse)
+            .await?
+            .into_iter()
+            .map(|(s, t)| format!("{s}.{t}"))
+            .collect();
+        let (have, new): (Vec<_>, Vec<_>) = unknown
+            .into_iter()
+            .partition(|p| mirrors.contains(&p.qualified()));
+        self.known.extend(have.iter().map(Published::qualified));
+        if new.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = new.iter().map(Published::qualified).collect();
+        tracing::info!(tables = ?names, "tables joined the publication: copying their rows");
+        crate::snapshot::copy_beside_stream(self.cfg, &self.warehouse, &new).await?;
+        self.known.extend(names);
+        Ok(())
     }
 
     /// Makes sure the slot exists; when walden creates it, copies the published tables as of the
@@ -262,7 +328,7 @@ impl<'a> Session<'a> {
 
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
         let src = &self.cfg.source;
-        let sql = source::connect_sql(src).await?;
+        self.sql = Some(source::connect_sql(src).await?);
         let pg = source::parse_url(&src.url)?;
         let mut repl = ReplicationConn::connect(
             &pg,
@@ -270,10 +336,11 @@ impl<'a> Session<'a> {
             src.receive_buffer_bytes,
         )
         .await?;
-        let prepared = self.prepare(&sql, &mut repl).await?;
+        let prepared = self.prepare(self.sql()?, &mut repl).await?;
         self.frontier = Frontier::new(prepared.start);
+        self.adopt_new_tables().await?;
         let target = match self.mode {
-            Mode::Once => Some(source::current_wal_lsn(&sql).await?),
+            Mode::Once => Some(source::current_wal_lsn(self.sql()?).await?),
             Mode::Continuous => None,
         };
         let mut stream = repl
@@ -287,7 +354,7 @@ impl<'a> Session<'a> {
         self.streamed = true;
         tracing::info!(slot = %src.slot, from = %prepared.start, target = ?target.map(|t| t.to_string()), "streaming");
         let marker = match target {
-            Some(t) if t > prepared.start => source::emit_marker(&sql, "drain").await,
+            Some(t) if t > prepared.start => source::emit_marker(self.sql()?, "drain").await,
             _ => None,
         };
         let mut done = target.is_some_and(|t| t <= prepared.start);
@@ -339,6 +406,10 @@ impl<'a> Session<'a> {
                 _ = async { tokio::time::sleep(due.unwrap_or_default()).await },
                     if due.is_some() && self.in_flight.is_none() => {
                     self.start_flush(stream).await?;
+                }
+                _ = tokio::time::sleep_until(self.next_publication_check),
+                    if self.in_flight.is_none() && self.batcher.is_empty() => {
+                    self.adopt_new_tables().await?;
                 }
                 msgs = stream.recv() => {
                     let Some(msgs) = msgs else {
@@ -447,6 +518,13 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         self.finish_flush(stream).await?;
+        if self.batcher.tables().any(|t| !self.known.contains(t)) {
+            self.adopt_new_tables().await?;
+            // Tables outside the publication's list (dropped from it meanwhile) are not asked
+            // about again.
+            let tables: Vec<String> = self.batcher.tables().cloned().collect();
+            self.known.extend(tables);
+        }
         let mut applier = self.applier.take().ok_or_else(|| {
             PipelineError::Internal("applier missing with no flush under way".into())
         })?;

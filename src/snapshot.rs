@@ -87,6 +87,44 @@ struct ChunkDone {
     mirror: Vec<Add>,
 }
 
+/// Copies `tables` consistently with the stream, beside it: a temporary slot created with
+/// `EXPORT_SNAPSHOT` gives a snapshot at its consistent point P without touching walden's slot;
+/// the tables are copied under it and their mirrors committed as "applied through P − 1", so the
+/// stream skips their changes below P (which the copy holds) and applies the rest. Changelogs keep
+/// their LSN: the stream still owes them the changes below P. The temporary slot goes with its
+/// connection. Used by `walden backfill` and for tables that join the publication.
+pub async fn copy_beside_stream(
+    cfg: &Config,
+    warehouse: &Warehouse,
+    tables: &[Published],
+) -> Result<SnapshotStats, SnapshotError> {
+    let pg = crate::source::parse_url(&cfg.source.url)?;
+    let mut repl = crate::source::ReplicationConn::connect(
+        &pg,
+        Duration::from_secs(cfg.source.connect_timeout_s),
+        cfg.source.receive_buffer_bytes,
+    )
+    .await?;
+    let temp = format!("{}_copy_{}", cfg.source.slot, std::process::id());
+    let created = repl.create_slot(&temp, true, true).await?;
+    let snapshot = created.snapshot_name.ok_or_else(|| {
+        SnapshotError::Worker(format!("the server exported no snapshot for slot {temp}"))
+    })?;
+    let names: Vec<String> = tables.iter().map(Published::qualified).collect();
+    tracing::info!(tables = ?names, at = %created.consistent_point, "copying tables beside the stream");
+    let stats = copy_tables(
+        cfg,
+        warehouse,
+        &snapshot,
+        created.consistent_point,
+        tables,
+        false,
+    )
+    .await?;
+    drop(repl);
+    Ok(stats)
+}
+
 /// Copies `tables` as of the exported snapshot `snapshot_name` (taken at `consistent_point`)
 /// into the warehouse and commits each table with its LSN set to `consistent_point − 1`.
 pub async fn copy_tables(

@@ -167,6 +167,11 @@ impl Batcher {
             || self.bytes >= self.cfg.max_bytes.saturating_mul(2)
     }
 
+    /// Names of the tables with buffered changes.
+    pub fn tables(&self) -> impl Iterator<Item = &String> {
+        self.tables.keys()
+    }
+
     /// Hands over everything buffered.
     pub fn take(&mut self) -> BTreeMap<String, TableBuffer> {
         self.rows = 0;

@@ -13,13 +13,11 @@
 //! needs no writes to the source database and reuses the snapshot path end to end; the cost is a
 //! second slot for the duration of the copy (dropped automatically when the backfill ends).
 
-use std::time::Duration;
-
 use crate::config::Config;
 use crate::sink::Warehouse;
-use crate::snapshot::{copy_tables, SnapshotStats};
+use crate::snapshot::{copy_beside_stream, SnapshotStats};
+use crate::source::connect_sql;
 use crate::source::snapshot::published_tables;
-use crate::source::{connect_sql, parse_url, ReplicationConn};
 
 pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));
@@ -36,29 +34,6 @@ pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
             crate::source::replication::quote_ident(name),
         );
     };
-    let pg = parse_url(&cfg.source.url)?;
-    let mut repl = ReplicationConn::connect(
-        &pg,
-        Duration::from_secs(cfg.source.connect_timeout_s),
-        cfg.source.receive_buffer_bytes,
-    )
-    .await?;
-    let temp = format!("{}_backfill_{}", cfg.source.slot, std::process::id());
-    let created = repl.create_slot(&temp, true, true).await?;
-    let snapshot = created
-        .snapshot_name
-        .ok_or_else(|| anyhow::anyhow!("the server exported no snapshot for slot {temp}"))?;
-    tracing::info!(table = %format!("{schema}.{name}"), at = %created.consistent_point, "backfill starting");
-    let stats = copy_tables(
-        cfg,
-        &warehouse,
-        &snapshot,
-        created.consistent_point,
-        &[table],
-        false,
-    )
-    .await?;
-    // The temporary slot goes with the replication connection.
-    drop(repl);
+    let stats = copy_beside_stream(cfg, &warehouse, &[table]).await?;
     Ok(stats)
 }

@@ -376,7 +376,7 @@ mod tests {
         let c = &plan_chunks(0, &s, 1_000_000)[0];
         assert_eq!(
             copy_sql(&s.relation, c),
-            "COPY (SELECT \"Id\" FROM ONLY s.t WHERE ctid >= '(0,0)'::tid AND ((region = 'eu'::text))) TO STDOUT"
+            "COPY (SELECT \"Id\" FROM ONLY \"s\".\"t\" WHERE ctid >= '(0,0)'::tid AND ((region = 'eu'::text))) TO STDOUT"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one Postgres cluster per process, one database per test.
 
+mod adopt;
 mod crash;
 mod differential;
 mod errors;

@@ -1,0 +1,77 @@
+//! Tables that join the publication while walden runs arrive with their existing rows: one added
+//! with ALTER PUBLICATION … ADD TABLE (rows before the add, a change after it) and one filled by
+//! CREATE TABLE … AS and added with no change afterwards.
+
+use walden::sink::TableKind;
+
+use crate::pg::{config, test_db, warehouse_dir};
+use crate::warehouse::{assert_same, delta_rows, pg_rows, run_once};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_added_to_the_publication_are_copied_with_their_rows() {
+    let db = test_db("adopt").await;
+    let wh = warehouse_dir("adopt");
+    db.client
+        .batch_execute(
+            "CREATE TABLE first (id int PRIMARY KEY, v text);
+             CREATE PUBLICATION walden FOR TABLE first;
+             INSERT INTO first VALUES (1, 'a');",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await;
+
+    // While walden is stopped.
+    db.client
+        .batch_execute(
+            "CREATE TABLE later (id int PRIMARY KEY, v text);
+             INSERT INTO later SELECT g, 'before the add ' || g FROM generate_series(1, 20) g;
+             ALTER PUBLICATION walden ADD TABLE later;
+             INSERT INTO later VALUES (21, 'after the add');
+             UPDATE later SET v = 'updated after the add' WHERE id = 3;
+             CREATE TABLE ctas AS SELECT g AS id, 'ctas ' || g AS v FROM generate_series(1, 15) g;
+             ALTER TABLE ctas ADD PRIMARY KEY (id);
+             ALTER PUBLICATION walden ADD TABLE ctas;",
+        )
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+
+    // While walden streams: one more table, found by the stream's changes.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let run_cfg = cfg.clone();
+    let run = tokio::spawn(async move {
+        walden::pipeline::run(&run_cfg, walden::pipeline::Mode::Continuous, rx).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE live (id int PRIMARY KEY, v text);
+             INSERT INTO live SELECT g, 'live ' || g FROM generate_series(1, 10) g;
+             ALTER PUBLICATION walden ADD TABLE live;
+             DELETE FROM live WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    tx.send(true).unwrap();
+    run.await.unwrap().unwrap();
+    run_once(&cfg).await;
+
+    for table in ["first", "later", "ctas", "live"] {
+        let src = pg_rows(
+            &db.client,
+            &format!("SELECT concat_ws('|', id::text, v) FROM {table} ORDER BY id"),
+        )
+        .await;
+        let mir = delta_rows(
+            &wh,
+            TableKind::Mirror,
+            table,
+            "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
+        )
+        .await;
+        assert_same(table, &src, &mir);
+    }
+}
