@@ -589,7 +589,8 @@ impl<'a> Session<'a> {
                     .unrepresentable_values_total
                     .inc_by(stats.unrepresentable);
                 tracing::warn!(table = %name, values = stats.unrepresentable,
-                    "values with no Arrow representation (numeric NaN, infinite dates) were stored as NULL");
+                    "values with no Arrow representation (numeric NaN, infinite dates) are NULL in their column, \
+                    their exact text in _walden_unrepresentable");
             }
             if stats.unidentified > 0 {
                 METRICS

@@ -166,7 +166,11 @@ fn upsert_batch(
             b.append(v);
         }
     }
-    let (mut arrays, bad) = crate::batch::finish_columns(cols);
+    let crate::batch::Finished {
+        mut arrays,
+        unrepresentable: bad,
+        exact,
+    } = crate::batch::finish_columns(rel, cols, plan.upserts.len());
     arrays.push(Arc::new(Int64Array::from_iter_values(
         plan.upserts.iter().map(|u| u.lsn.0 as i64),
     )));
@@ -174,6 +178,7 @@ fn upsert_batch(
         TimestampMicrosecondArray::from_iter_values(plan.upserts.iter().map(|u| u.commit_ts_us))
             .with_timezone("UTC"),
     ));
+    arrays.push(exact);
     let batch = RecordBatch::try_new(mirror_schema(rel), arrays)?;
     Ok((align(&batch, target)?, bad))
 }

@@ -17,9 +17,10 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
+use super::evolve::evolve;
 use super::files::project_files;
 use super::{schema_differs, ApplyError};
-use crate::batch::{changelog_schema, finish_columns, mirror_schema};
+use crate::batch::{changelog_schema, finish_columns, mirror_schema, Finished};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
 use crate::decode::types::ColumnBuilder;
@@ -48,12 +49,16 @@ impl SnapshotTarget {
         let name = format!("{}.{}", relation.schema, relation.name);
         let cu = warehouse.table_url(TableKind::Changes, &relation.schema, &relation.name);
         let mu = warehouse.table_url(TableKind::Mirror, &relation.schema, &relation.name);
-        let changes = warehouse
+        let mut changes = warehouse
             .open_or_create(&cu, &changelog_schema(&relation), &name)
             .await?;
-        let mirror = warehouse
+        let mut mirror = warehouse
             .open_or_create(&mu, &mirror_schema(&relation), &name)
             .await?;
+        // Tables written before a column was added (by the source or by walden) gain it.
+        let storage = warehouse.storage_options();
+        evolve(&mut changes, &name, &changelog_schema(&relation), storage).await?;
+        evolve(&mut mirror, &name, &mirror_schema(&relation), storage).await?;
         for (t, want) in [
             (&changes, changelog_schema(&relation)),
             (&mirror, mirror_schema(&relation)),
@@ -87,7 +92,11 @@ impl SnapshotTarget {
         first_row: u64,
     ) -> Result<(RecordBatch, u64), arrow::error::ArrowError> {
         let rel = &self.relation;
-        let (mut arrays, bad) = finish_columns(cols);
+        let Finished {
+            mut arrays,
+            unrepresentable: bad,
+            exact,
+        } = finish_columns(rel, cols, n);
         let base = ((chunk as i64) << 32) + first_row as i64;
         arrays.push(Arc::new(StringArray::from(vec!["snapshot"; n])));
         arrays.push(Arc::new(Int64Array::from(vec![self.lsn.0 as i64; n])));
@@ -99,6 +108,7 @@ impl SnapshotTarget {
             TimestampMicrosecondArray::from(vec![self.ts_us; n]).with_timezone("UTC"),
         ));
         arrays.push(Arc::new(StringArray::from(vec![None::<&str>; n])));
+        arrays.push(exact);
         Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
     }
 }

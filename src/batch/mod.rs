@@ -25,6 +25,9 @@ pub const SEQ: &str = "_walden_seq";
 pub const XID: &str = "_walden_xid";
 pub const COMMIT_TS: &str = "_walden_commit_ts";
 pub const UNCHANGED: &str = "_walden_unchanged";
+/// Values the column's type cannot hold (numeric NaN, infinite dates, …): a JSON object of column
+/// name → the value's exact text, NULL on rows without any.
+pub const UNREPRESENTABLE: &str = "_walden_unrepresentable";
 
 /// One buffered change with its transaction's coordinates.
 #[derive(Debug, Clone)]
@@ -207,6 +210,7 @@ pub fn changelog_schema(r: &Relation) -> SchemaRef {
     f.push(Field::new(XID, DataType::Int64, false));
     f.push(Field::new(COMMIT_TS, ts_type(), false));
     f.push(Field::new(UNCHANGED, DataType::Utf8, true));
+    f.push(Field::new(UNREPRESENTABLE, DataType::Utf8, true));
     Arc::new(Schema::new(f))
 }
 
@@ -214,6 +218,7 @@ pub fn mirror_schema(r: &Relation) -> SchemaRef {
     let mut f = source_fields(r);
     f.push(Field::new(LSN, DataType::Int64, false));
     f.push(Field::new(COMMIT_TS, ts_type(), false));
+    f.push(Field::new(UNREPRESENTABLE, DataType::Utf8, true));
     Arc::new(Schema::new(f))
 }
 
@@ -239,17 +244,49 @@ pub fn builders(relation: &Relation, capacity: usize) -> Vec<ColumnBuilder> {
         .collect()
 }
 
-/// Finishes source-column builders: their arrays, and how many values could not be represented.
-pub fn finish_columns(cols: Vec<ColumnBuilder>) -> (Vec<ArrayRef>, u64) {
-    let mut bad = 0;
+/// Finished source columns.
+pub struct Finished {
+    pub arrays: Vec<ArrayRef>,
+    /// Values that could not be represented (stored as NULL)…
+    pub unrepresentable: u64,
+    /// …and their exact text, per row ([`UNREPRESENTABLE`]).
+    pub exact: ArrayRef,
+}
+
+/// Finishes the source-column builders of `rel`'s columns (`rows` rows).
+pub fn finish_columns(rel: &Relation, cols: Vec<ColumnBuilder>, rows: usize) -> Finished {
+    let mut unrepresentable = 0;
+    let mut by_row: BTreeMap<usize, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
     let arrays = cols
         .into_iter()
-        .map(|b| {
-            bad += b.unrepresentable;
+        .zip(&rel.columns)
+        .map(|(mut b, c)| {
+            unrepresentable += b.unrepresentable;
+            for (row, text) in std::mem::take(&mut b.rejected) {
+                by_row
+                    .entry(row)
+                    .or_default()
+                    .insert(c.name.clone(), serde_json::Value::String(text));
+            }
             b.finish()
         })
         .collect();
-    (arrays, bad)
+    let exact: StringArray = if by_row.is_empty() {
+        StringArray::new_null(rows)
+    } else {
+        (0..rows)
+            .map(|r| {
+                by_row
+                    .get(&r)
+                    .map(|m| serde_json::Value::Object(m.clone()).to_string())
+            })
+            .collect()
+    };
+    Finished {
+        arrays,
+        unrepresentable,
+        exact: Arc::new(exact),
+    }
 }
 
 /// Rows of one table that `applied` does not cover, as changelog records.
@@ -300,7 +337,11 @@ pub fn changelog_batch(
         xids.push(row.xid as i64);
         tss.push(row.commit_ts_us);
     }
-    let (mut arrays, bad) = finish_columns(cols);
+    let Finished {
+        mut arrays,
+        unrepresentable: bad,
+        exact,
+    } = finish_columns(rel, cols, rows.len());
     arrays.push(Arc::new(StringArray::from(ops)));
     arrays.push(Arc::new(Int64Array::from(lsns)));
     arrays.push(Arc::new(Int64Array::from(seqs)));
@@ -309,5 +350,6 @@ pub fn changelog_batch(
         TimestampMicrosecondArray::from(tss).with_timezone("UTC"),
     ));
     arrays.push(Arc::new(StringArray::from(unchanged)));
+    arrays.push(exact);
     Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
 }

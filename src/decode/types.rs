@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use arrow::array::PrimitiveBuilder;
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
+    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
+    Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
     TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{ArrowPrimitiveType, DataType, TimeUnit};
@@ -127,6 +127,9 @@ pub struct ColumnBuilder {
     inner: Inner,
     /// Values that were present but could not be represented (stored as NULL).
     pub unrepresentable: u64,
+    /// Those values' exact text, by row: they go to the companion column
+    /// `_walden_unrepresentable` (see `batch::finish_columns`).
+    pub rejected: Vec<(usize, String)>,
 }
 
 enum Inner {
@@ -173,11 +176,42 @@ impl ColumnBuilder {
             kind,
             inner,
             unrepresentable: 0,
+            rejected: Vec::new(),
         }
     }
 
     pub fn kind(&self) -> PgKind {
         self.kind
+    }
+
+    /// Rows appended so far.
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            Inner::Bool(b) => b.len(),
+            Inner::I16(b) => b.len(),
+            Inner::I32(b) => b.len(),
+            Inner::I64(b) => b.len(),
+            Inner::F32(b) => b.len(),
+            Inner::F64(b) => b.len(),
+            Inner::Dec(b, _) => b.len(),
+            Inner::Date(b) => b.len(),
+            Inner::Ts(b) => b.len(),
+            Inner::Bin(b, _) => b.len(),
+            Inner::Text(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A value the Arrow type cannot hold: NULL in the column, its text kept aside.
+    fn reject(&mut self, text: &[u8]) {
+        self.unrepresentable += 1;
+        let row = self.len();
+        self.rejected
+            .push((row, String::from_utf8_lossy(text).into_owned()));
+        self.append_null();
     }
 
     pub fn append_null(&mut self) {
@@ -201,22 +235,22 @@ impl ColumnBuilder {
         let text = match v {
             Value::Text(t) => t,
             Value::Null | Value::Unchanged => return self.append_null(),
-            Value::Binary(_) => {
-                self.unrepresentable += 1;
-                return self.append_null();
+            // walden asks for text; a binary value is kept as its hex form.
+            Value::Binary(b) => {
+                let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                return self.reject(format!("\\x{hex}").as_bytes());
             }
         };
         if !self.append_text(text) {
-            self.unrepresentable += 1;
-            self.append_null();
+            self.reject(text);
         }
     }
 
-    /// Appends one text-format value (NULL, counted, when it has no representation).
+    /// Appends one text-format value (NULL, counted and kept aside, when it has no
+    /// representation).
     pub fn append_bytes(&mut self, text: &[u8]) {
         if !self.append_text(text) {
-            self.unrepresentable += 1;
-            self.append_null();
+            self.reject(text);
         }
     }
 
@@ -311,9 +345,10 @@ mod tests {
             },
             2,
         );
-        b.append(&Value::Text("NaN".into()));
         b.append(&Value::Text("12.5".into()));
+        b.append(&Value::Text("NaN".into()));
         assert_eq!(b.unrepresentable, 1);
+        assert_eq!(b.rejected, vec![(1, "NaN".to_string())]);
         let a = b.finish();
         assert_eq!(a.null_count(), 1);
     }

@@ -83,7 +83,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         unrepresentable_values_total: counter(
             &r,
             "walden_unrepresentable_values_total",
-            "Source values stored as NULL because the Arrow type cannot hold them",
+            "Source values the Arrow type cannot hold: NULL in the column, exact text in _walden_unrepresentable",
         ),
         mirror_unapplied_changes_total: counter_vec(
             &r,

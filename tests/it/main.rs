@@ -13,4 +13,5 @@ mod publication;
 mod schema;
 mod snapshot;
 mod stream;
+mod types;
 mod warehouse;
