@@ -2,7 +2,8 @@
 //! FULL with a key, FULL without one, holding NULLs and identical rows) get random inserts,
 //! updates that leave TOASTed values unchanged or change them, key changes, deletes, truncates,
 //! rollbacks, aborted sub-transactions, and schema changes (add, drop, widen), while `walden run`
-//! streams them and is SIGKILLed at random moments. Afterwards each mirror equals its source
+//! streams them with a tiny spill budget and batches of 40 (so transactions spill and land in
+//! parts) and is SIGKILLed at random moments. Afterwards each mirror equals its source
 //! (as a multiset of rows) and every changelog holds each change once.
 //!
 //! `WALDEN_DIFF_SEEDS=N` runs N seeds (default 20; more for a long run, outside CI),
@@ -81,7 +82,15 @@ async fn one_seed(seed: u64) {
     let mut schema = Schema::default();
     let (mut committed, mut failed) = (0, 0);
     for _round in 0..4 {
-        let child = walden(&db, &wh, &["run"], None).spawn().unwrap();
+        // A tiny spill budget: transactions spill to disk and are read back.
+        let child = walden(&db, &wh, &["run"], None)
+            .env("WALDEN_SPILL__MEMORY_BYTES", "4096")
+            .env(
+                "WALDEN_SPILL__DIR",
+                wh.with_file_name(format!("spill-{name}")),
+            )
+            .spawn()
+            .unwrap();
         for _ in 0..rng.random_range(5..15) {
             let txn = transaction(&mut rng, &mut schema);
             // Statements that hit a unique key are part of the randomness: the transaction
@@ -183,6 +192,8 @@ fn transaction(rng: &mut StdRng, schema: &mut Schema) -> String {
                 schema.dropped = true;
                 "ALTER TABLE d_pk DROP COLUMN extra;".into()
             }
+            // every row: larger than a batch (40 changes in these runs), so it lands in parts
+            98..=99 => format!("UPDATE {t} SET a = a + 1;"),
             _ => format!("UPDATE {t} SET a = a + 1 WHERE {};", one(t, id)),
         };
         sql.push_str(&stmt);
