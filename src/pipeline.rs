@@ -5,7 +5,7 @@
 //! confirmed; definite errors stop with a message for the operator. Shutdown (SIGTERM/SIGINT)
 //! flushes whole transactions, confirms, and ends the replication session cleanly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::decode::pgoutput::DecodeError;
 use crate::decode::spill::{SpillError, SpillPolicy};
 use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
+use crate::sink::schemas::SchemaHistory;
 use crate::sink::{SinkError, Warehouse};
 use crate::source::snapshot::{published_tables, Published};
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
@@ -181,8 +182,9 @@ struct Session<'a> {
     streamed: bool,
     /// The session's SQL connection (catalog queries), once connected.
     sql: Option<tokio_postgres::Client>,
-    /// Published tables known to have their Delta tables (see [`Session::adopt_new_tables`]).
-    known: HashSet<String>,
+    /// Published tables known to have their Delta tables, with the source OID those hold (see
+    /// [`Session::adopt_new_tables`]).
+    known: HashMap<String, u32>,
     /// When to look for tables that joined the publication next.
     next_publication_check: tokio::time::Instant,
 }
@@ -207,7 +209,7 @@ impl<'a> Session<'a> {
             summary: Summary::default(),
             streamed: false,
             sql: None,
-            known: HashSet::new(),
+            known: HashMap::new(),
             next_publication_check: tokio::time::Instant::now() + PUBLICATION_CHECK,
         }
     }
@@ -218,11 +220,14 @@ impl<'a> Session<'a> {
             .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))
     }
 
-    /// Copies tables that joined the publication (ALTER PUBLICATION … ADD TABLE, or a new table
-    /// under FOR ALL TABLES) and have no Delta tables yet: their existing rows are not in the
-    /// stream. The copy is taken beside the stream (`snapshot::copy_beside_stream`), so its
-    /// mirror starts at its own snapshot point and the stream applies only what came after.
-    /// Called with no flush under way, before any change of theirs reaches the Applier.
+    /// Copies tables whose rows are not in the stream: tables that joined the publication
+    /// (ALTER PUBLICATION … ADD TABLE, or a new table under FOR ALL TABLES) and have no Delta tables
+    /// yet, and tables dropped and created again under the same name (a new OID: a new
+    /// generation, whose copy replaces the old rows in the mirror; the changelog keeps both, told
+    /// apart by the schema history). The copy is taken beside the stream
+    /// (`snapshot::copy_beside_stream`), so its mirror starts at its own snapshot point and the
+    /// stream applies only what came after. Called with no flush under way, before any change of
+    /// theirs reaches the Applier.
     async fn adopt_new_tables(&mut self) -> Result<(), PipelineError> {
         self.next_publication_check = tokio::time::Instant::now() + PUBLICATION_CHECK;
         if !self.cfg.snapshot.enabled {
@@ -231,7 +236,7 @@ impl<'a> Session<'a> {
         let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
         let unknown: Vec<Published> = published
             .into_iter()
-            .filter(|p| !self.known.contains(&p.qualified()))
+            .filter(|p| self.known.get(&p.qualified()) != Some(&p.oid))
             .collect();
         if unknown.is_empty() {
             return Ok(());
@@ -241,17 +246,32 @@ impl<'a> Session<'a> {
             .into_iter()
             .map(|(s, t)| format!("{s}.{t}"))
             .collect();
-        let (have, new): (Vec<_>, Vec<_>) = unknown
-            .into_iter()
-            .partition(|p| mirrors.contains(&p.qualified()));
-        self.known.extend(have.iter().map(Published::qualified));
-        if new.is_empty() {
+        let history = SchemaHistory::new(&self.warehouse)?;
+        let mut copy = Vec::new();
+        for p in unknown {
+            let recorded = history.latest(&p.schema, &p.name).await?.map(|v| v.oid);
+            let current = mirrors.contains(&p.qualified())
+                // Warehouses written before the schema history have no record: trust them.
+                && recorded.is_none_or(|oid| oid == p.oid);
+            if current {
+                self.known.insert(p.qualified(), p.oid);
+            } else {
+                if recorded.is_some() {
+                    tracing::warn!(table = %p.qualified(), "the table was dropped and created again: \
+                        its mirror is replaced by a copy of the new table");
+                }
+                copy.push(p);
+            }
+        }
+        if copy.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> = new.iter().map(Published::qualified).collect();
-        tracing::info!(tables = ?names, "tables joined the publication: copying their rows");
-        crate::snapshot::copy_beside_stream(self.cfg, &self.warehouse, &new).await?;
-        self.known.extend(names);
+        let names: Vec<String> = copy.iter().map(Published::qualified).collect();
+        tracing::info!(tables = ?names, "copying tables whose rows the stream does not carry");
+        crate::snapshot::copy_beside_stream(self.cfg, &self.warehouse, &copy).await?;
+        for p in copy {
+            self.known.insert(p.qualified(), p.oid);
+        }
         Ok(())
     }
 
@@ -518,12 +538,22 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         self.finish_flush(stream).await?;
-        if self.batcher.tables().any(|t| !self.known.contains(t)) {
+        if self
+            .batcher
+            .relations()
+            .any(|(t, oid)| self.known.get(t) != Some(&oid))
+        {
             self.adopt_new_tables().await?;
             // Tables outside the publication's list (dropped from it meanwhile) are not asked
             // about again.
-            let tables: Vec<String> = self.batcher.tables().cloned().collect();
-            self.known.extend(tables);
+            let seen: Vec<(String, u32)> = self
+                .batcher
+                .relations()
+                .map(|(t, oid)| (t.clone(), oid))
+                .collect();
+            for (t, oid) in seen {
+                self.known.entry(t).or_insert(oid);
+            }
         }
         let mut applier = self.applier.take().ok_or_else(|| {
             PipelineError::Internal("applier missing with no flush under way".into())

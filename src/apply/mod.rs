@@ -26,6 +26,7 @@ use crate::batch::{changelog_batch, changelog_schema, mirror_schema, TableBuffer
 use crate::checkpoint::{Applied, Lsn};
 use crate::decode::txn::ChangeKind;
 use crate::plan::mirror_plan;
+use crate::sink::schemas::{SchemaHistory, SchemaVersion};
 use crate::sink::{delta_is_transient, writer_properties, SinkError, TableKind, Warehouse};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +94,15 @@ struct Pair {
     changes_at: Applied,
     mirror: DeltaTable,
     mirror_at: Applied,
+    /// The newest schema version recorded for the table.
+    schema: Option<SchemaVersion>,
 }
 
 pub struct Applier {
     warehouse: Warehouse,
     app_id: String,
     tables: HashMap<String, Pair>,
+    history: Option<SchemaHistory>,
 }
 
 /// Reads the LSN recorded by application transaction `app_id` (0 when none).
@@ -144,11 +148,15 @@ impl Applier {
             warehouse,
             app_id: app_id(slot),
             tables: HashMap::new(),
+            history: None,
         }
     }
 
     /// Opens (or creates) both Delta tables of the buffer's table and reads their LSNs.
     async fn pair(&mut self, name: &str, buf: &TableBuffer) -> Result<&mut Pair, ApplyError> {
+        if self.history.is_none() {
+            self.history = Some(SchemaHistory::new(&self.warehouse)?);
+        }
         if !self.tables.contains_key(name) {
             let rel = &buf.relation;
             let cu = self
@@ -185,6 +193,12 @@ impl Applier {
                     changes_at,
                     mirror,
                     mirror_at,
+                    schema: self
+                        .history
+                        .as_ref()
+                        .expect("set above")
+                        .latest(&rel.schema, &rel.name)
+                        .await?,
                 },
             );
         }
@@ -201,7 +215,10 @@ impl Applier {
     pub async fn apply(&mut self, name: &str, buf: &TableBuffer) -> Result<ApplyStats, ApplyError> {
         let app_id = self.app_id.clone();
         let storage = self.warehouse.storage_options().clone();
-        let pair = self.pair(name, buf).await?;
+        self.pair(name, buf).await?;
+        let history = self.history.clone().expect("opened by pair");
+        let pair = self.tables.get_mut(name).expect("opened above");
+        record_versions(&history, pair, buf).await?;
         let mut stats = ApplyStats::default();
         let delta = |source| ApplyError::Delta {
             table: name.to_string(),
@@ -288,6 +305,30 @@ impl Applier {
         }
         Ok(stats)
     }
+}
+
+/// Records each schema version of the table that `buf`'s rows bring, with the commit LSN of the
+/// first row under it, before any of those rows is committed.
+async fn record_versions(
+    history: &SchemaHistory,
+    pair: &mut Pair,
+    buf: &TableBuffer,
+) -> Result<(), ApplyError> {
+    // The relation description by address (held across awaits, so not a raw pointer).
+    let mut last: Option<usize> = None;
+    for row in &buf.rows {
+        let ptr = std::sync::Arc::as_ptr(&row.change.relation) as usize;
+        if last == Some(ptr) {
+            continue;
+        }
+        last = Some(ptr);
+        let v = SchemaVersion::of(&row.change.relation, row.commit_lsn);
+        if pair.schema.as_ref().is_none_or(|s| !s.same_as(&v)) {
+            history.record(&v).await?;
+            pair.schema = Some(v);
+        }
+    }
+    Ok(())
 }
 
 /// How far a table has applied once `buf` is durable in it: through the last transaction of the

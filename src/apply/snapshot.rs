@@ -24,6 +24,7 @@ use crate::batch::{changelog_schema, finish_columns, mirror_schema, Finished};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
 use crate::decode::types::ColumnBuilder;
+use crate::sink::schemas::{SchemaHistory, SchemaVersion};
 use crate::sink::{snapshot_writer_properties, TableKind, Warehouse};
 
 /// Both Delta tables of one source table being snapshotted.
@@ -54,6 +55,9 @@ impl SnapshotTarget {
             .await?;
         let mut mirror = warehouse
             .open_or_create(&mu, &mirror_schema(&relation), &name)
+            .await?;
+        SchemaHistory::new(warehouse)?
+            .record(&SchemaVersion::of(&relation, consistent_point))
             .await?;
         // Tables written before a column was added (by the source or by walden) gain it.
         let storage = warehouse.storage_options();

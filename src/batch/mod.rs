@@ -170,9 +170,9 @@ impl Batcher {
             || self.bytes >= self.cfg.max_bytes.saturating_mul(2)
     }
 
-    /// Names of the tables with buffered changes.
-    pub fn tables(&self) -> impl Iterator<Item = &String> {
-        self.tables.keys()
+    /// The tables with buffered changes, with the source OID of their latest description.
+    pub fn relations(&self) -> impl Iterator<Item = (&String, u32)> {
+        self.tables.iter().map(|(n, b)| (n, b.relation.oid))
     }
 
     /// Hands over everything buffered.

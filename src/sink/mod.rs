@@ -21,6 +21,7 @@ use url::Url;
 use crate::config::WarehouseConfig;
 
 pub mod project;
+pub mod schemas;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

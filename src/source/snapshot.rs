@@ -60,6 +60,8 @@ pub struct TableSpec {
 pub struct Published {
     pub schema: String,
     pub name: String,
+    /// The table's OID now: a new one under a known name is a new generation (DROP + CREATE).
+    pub oid: u32,
     /// Published columns; `None`: all of them.
     pub columns: Option<Vec<String>>,
     pub row_filter: Option<String>,
@@ -87,10 +89,12 @@ pub async fn published_tables(
         .await?
         .get(0);
     let query = if version >= 150000 {
-        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter \
+        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter, \
+           (quote_ident(schemaname) || '.' || quote_ident(tablename))::regclass::oid \
          FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
     } else {
-        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text \
+        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text, \
+           (quote_ident(schemaname) || '.' || quote_ident(tablename))::regclass::oid \
          FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
     };
     let rows = sql.query(query, &[&publication]).await?;
@@ -101,6 +105,7 @@ pub async fn published_tables(
             name: r.get(1),
             columns: r.get(2),
             row_filter: r.get(3),
+            oid: r.get(4),
         })
         .collect())
 }

@@ -59,6 +59,41 @@ async fn tables_added_to_the_publication_are_copied_with_their_rows() {
     run.await.unwrap().unwrap();
     run_once(&cfg).await;
 
+    // A new generation: dropped and created again under the same name, filled before it is
+    // published again; the old rows leave the mirror, the changelog keeps both.
+    db.client
+        .batch_execute(
+            "DROP TABLE later;
+             CREATE TABLE later AS SELECT g AS id, 'generation 2 #' || g AS v FROM generate_series(100, 104) g;
+             ALTER TABLE later ADD PRIMARY KEY (id);
+             ALTER PUBLICATION walden ADD TABLE later;
+             INSERT INTO later VALUES (105, 'generation 2 streamed');",
+        )
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+    let versions: Vec<_> = std::fs::read_dir(wh.join("_walden/schemas/public/later"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let oids: std::collections::HashSet<u64> = versions
+        .iter()
+        .map(|v| {
+            serde_json::from_str::<serde_json::Value>(v).unwrap()["oid"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(oids.len(), 2, "two generations recorded: {versions:?}");
+    let old = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "later",
+        "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE v LIKE 'before the add%'",
+    )
+    .await;
+    assert_ne!(old, vec!["0"], "the changelog keeps the first generation");
+
     for table in ["first", "later", "ctas", "live"] {
         let src = pg_rows(
             &db.client,
