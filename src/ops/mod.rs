@@ -4,6 +4,7 @@
 //! These talk to Postgres through tokio-postgres and read the warehouse through DataFusion.
 
 pub mod backfill;
+pub mod canon;
 pub mod check;
 pub mod query;
 pub mod slots;

@@ -1,33 +1,38 @@
 //! `walden verify`: proves the mirror equals the source, table by table.
 //!
 //! Both sides are reduced to a row count and an order-independent checksum: the wrapping sum of a
-//! 64-bit hash of each row. The source rows are read with SQL (`COPY (SELECT …)` in one
-//! `REPEATABLE READ` transaction) and mapped to Arrow by the same code the stream and the snapshot
-//! use; the mirror rows are read with DataFusion. Each row is encoded with Arrow's row format
-//! (the same bytes for the same values of the same types) and hashed with SipHash under fixed keys.
+//! 64-bit hash (SipHash, fixed keys) of each row's canonical line. The line is what Postgres
+//! prints: on the source side Postgres computes it (`col::text` of each published column, in one
+//! `REPEATABLE READ` transaction) and walden only hashes the bytes; on the mirror side `canon`
+//! renders the values read back with DataFusion in Postgres's text form. The decoder's parsers are
+//! on neither side, so a value the mapping got wrong shows up as drift.
 //! Compare after `walden run --once` (or with walden stopped and caught up): the report says when
 //! the slot still has WAL outstanding, because then the mirror is legitimately behind.
 
 use std::hash::Hasher;
 
-use arrow::array::{ArrayRef, RecordBatch};
+use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
-use arrow::datatypes::SchemaRef;
-use arrow::row::{RowConverter, SortField};
+use arrow::datatypes::DataType;
+use futures::StreamExt;
 use serde::Serialize;
 
+use super::canon;
 use crate::apply::inspect;
-use crate::batch::source_fields;
+use crate::batch::UNREPRESENTABLE;
 use crate::config::Config;
 use crate::decode::pgoutput::Relation;
 use crate::sink::{TableKind, Warehouse};
 use crate::source::replication::quote_ident;
-use crate::source::snapshot::{describe, published_tables, Chunk, SnapshotReader, TableSpec};
+use crate::source::snapshot::{describe, published_tables, SnapshotReader, TableSpec};
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct Digest {
     pub rows: u64,
     pub checksum: u64,
+    /// The same sum per column (so drift can be pinned to its columns).
+    #[serde(skip)]
+    pub columns: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,6 +41,8 @@ pub struct TableVerdict {
     pub source: Digest,
     pub mirror: Option<Digest>,
     pub matches: bool,
+    /// Columns whose values differ (when the mirror has the same rows otherwise).
+    pub differs: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,44 +53,30 @@ pub struct Verification {
     pub tables: Vec<TableVerdict>,
 }
 
-/// Accumulates rows of one schema into a [`Digest`].
+/// Accumulates rows, each given as its canonical line (one tab-separated field per column, as
+/// COPY sends it), into a [`Digest`].
+#[derive(Default)]
 pub struct Digester {
-    schema: SchemaRef,
-    converter: RowConverter,
     digest: Digest,
 }
 
-impl Digester {
-    pub fn new(schema: SchemaRef) -> Result<Self, arrow::error::ArrowError> {
-        let fields = schema
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        Ok(Digester {
-            converter: RowConverter::new(fields)?,
-            schema,
-            digest: Digest::default(),
-        })
-    }
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
 
-    /// Adds a batch; its columns are cast to the digest's types first (readers may hand back
-    /// e.g. Utf8View for Utf8).
-    pub fn add(&mut self, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
-        let cols: Vec<ArrayRef> = batch
-            .columns()
-            .iter()
-            .zip(self.schema.fields())
-            .map(|(c, f)| cast(c, f.data_type()))
-            .collect::<Result<_, _>>()?;
-        let rows = self.converter.convert_columns(&cols)?;
-        for r in rows.iter() {
-            let mut h = std::hash::DefaultHasher::new();
-            h.write(r.as_ref());
-            self.digest.checksum = self.digest.checksum.wrapping_add(h.finish());
-            self.digest.rows += 1;
+impl Digester {
+    pub fn add_line(&mut self, line: &[u8]) {
+        let d = &mut self.digest;
+        d.checksum = d.checksum.wrapping_add(hash(line));
+        d.rows += 1;
+        for (i, field) in line.split(|b| *b == b'\t').enumerate() {
+            if d.columns.len() <= i {
+                d.columns.resize(i + 1, 0);
+            }
+            d.columns[i] = d.columns[i].wrapping_add(hash(field));
         }
-        Ok(())
     }
 
     pub fn finish(self) -> Digest {
@@ -91,39 +84,85 @@ impl Digester {
     }
 }
 
-fn source_schema(rel: &Relation) -> SchemaRef {
-    std::sync::Arc::new(arrow::datatypes::Schema::new(source_fields(rel)))
-}
-
+/// The source's rows as Postgres prints them: one canonical line per published row, hashed as
+/// the server sends it (nothing is parsed).
 async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Result<Digest> {
     let rel = &spec.relation;
-    let schema = source_schema(rel);
-    let mut d = Digester::new(schema.clone())?;
-    let whole = Chunk {
-        table: 0,
-        index: 0,
-        first_page: 0,
-        end_page: None,
-        scope: spec.scope.clone(),
-    };
-    let mut copy = reader.copy(rel, &whole).await?;
-    while let Some((cols, _)) = copy.next_columns(rel, 65_536).await? {
-        let arrays: Vec<ArrayRef> = cols.into_iter().map(|b| b.finish()).collect();
-        d.add(&RecordBatch::try_new(schema.clone(), arrays)?)?;
+    let mut sql = format!(
+        "COPY (SELECT {} FROM {}{}.{}",
+        canon::source_columns(rel).join(", "),
+        if spec.scope.only { "ONLY " } else { "" },
+        quote_ident(&rel.schema),
+        quote_ident(&rel.name)
+    );
+    if let Some(filter) = &spec.scope.row_filter {
+        sql.push_str(&format!(" WHERE ({filter})"));
+    }
+    sql.push_str(") TO STDOUT");
+    let mut d = Digester::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stream = std::pin::pin!(reader.copy_raw(&sql).await?);
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk?);
+        let mut start = 0;
+        while let Some(at) = memchr::memchr(b'\n', &pending[start..]) {
+            d.add_line(&pending[start..start + at]);
+            start += at + 1;
+        }
+        pending.drain(..start);
     }
     Ok(d.finish())
 }
 
+/// The mirror's rows rendered in Postgres's text form by `canon` (independent of the decoder).
 async fn mirror_digest(w: &Warehouse, rel: &Relation) -> anyhow::Result<Option<Digest>> {
     let url = w.table_url(TableKind::Mirror, &rel.schema, &rel.name);
     let Ok(table) = inspect::open(&url).await else {
         return Ok(None);
     };
-    let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let mut cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let has_exact = table
+        .snapshot()
+        .map(|s| {
+            s.snapshot()
+                .arrow_schema()
+                .field_with_name(UNREPRESENTABLE)
+                .is_ok()
+        })
+        .unwrap_or(false);
+    cols.push(if has_exact {
+        UNREPRESENTABLE.to_string()
+    } else {
+        format!("CAST(NULL AS VARCHAR) AS {UNREPRESENTABLE}")
+    });
     let batches = inspect::query(&table, &format!("SELECT {} FROM t", cols.join(", "))).await?;
-    let mut d = Digester::new(source_schema(rel))?;
+    let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+    let mut d = Digester::default();
+    let (mut text, mut line) = (String::new(), Vec::new());
     for b in &batches {
-        d.add(b)?;
+        let n = rel.columns.len();
+        let columns: Vec<&dyn Array> = (0..n).map(|i| b.column(i).as_ref()).collect();
+        let exact = cast(b.column(n), &DataType::Utf8)?;
+        let exact = exact.as_string::<i32>();
+        for row in 0..b.num_rows() {
+            let map = (!exact.is_null(row))
+                .then(|| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+                        exact.value(row),
+                    )
+                })
+                .transpose()?;
+            line.clear();
+            for (i, col) in columns.iter().enumerate() {
+                text.clear();
+                canon::render_value(*col, row, map.as_ref(), names[i], &mut text);
+                if i > 0 {
+                    line.push(b'\t');
+                }
+                canon::copy_escape(&text, &mut line);
+            }
+            d.add_line(&line);
+        }
     }
     Ok(Some(d.finish()))
 }
@@ -153,9 +192,21 @@ pub async fn run(cfg: &Config, only: Option<&str>) -> anyhow::Result<Verificatio
         let spec = describe(&sql, &table).await?;
         let source = source_digest(&reader, &spec).await?;
         let mirror = mirror_digest(&w, &spec.relation).await?;
+        let differs = match &mirror {
+            Some(m) => spec
+                .relation
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| source.columns.get(*i) != m.columns.get(*i))
+                .map(|(_, c)| c.name.clone())
+                .collect(),
+            None => Vec::new(),
+        };
         out.push(TableVerdict {
             table: table.qualified(),
-            matches: mirror == Some(source),
+            matches: mirror.as_ref() == Some(&source),
+            differs,
             source,
             mirror,
         });
@@ -177,16 +228,20 @@ impl Verification {
                     t.table.clone(),
                     t.source.rows.to_string(),
                     t.mirror
+                        .as_ref()
                         .map(|m| m.rows.to_string())
                         .unwrap_or_else(|| "missing".into()),
                     format!("{:016x}", t.source.checksum),
                     t.mirror
+                        .as_ref()
                         .map(|m| format!("{:016x}", m.checksum))
                         .unwrap_or_else(|| "-".into()),
                     if t.matches {
                         "ok".into()
-                    } else {
+                    } else if t.differs.is_empty() {
                         "DRIFT".into()
+                    } else {
+                        format!("DRIFT in {}", t.differs.join(", "))
                     },
                 ]
             })

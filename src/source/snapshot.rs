@@ -234,6 +234,11 @@ impl SnapshotReader {
         Ok(SnapshotReader { client })
     }
 
+    /// The raw `COPY … TO STDOUT` output of `sql`, inside this reader's transaction.
+    pub async fn copy_raw(&self, sql: &str) -> Result<tokio_postgres::CopyOutStream, SourceError> {
+        Ok(self.client.copy_out(sql).await?)
+    }
+
     /// Starts copying one chunk; read its rows with [`ChunkCopy::next_rows`].
     pub async fn copy(&self, rel: &Relation, chunk: &Chunk) -> Result<ChunkCopy, SourceError> {
         let sql = copy_sql(rel, chunk);

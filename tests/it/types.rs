@@ -59,3 +59,68 @@ async fn unrepresentable_values_keep_their_exact_text_in_snapshot_and_stream() {
         vec![r#"insert|{"d":"-infinity","n":"NaN","ts":"infinity"}"#]
     );
 }
+
+/// `walden verify` compares the mirror with what Postgres prints for each value (`col::text`):
+/// edge values of every mapped type, loaded by the snapshot and by the stream, must verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_agrees_with_postgres_text_for_edge_values() {
+    let db = test_db("types_verify").await;
+    let wh = warehouse_dir("types_verify");
+    let table = "CREATE TABLE e (id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4,
+        f8 float8, n numeric(20,6), nu numeric, t text, vc varchar(10), c char(5), by bytea, d date,
+        ts timestamp, tz timestamptz, tm time, iv interval, j jsonb, u uuid, arr int[], e text[])";
+    // Edge values, and a spread of float magnitudes (both notations, both signs).
+    let rows = "INSERT INTO e SELECT g, g % 2 = 0, (g % 32767)::int2, g * 1000, g::int8 * 1000000000000,
+        (g * 1.1)::float4 * 10 ^ ((g % 70) - 35)::float4 * CASE WHEN g % 3 = 0 THEN -1 ELSE 1 END,
+        (g * 1.123456789) * 10 ^ ((g % 600) - 300) * CASE WHEN g % 3 = 0 THEN -1 ELSE 1 END,
+        g * 1.000001 - 500, (g * 3.14159265358979)::numeric ^ 3, 'line ' || g || E'\\n\\ttab\\\\ é ✓',
+        'v' || g, 'c', decode(md5(g::text), 'hex'), DATE '2000-01-01' + g * 37,
+        TIMESTAMP '1999-12-31 23:59:59.999999' + g * interval '1 day 1.000123 second',
+        TIMESTAMPTZ '2024-02-29 12:34:56.789+02' + g * interval '17 minutes',
+        TIME '00:00' + g * interval '1 minute', g * interval '1 day 2 hours 3.5 seconds',
+        jsonb_build_object('g', g, 'a', jsonb_build_array(1, 'x')), md5(g::text)::uuid,
+        ARRAY[g, NULL, -g], ARRAY['a b', NULL, '\"q\"']
+        FROM generate_series(1, 400) g";
+    let edges = "INSERT INTO e (id, f4, f8, n, d, ts, tz, t) VALUES
+        (1001, 'NaN', 'Infinity', 'NaN', '-infinity', 'infinity', '-infinity', ''),
+        (1002, '-Infinity', '-0', 0, '0044-03-15 BC', '0044-03-15 12:00:00 BC', '2000-01-01 00:00:00.5+00', NULL),
+        (1003, 1e-38, 1e-300, -0.000001, '9999-12-31', '1970-01-01', '1970-01-01 00:00:00+00', 'x'),
+        (1004, 3.4028235e38, 1.7976931348623157e308, 99999999999999.999999, '0001-01-01', '2000-02-29 00:00:00.000001', NULL, ' ')";
+    db.client
+        .batch_execute(&format!("{table}; {rows}; {edges};"))
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await; // snapshot
+    db.client
+        .batch_execute(&format!(
+            "{}; {};",
+            rows.replace("generate_series(1, 400)", "generate_series(2001, 2400)"),
+            edges.replace("(100", "(300")
+        ))
+        .await
+        .unwrap();
+    run_once(&cfg).await; // stream
+    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
+    assert!(v.ok, "{}", v.render());
+    assert_eq!(v.tables[0].source.rows, 808);
+
+    // A mapping error of one ulp in one value: verify must see it, and name the column.
+    let w = walden::sink::Warehouse::new(&walden::config::WarehouseConfig {
+        url: wh.display().to_string(),
+        storage_options: Default::default(),
+    })
+    .unwrap();
+    let t = walden::apply::inspect::open(&w.table_url(TableKind::Mirror, "public", "e"))
+        .await
+        .unwrap();
+    let _ = t
+        .update()
+        .with_predicate("id = 7")
+        .with_update("f8", "f8 * 1.0000000000000002")
+        .await
+        .unwrap();
+    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.tables[0].differs, vec!["f8"], "{}", v.render());
+}
