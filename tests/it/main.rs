@@ -10,6 +10,7 @@ mod large;
 mod ops;
 mod pg;
 mod publication;
+mod readers;
 mod schema;
 mod snapshot;
 mod stream;

@@ -1,0 +1,108 @@
+//! The mirror read by independent readers: Python's `deltalake` and `pyarrow` (in a virtualenv this
+//! test makes, from PyPI) compared cell by cell with the source read by psycopg, for tables of edge
+//! values per type group, copied by the snapshot and changed by the stream.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::pg::{config, test_db, warehouse_dir};
+use crate::warehouse::run_once;
+
+/// A virtualenv with the readers, made once per machine and reused.
+fn python() -> PathBuf {
+    let base = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    let env = base.join("walden-pyenv");
+    let py = env.join("bin/python");
+    let ready = env.join(".ready");
+    if !ready.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&env)
+            .status()
+            .expect("python3 (scripts/ensure-python.sh installs it)")
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "deltalake",
+                "pyarrow",
+                "psycopg[binary]",
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install deltalake pyarrow psycopg failed");
+        std::fs::write(&ready, b"").unwrap();
+    }
+    py
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_readers_see_every_value_postgres_has() {
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+    let db = test_db("readers").await;
+    let wh = warehouse_dir("readers");
+    let table = "CREATE TABLE r (id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4,
+        f8 float8, n numeric(20,6), nu numeric, t text, c char(5), by bytea, d date, ts timestamp,
+        tz timestamptz, tm time, iv interval, j jsonb, u uuid, arr int[], txt text[], rg int4range,
+        ip inet, m money, bits varbit, pt point, e_mood mood)";
+    let rows = "INSERT INTO r SELECT g, g % 2 = 0, (g % 32767)::int2, g * 1000, g::int8 * 1000000000000,
+        (g * 1.1)::float4 * 10 ^ ((g % 70) - 35)::float4, (g * 1.123456789) * 10 ^ ((g % 600) - 300),
+        g * 1.000001 - 500, (g * 3.14159265358979)::numeric ^ 3, 'line ' || g || E'\\n\\ttab\\\\ é ✓',
+        'c', decode(md5(g::text), 'hex'), DATE '0001-01-01' + (g % 300) * 9000, TIMESTAMP '1999-12-31 23:59:59.999999'
+        + g * interval '1 day 1.000123 second', TIMESTAMPTZ '2024-02-29 12:34:56.789+02' + g * interval '17 minutes',
+        TIME '00:00' + g * interval '1 minute', g * interval '1 day 2 hours 3.5 seconds',
+        jsonb_build_object('g', g, 'a', jsonb_build_array(1, 'x')), md5(g::text)::uuid,
+        ARRAY[g, NULL, -g], ARRAY['a b', NULL, '\"q\"'], int4range(g, g + 10), ('10.0.' || (g % 255) || '.1')::inet,
+        g * 1.25, (g % 256)::bit(8)::varbit, point(g, -g), CASE WHEN g % 2 = 0 THEN 'sad' ELSE 'happy' END::mood
+        FROM generate_series(1, 300) g";
+    let edges = "INSERT INTO r (id, f4, f8, n, t, arr, txt) VALUES
+        (1001, 'NaN', 'Infinity', 'NaN', '', '{}', '{}'),
+        (1002, '-Infinity', '-0', 0, NULL, '{{1,2},{3,NULL}}', '{\"\"}'),
+        (1003, 1e-38, 1e-300, -0.000001, ' ', NULL, '{NULL}'),
+        (1004, 3.4028235e38, 1.7976931348623157e308, 99999999999999.999999, repeat('long ', 2000), '{}', '{x}')";
+    db.client
+        .batch_execute(&format!(
+            "CREATE TYPE mood AS ENUM ('sad', 'happy'); {table}; {rows}; {edges};"
+        ))
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await; // the snapshot
+    db.client
+        .batch_execute(&format!(
+            "{}; {}; UPDATE r SET t = 'changed ' || id, n = n + 1 WHERE id % 7 = 0;",
+            rows.replace("generate_series(1, 300)", "generate_series(2001, 2300)"),
+            edges.replace("(100", "(300")
+        ))
+        .await
+        .unwrap();
+    run_once(&cfg).await; // the stream
+    let out = Command::new(&py)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/roundtrip.py"
+        ))
+        .args([
+            db.url.as_str(),
+            &wh.display().to_string(),
+            "public",
+            "r",
+            "id",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("compared 608 rows"), "{text}");
+}
