@@ -603,44 +603,7 @@ impl<'a> Session<'a> {
         self.applier = Some(done.applier);
         for (name, stats) in &done.durable {
             self.frontier.durable(name);
-            METRICS
-                .rows_written_total
-                .with_label_values(&["changes"])
-                .inc_by(stats.changelog_rows as u64);
-            METRICS
-                .rows_written_total
-                .with_label_values(&["mirror"])
-                .inc_by(stats.mirror_rows as u64);
-            METRICS
-                .skipped_changes_total
-                .inc_by(stats.skipped_rows as u64);
-            if stats.unrepresentable > 0 {
-                METRICS
-                    .unrepresentable_values_total
-                    .inc_by(stats.unrepresentable);
-                tracing::warn!(table = %name, values = stats.unrepresentable,
-                    "values with no Arrow representation (numeric NaN, infinite dates) are NULL in their column, \
-                    their exact text in _walden_unrepresentable");
-            }
-            if stats.unidentified > 0 {
-                METRICS
-                    .mirror_unapplied_changes_total
-                    .with_label_values(&["no_identity"])
-                    .inc_by(stats.unidentified as u64);
-                tracing::warn!(table = %name, changes = stats.unidentified,
-                    "updates/deletes without a replica identity reach the changelog only; the mirror \
-                     cannot apply them. Give the table one: `ALTER TABLE {name} REPLICA IDENTITY FULL` \
-                     (or add a primary key), then `walden backfill --table {name}`");
-            }
-            if stats.missing > 0 {
-                METRICS
-                    .mirror_unapplied_changes_total
-                    .with_label_values(&["row_missing"])
-                    .inc_by(stats.missing as u64);
-                tracing::warn!(table = %name, changes = stats.missing,
-                    "changes named mirror rows that were not there: the mirror had diverged from the \
-                     source. Repair it with `walden backfill --table {name}`");
-            }
+            book(name, stats);
         }
         if let Some(e) = done.error {
             return Err(e.into());
@@ -656,6 +619,48 @@ impl<'a> Session<'a> {
         tracing::debug!(rows = done.rows, tables = done.durable.len(), confirmed = %confirm,
             elapsed = ?done.started.elapsed(), "flushed");
         Ok(())
+    }
+}
+
+/// Counts what one table's flush did, and warns about what the mirror could not take.
+fn book(name: &str, stats: &ApplyStats) {
+    METRICS
+        .rows_written_total
+        .with_label_values(&["changes"])
+        .inc_by(stats.changelog_rows as u64);
+    METRICS
+        .rows_written_total
+        .with_label_values(&["mirror"])
+        .inc_by(stats.mirror_rows as u64);
+    METRICS
+        .skipped_changes_total
+        .inc_by(stats.skipped_rows as u64);
+    if stats.unrepresentable > 0 {
+        METRICS
+            .unrepresentable_values_total
+            .inc_by(stats.unrepresentable);
+        tracing::warn!(table = %name, values = stats.unrepresentable,
+            "values with no Arrow representation (numeric NaN, infinite dates) are NULL in their column, \
+            their exact text in _walden_unrepresentable");
+    }
+    if stats.unidentified > 0 {
+        METRICS
+            .mirror_unapplied_changes_total
+            .with_label_values(&["no_identity"])
+            .inc_by(stats.unidentified as u64);
+        tracing::warn!(table = %name, changes = stats.unidentified,
+            "updates/deletes without a replica identity reach the changelog only; the mirror \
+             cannot apply them. Give the table one: `ALTER TABLE {name} REPLICA IDENTITY FULL` \
+             (or add a primary key), then `walden backfill --table {name}`");
+    }
+    if stats.missing > 0 {
+        METRICS
+            .mirror_unapplied_changes_total
+            .with_label_values(&["row_missing"])
+            .inc_by(stats.missing as u64);
+        tracing::warn!(table = %name, changes = stats.missing,
+            "changes named mirror rows that were not there: the mirror had diverged from the \
+             source. Repair it with `walden backfill --table {name}`");
     }
 }
 

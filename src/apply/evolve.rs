@@ -20,7 +20,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
-use super::{files, ApplyError};
+use super::{files, ApplyError, TableErr};
 use crate::sink::writer_properties;
 
 /// Makes the table's schema hold `want`'s columns: columns the source added are added (a
@@ -34,10 +34,8 @@ pub async fn evolve(
     want: &Schema,
     storage: &HashMap<String, String>,
 ) -> Result<(), ApplyError> {
-    let delta = |source| ApplyError::Delta {
-        table: name.to_string(),
-        source,
-    };
+    let err = TableErr(name);
+    let delta = |e| err.delta(e);
     let have = table_schema(table).map_err(delta)?;
     let retyped = retyped(&have, want);
     if let Some((column, from, to)) = retyped.iter().find(|(_, f, t)| !widens(f, t)) {
@@ -91,14 +89,8 @@ async fn rewrite(
     schema: SchemaRef,
     storage: &HashMap<String, String>,
 ) -> Result<(), ApplyError> {
-    let delta = |source| ApplyError::Delta {
-        table: name.to_string(),
-        source,
-    };
-    let arrow = |source| ApplyError::Arrow {
-        table: name.to_string(),
-        source,
-    };
+    let err = TableErr(name);
+    let (delta, arrow) = (|e| err.delta(e), |e| err.arrow(e));
     let state = table.snapshot().map_err(delta)?.clone();
     let mut writer = RecordBatchWriter::try_new(
         table.table_url().as_str(),

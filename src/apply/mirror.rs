@@ -28,10 +28,10 @@ use arrow::row::{RowConverter, SortField};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::{DeltaTable, DeltaTableError};
+use deltalake::DeltaTable;
 
 use super::evolve::{align, evolve, table_schema};
-use super::{files, ApplyError};
+use super::{files, ApplyError, TableErr};
 use crate::batch::{builders, mirror_schema};
 use crate::decode::pgoutput::{Relation, Value};
 use crate::plan::{MirrorPlan, Remove};
@@ -48,24 +48,6 @@ pub struct Executed {
     pub unrepresentable: u64,
 }
 
-/// Errors with the table they happened on.
-struct Ctx<'a>(&'a str);
-
-impl Ctx<'_> {
-    fn delta(&self, source: DeltaTableError) -> ApplyError {
-        ApplyError::Delta {
-            table: self.0.to_string(),
-            source,
-        }
-    }
-    fn arrow(&self, source: arrow::error::ArrowError) -> ApplyError {
-        ApplyError::Arrow {
-            table: self.0.to_string(),
-            source,
-        }
-    }
-}
-
 /// Applies `plan` (the changes of `rel`, the batch's relation) to the mirror `table`.
 pub async fn execute(
     table: &mut DeltaTable,
@@ -75,7 +57,7 @@ pub async fn execute(
     props: CommitProperties,
     storage: &HashMap<String, String>,
 ) -> Result<Executed, ApplyError> {
-    let cx = Ctx(name);
+    let cx = TableErr(name);
     evolve(table, name, &mirror_schema(rel), storage).await?;
     let target = table_schema(table).map_err(|e| cx.delta(e))?;
     let mut out = Executed::default();
@@ -426,7 +408,7 @@ async fn locate(
     matcher: &mut Matcher,
     target: &SchemaRef,
 ) -> Result<Located, ApplyError> {
-    let cx = Ctx(name);
+    let cx = TableErr(name);
     let state = table.snapshot().map_err(|e| cx.delta(e))?;
     let files: Vec<_> = state.log_data().iter().collect();
     let mut out = Located {

@@ -60,6 +60,25 @@ pub enum ApplyError {
     Snapshot(String),
 }
 
+/// Errors of one table, with its name.
+pub(crate) struct TableErr<'a>(pub &'a str);
+
+impl TableErr<'_> {
+    pub fn delta(&self, source: DeltaTableError) -> ApplyError {
+        ApplyError::Delta {
+            table: self.0.to_string(),
+            source,
+        }
+    }
+
+    pub fn arrow(&self, source: arrow::error::ArrowError) -> ApplyError {
+        ApplyError::Arrow {
+            table: self.0.to_string(),
+            source,
+        }
+    }
+}
+
 impl From<SinkError> for ApplyError {
     fn from(e: SinkError) -> Self {
         ApplyError::Sink(Box::new(e))
@@ -220,14 +239,9 @@ impl Applier {
         let pair = self.tables.get_mut(name).expect("opened above");
         record_versions(&history, pair, buf).await?;
         let mut stats = ApplyStats::default();
-        let delta = |source| ApplyError::Delta {
-            table: name.to_string(),
-            source,
-        };
-        let arrow = |source| ApplyError::Arrow {
-            table: name.to_string(),
-            source,
-        };
+        let err = TableErr(name);
+        let delta = |e| err.delta(e);
+        let arrow = |e| err.arrow(e);
         let new = |at: &Applied| buf.rows.iter().any(|r| !at.covers(r.commit_lsn, r.seq));
 
         // 1. changelog

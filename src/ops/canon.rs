@@ -7,11 +7,11 @@
 //! ([`render_value`]) under the session settings every connection uses (ISO dates, UTC,
 //! `extra_float_digits = 3`, hex bytea).
 
-use arrow::array::{
-    Array, AsArray, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array,
-    Float64Array, Int16Array, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{
+    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, TimestampMicrosecondType,
 };
-use arrow::datatypes::DataType;
 
 use crate::decode::pgoutput::Relation;
 use crate::source::replication::quote_ident;
@@ -63,38 +63,17 @@ pub fn render_value(
 /// Postgres's text output of one non-NULL value.
 fn value_text(col: &dyn Array, row: usize) -> String {
     match col.data_type() {
-        DataType::Boolean => {
-            let v = col
-                .as_any()
-                .downcast_ref::<BooleanArray>()
-                .expect("type checked")
-                .value(row);
-            if v { "t" } else { "f" }.into()
+        DataType::Boolean => if col.as_boolean().value(row) {
+            "t"
+        } else {
+            "f"
         }
-        DataType::Int16 => col
-            .as_any()
-            .downcast_ref::<Int16Array>()
-            .expect("type")
-            .value(row)
-            .to_string(),
-        DataType::Int32 => col
-            .as_any()
-            .downcast_ref::<Int32Array>()
-            .expect("type")
-            .value(row)
-            .to_string(),
-        DataType::Int64 => col
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("type")
-            .value(row)
-            .to_string(),
+        .into(),
+        DataType::Int16 => col.as_primitive::<Int16Type>().value(row).to_string(),
+        DataType::Int32 => col.as_primitive::<Int32Type>().value(row).to_string(),
+        DataType::Int64 => col.as_primitive::<Int64Type>().value(row).to_string(),
         DataType::Float32 => {
-            let v = col
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .expect("type")
-                .value(row);
+            let v = col.as_primitive::<Float32Type>().value(row);
             float_text(
                 v.is_nan(),
                 v.is_infinite(),
@@ -104,11 +83,7 @@ fn value_text(col: &dyn Array, row: usize) -> String {
             )
         }
         DataType::Float64 => {
-            let v = col
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .expect("type")
-                .value(row);
+            let v = col.as_primitive::<Float64Type>().value(row);
             float_text(
                 v.is_nan(),
                 v.is_infinite(),
@@ -117,43 +92,16 @@ fn value_text(col: &dyn Array, row: usize) -> String {
                 15,
             )
         }
-        DataType::Decimal128(_, _) => {
-            let a = col
-                .as_any()
-                .downcast_ref::<Decimal128Array>()
-                .expect("type");
-            a.value_as_string(row)
-        }
-        DataType::Date32 => {
-            let d = col
-                .as_any()
-                .downcast_ref::<Date32Array>()
-                .expect("type")
-                .value(row);
-            date_text(d as i64)
-        }
-        DataType::Timestamp(_, tz) => {
-            let us = col
-                .as_any()
-                .downcast_ref::<TimestampMicrosecondArray>()
-                .expect("type")
-                .value(row);
-            timestamp_text(us, tz.is_some())
-        }
-        DataType::Binary => hex_text(
-            col.as_any()
-                .downcast_ref::<BinaryArray>()
-                .expect("type")
-                .value(row),
+        DataType::Decimal128(_, _) => col.as_primitive::<Decimal128Type>().value_as_string(row),
+        DataType::Date32 => date_text(col.as_primitive::<Date32Type>().value(row) as i64),
+        DataType::Timestamp(_, tz) => timestamp_text(
+            col.as_primitive::<TimestampMicrosecondType>().value(row),
+            tz.is_some(),
         ),
-        DataType::Utf8 => col
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .expect("type")
-            .value(row)
-            .to_string(),
-        DataType::Utf8View => col.as_string_view().value(row).to_string(),
+        DataType::Binary => hex_text(col.as_binary::<i32>().value(row)),
         DataType::BinaryView => hex_text(col.as_binary_view().value(row)),
+        DataType::Utf8 => col.as_string::<i32>().value(row).to_string(),
+        DataType::Utf8View => col.as_string_view().value(row).to_string(),
         other => format!("<{other}>"),
     }
 }

@@ -45,6 +45,22 @@ pub async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> 
         .collect()
 }
 
+/// Asserts each change is in `table`'s changelog once: `(_walden_lsn, _walden_seq)` is unique.
+pub async fn assert_changelog_unique(wh: &Path, table: &str, context: &str) {
+    let dup = delta_rows(
+        wh,
+        TableKind::Changes,
+        table,
+        "SELECT CAST(count(*) AS VARCHAR) FROM (SELECT _walden_lsn, _walden_seq FROM t GROUP BY 1, 2 HAVING count(*) > 1)",
+    )
+    .await;
+    assert_eq!(
+        dup,
+        vec!["0"],
+        "{context}{table}: duplicated changes in the changelog"
+    );
+}
+
 /// Asserts mirror == source, row by row, with a message that shows the first difference.
 pub fn assert_same(what: &str, source: &[String], mirror: &[String]) {
     if source != mirror {
