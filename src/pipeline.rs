@@ -525,6 +525,9 @@ impl<'a> Session<'a> {
             self.batcher.mark_partial();
             self.start_flush(stream).await?;
             self.finish_flush(stream).await?;
+            METRICS.large_transaction_parts_total.inc();
+            tracing::info!(xid = txn.xid, lsn = %txn.commit_lsn, changes_applied = seq,
+                changes_left = txn.changes.remaining(), "large transaction: part durable");
             crate::checkpoint::failpoint("after-large-part");
         }
     }

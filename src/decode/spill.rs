@@ -109,6 +109,9 @@ impl TxnBuffer {
         for c in self.memory.drain(..) {
             f.write(&c).map_err(|e| policy.error(e))?;
         }
+        crate::telemetry::METRICS
+            .spilled_bytes_total
+            .inc_by(self.memory_bytes as u64);
         self.memory_bytes = 0;
         f.out.flush().map_err(|e| policy.error(e))
     }

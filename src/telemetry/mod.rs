@@ -28,6 +28,8 @@ pub struct Metrics {
     pub snapshot_rows_total: IntCounter,
     pub snapshot_rows_estimated: IntGauge,
     pub snapshot_tables_remaining: IntGauge,
+    pub spilled_bytes_total: IntCounter,
+    pub large_transaction_parts_total: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -117,6 +119,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "walden_snapshot_tables_remaining",
             "Tables of the snapshot or backfill under way not yet committed",
+        ),
+        spilled_bytes_total: counter(
+            &r,
+            "walden_spilled_bytes_total",
+            "Bytes of uncommitted changes written to spill files (over spill.memory_bytes)",
+        ),
+        large_transaction_parts_total: counter(
+            &r,
+            "walden_large_transaction_parts_total",
+            "Flushes that each hold part of a transaction larger than one batch",
         ),
         buffered_changes: gauge(
             &r,
