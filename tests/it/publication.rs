@@ -121,3 +121,47 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `publish_via_partition_root = false` (the default): each partition is its own table in the
+/// warehouse, with its own rows, through the snapshot and the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_published_on_their_own_land_as_their_own_tables() {
+    let db = test_db("publication_leaves").await;
+    let wh = warehouse_dir("publication_leaves");
+    db.client
+        .batch_execute(
+            "CREATE TABLE parted (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+             CREATE TABLE parted_a PARTITION OF parted FOR VALUES FROM (0) TO (100);
+             CREATE TABLE parted_b PARTITION OF parted FOR VALUES FROM (100) TO (200);
+             INSERT INTO parted SELECT g, 'p' || g FROM generate_series(0, 199, 3) g;
+             CREATE PUBLICATION walden FOR TABLE parted;",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await;
+    db.client
+        .batch_execute("INSERT INTO parted VALUES (1, 'new a'), (101, 'new b'); DELETE FROM parted WHERE id = 3;")
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+    for table in ["parted_a", "parted_b"] {
+        let src = pg_rows(
+            &db.client,
+            &format!("SELECT concat_ws('|', id::text, v) FROM {table} ORDER BY id"),
+        )
+        .await;
+        let mir = delta_rows(
+            &wh,
+            TableKind::Mirror,
+            table,
+            "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
+        )
+        .await;
+        assert_same(table, &src, &mir);
+    }
+    assert!(
+        !wh.join("mirror/public/parted").exists(),
+        "no table for the root"
+    );
+}
