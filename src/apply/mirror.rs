@@ -85,17 +85,9 @@ pub async fn execute(
             Matcher::new(rel, &plan.removes, &target, needs).map_err(|e| cx.arrow(e))?;
         let found = locate(table, name, &mut matcher, &target).await?;
         out.rows_removed = found.rows_removed;
-        out.files_rewritten = found.rewritten.len();
+        out.files_rewritten = found.files_rewritten;
         out.missing += matcher.pending;
-        for (remove, add_batch) in found.rewritten {
-            actions.push(Action::Remove(remove));
-            if add_batch.num_rows() > 0 {
-                let adds = files::write_files(table, add_batch, writer_properties())
-                    .await
-                    .map_err(|e| cx.delta(e))?;
-                actions.extend(adds.into_iter().map(Action::Add));
-            }
-        }
+        actions.extend(found.actions);
         carried = matcher.carried;
     }
     let (upserts, missing) =
@@ -396,8 +388,10 @@ fn int_values(a: &ArrayRef) -> Option<Vec<i64>> {
 }
 
 struct Located {
-    /// Each file that lost rows, and what stays of it.
-    rewritten: Vec<(deltalake::kernel::Remove, RecordBatch)>,
+    /// Removes of the files that lost rows, and adds of what stays of them (written already, so
+    /// only one file's rows are in memory at a time).
+    actions: Vec<Action>,
+    files_rewritten: usize,
     rows_removed: usize,
 }
 
@@ -412,7 +406,8 @@ async fn locate(
     let state = table.snapshot().map_err(|e| cx.delta(e))?;
     let files: Vec<_> = state.log_data().iter().collect();
     let mut out = Located {
-        rewritten: Vec::new(),
+        actions: Vec::new(),
+        files_rewritten: 0,
         rows_removed: 0,
     };
     for file in files {
@@ -437,8 +432,15 @@ async fn locate(
         }
         if lost > 0 {
             out.rows_removed += lost;
+            out.files_rewritten += 1;
+            out.actions.push(Action::Remove(file.remove_action(true)));
             let rest = concat_batches(target, &kept).map_err(|e| cx.arrow(e))?;
-            out.rewritten.push((file.remove_action(true), rest));
+            if rest.num_rows() > 0 {
+                let adds = files::write_files(table, rest, writer_properties())
+                    .await
+                    .map_err(|e| cx.delta(e))?;
+                out.actions.extend(adds.into_iter().map(Action::Add));
+            }
         }
     }
     Ok(out)
