@@ -166,6 +166,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn applied_covers_whole_transactions_and_the_part_of_a_large_one() {
+        let a = Applied {
+            lsn: Lsn(100),
+            partial: Some((Lsn(200), 41)),
+        };
+        assert!(a.covers(Lsn(100), 999_999));
+        assert!(a.covers(Lsn(50), 0));
+        assert!(a.covers(Lsn(200), 0) && a.covers(Lsn(200), 41));
+        assert!(!a.covers(Lsn(200), 42));
+        assert!(
+            !a.covers(Lsn(150), 0),
+            "a transaction between them is not applied"
+        );
+        assert!(!a.covers(Lsn(300), 0));
+        assert!(!Applied::at(Lsn(100)).covers(Lsn(101), 0));
+        assert_eq!(a.to_string(), "0/64 (+ 0/C8 through change 41)");
+    }
+
+    #[test]
     fn lsn_text_round_trip() {
         let l: Lsn = "16/B374D848".parse().unwrap();
         assert_eq!(l.0, 0x16_B374_D848);
