@@ -109,7 +109,7 @@ pub async fn execute(
             partition_by: None,
             predicate: None,
         }
-    } else if plan.removes.is_empty() {
+    } else if plan.is_append() {
         DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: None,

@@ -5,7 +5,7 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{assert_same, delta_rows, pg_rows, run_once};
+use crate::warehouse::{assert_id_v_mirror, delta_rows, run_once};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_added_to_the_publication_are_copied_with_their_rows() {
@@ -95,18 +95,6 @@ async fn tables_added_to_the_publication_are_copied_with_their_rows() {
     assert_ne!(old, vec!["0"], "the changelog keeps the first generation");
 
     for table in ["first", "later", "ctas", "live"] {
-        let src = pg_rows(
-            &db.client,
-            &format!("SELECT concat_ws('|', id::text, v) FROM {table} ORDER BY id"),
-        )
-        .await;
-        let mir = delta_rows(
-            &wh,
-            TableKind::Mirror,
-            table,
-            "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
-        )
-        .await;
-        assert_same(table, &src, &mir);
+        assert_id_v_mirror(&db.client, &wh, table, table).await;
     }
 }

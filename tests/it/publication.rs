@@ -5,7 +5,7 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{assert_same, delta_rows, pg_rows, run_once};
+use crate::warehouse::{assert_id_v_mirror, assert_same, delta_rows, pg_rows, run_once};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_lists_row_filters_partitions_and_inheritance() {
@@ -71,38 +71,14 @@ async fn column_lists_row_filters_partitions_and_inheritance() {
         }
     }
 
-    let src = pg_rows(
-        &db.client,
-        "SELECT concat_ws('|', id::text, v) FROM parted ORDER BY id",
-    )
-    .await;
-    let mir = delta_rows(
-        &wh,
-        TableKind::Mirror,
-        "parted",
-        "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
-    )
-    .await;
-    assert_same("parted", &src, &mir);
+    assert_id_v_mirror(&db.client, &wh, "parted", "parted").await;
     assert!(
         !wh.join("mirror/public/parted_a").exists(),
         "partitions published through the root land in the root's table"
     );
 
     for table in ["inh_parent", "inh_child"] {
-        let src = pg_rows(
-            &db.client,
-            &format!("SELECT concat_ws('|', id::text, v) FROM ONLY {table} ORDER BY id"),
-        )
-        .await;
-        let mir = delta_rows(
-            &wh,
-            TableKind::Mirror,
-            table,
-            "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
-        )
-        .await;
-        assert_same(table, &src, &mir);
+        assert_id_v_mirror(&db.client, &wh, table, &format!("ONLY {table}")).await;
     }
 
     let v = walden::ops::verify::run(&cfg, None).await.unwrap();
@@ -146,19 +122,7 @@ async fn partitions_published_on_their_own_land_as_their_own_tables() {
         .unwrap();
     run_once(&cfg).await;
     for table in ["parted_a", "parted_b"] {
-        let src = pg_rows(
-            &db.client,
-            &format!("SELECT concat_ws('|', id::text, v) FROM {table} ORDER BY id"),
-        )
-        .await;
-        let mir = delta_rows(
-            &wh,
-            TableKind::Mirror,
-            table,
-            "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
-        )
-        .await;
-        assert_same(table, &src, &mir);
+        assert_id_v_mirror(&db.client, &wh, table, table).await;
     }
     assert!(
         !wh.join("mirror/public/parted").exists(),

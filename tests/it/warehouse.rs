@@ -45,6 +45,29 @@ pub async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> 
         .collect()
 }
 
+/// Asserts the mirror of an `(id int, v text)` table equals `source` (a FROM clause, e.g.
+/// `ONLY t`), row by row.
+pub async fn assert_id_v_mirror(
+    client: &tokio_postgres::Client,
+    wh: &Path,
+    table: &str,
+    source: &str,
+) {
+    let src = pg_rows(
+        client,
+        &format!("SELECT concat_ws('|', id::text, v) FROM {source} ORDER BY id"),
+    )
+    .await;
+    let mir = delta_rows(
+        wh,
+        TableKind::Mirror,
+        table,
+        "SELECT concat_ws('|', CAST(id AS VARCHAR), v) FROM t ORDER BY id",
+    )
+    .await;
+    assert_same(table, &src, &mir);
+}
+
 /// Asserts each change is in `table`'s changelog once: `(_walden_lsn, _walden_seq)` is unique.
 pub async fn assert_changelog_unique(wh: &Path, table: &str, context: &str) {
     let dup = delta_rows(
