@@ -22,6 +22,7 @@ use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
 use crate::sink::schemas::SchemaHistory;
 use crate::sink::{SinkError, Warehouse};
 use crate::source::snapshot::{published_tables, Published};
+use crate::source::types::TypeResolver;
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
 use crate::telemetry::METRICS;
 
@@ -182,6 +183,8 @@ struct Session<'a> {
     streamed: bool,
     /// The session's SQL connection (catalog queries), once connected.
     sql: Option<tokio_postgres::Client>,
+    /// Resolves the column types of Relation messages (domains, arrays).
+    types: TypeResolver,
     /// Published tables known to have their Delta tables, with the source OID those hold (see
     /// [`Session::adopt_new_tables`]).
     known: HashMap<String, u32>,
@@ -209,6 +212,7 @@ impl<'a> Session<'a> {
             summary: Summary::default(),
             streamed: false,
             sql: None,
+            types: TypeResolver::default(),
             known: HashMap::new(),
             next_publication_check: tokio::time::Instant::now() + PUBLICATION_CHECK,
         }
@@ -437,7 +441,13 @@ impl<'a> Session<'a> {
                             std::io::ErrorKind::UnexpectedEof, "replication stream ended")).into());
                     };
                     for msg in msgs? {
-                        match self.assembler.push(msg)? {
+                        let event = self.assembler.push(msg)?;
+                        if let Some(mut relation) = self.assembler.take_fresh_relation() {
+                            let sql = self.sql.as_ref().ok_or_else(|| PipelineError::Internal("no SQL connection".into()))?;
+                            self.types.resolve(sql, &mut relation).await?;
+                            self.assembler.set_relation(relation);
+                        }
+                        match event {
                             Some(Event::Commit(mut txn)) => {
                                 let (commit, end) = (txn.commit_lsn, txn.end_lsn);
                                 self.summary.transactions += 1;

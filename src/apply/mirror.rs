@@ -263,13 +263,7 @@ impl Matcher {
                 RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())?;
             let mut builders: Vec<_> = identity
                 .iter()
-                .map(|&c| {
-                    let col = &rel.columns[c];
-                    crate::decode::types::ColumnBuilder::new(
-                        crate::decode::types::PgKind::of(col.type_oid, col.type_modifier),
-                        members.len(),
-                    )
-                })
+                .map(|&c| crate::decode::types::column_builder(&rel.columns[c], members.len()))
                 .collect();
             for &m in &members {
                 for (b, v) in builders.iter_mut().zip(&removes[m].values) {

@@ -17,7 +17,7 @@ use crate::config::BatchConfig;
 use crate::decode::pgoutput::{Relation, Tuple, Value};
 use crate::decode::spill::change_bytes;
 use crate::decode::txn::{Change, ChangeKind, Transaction};
-use crate::decode::types::{ColumnBuilder, PgKind};
+use crate::decode::types::{column_builder, column_type, ColumnBuilder};
 
 pub const OP: &str = "_walden_op";
 pub const LSN: &str = "_walden_lsn";
@@ -188,13 +188,7 @@ impl Batcher {
 pub fn source_fields(r: &Relation) -> Vec<Field> {
     r.columns
         .iter()
-        .map(|c| {
-            Field::new(
-                &c.name,
-                PgKind::of(c.type_oid, c.type_modifier).arrow_type(),
-                true,
-            )
-        })
+        .map(|c| Field::new(&c.name, column_type(c), true))
         .collect()
 }
 
@@ -222,16 +216,26 @@ pub fn mirror_schema(r: &Relation) -> SchemaRef {
     Arc::new(Schema::new(f))
 }
 
-/// For each column of `target`, its index in `source` (by name), so rows decoded under an older
-/// relation description land in the right columns.
+/// For each column of `target`, its index in `source`, so rows decoded under an older relation
+/// description land in the right columns: the same attribute number where both know it (a
+/// renamed column is the same column), else the same name.
 pub fn column_map(source: &Relation, target: &Relation) -> Vec<Option<usize>> {
     if std::ptr::eq(source, target) || source.columns == target.columns {
         return (0..target.columns.len()).map(Some).collect();
     }
+    let same_table = source.oid == target.oid;
     target
         .columns
         .iter()
-        .map(|t| source.columns.iter().position(|s| s.name == t.name))
+        .map(|t| {
+            source.columns.iter().position(|s| {
+                if same_table && s.attnum != 0 && t.attnum != 0 {
+                    s.attnum == t.attnum
+                } else {
+                    s.name == t.name
+                }
+            })
+        })
         .collect()
 }
 
@@ -240,7 +244,7 @@ pub fn builders(relation: &Relation, capacity: usize) -> Vec<ColumnBuilder> {
     relation
         .columns
         .iter()
-        .map(|c| ColumnBuilder::new(PgKind::of(c.type_oid, c.type_modifier), capacity))
+        .map(|c| column_builder(c, capacity))
         .collect()
 }
 

@@ -3,8 +3,9 @@
 //! [`pgoutput`] decodes single messages, [`txn`] assembles them into committed transactions
 //! (including protocol-v2 streamed ones), [`types`] maps Postgres types and text values to Arrow
 //! (each value parsed by [`text_format`]), [`copy_text`] splits the snapshot's COPY text output
-//! into the same text values.
+//! into the same text values, [`array_text`] splits array values into their elements.
 
+pub mod array_text;
 pub mod copy_text;
 pub mod pgoutput;
 pub mod spill;

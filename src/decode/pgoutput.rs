@@ -44,16 +44,23 @@ pub enum Value {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Tuple(pub Vec<Value>);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Column {
     /// Part of the replica identity.
     pub key: bool,
     pub name: String,
+    /// The type as pgoutput sends it, until `source::types` resolves it against the catalog: a
+    /// domain becomes its base type, an array its element type (with `dims` > 0).
     pub type_oid: u32,
     pub type_modifier: i32,
+    /// Array dimensions of a resolved array column; 0 otherwise (an unresolved array type keeps
+    /// its text form).
+    pub dims: u8,
+    /// The column's attribute number in the catalog; 0 when unknown.
+    pub attnum: i16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Relation {
     pub oid: u32,
     pub schema: String,
@@ -287,6 +294,7 @@ impl Decoder {
                         name: c.cstring("column name")?,
                         type_oid: c.u32("column type")?,
                         type_modifier: c.i32("column type modifier")?,
+                        ..Column::default()
                     });
                 }
                 Message::Relation {

@@ -138,6 +138,8 @@ pub struct Assembler {
     spill: Option<SpillPolicy>,
     /// Counts logical decoding messages seen (they are not replicated).
     pub logical_messages: u64,
+    /// The relation of the last Relation message, until the caller takes it to resolve.
+    fresh: Option<u32>,
 }
 
 impl Assembler {
@@ -151,6 +153,18 @@ impl Assembler {
             spill: Some(policy),
             ..Self::default()
         }
+    }
+
+    /// The relation the last message described, once, so the caller can resolve its types
+    /// against the catalog and hand it back with [`Assembler::set_relation`] before the next
+    /// message (whose changes then carry it).
+    pub fn take_fresh_relation(&mut self) -> Option<Relation> {
+        let oid = self.fresh.take()?;
+        self.relations.get(&oid).map(|r| r.as_ref().clone())
+    }
+
+    pub fn set_relation(&mut self, relation: Relation) {
+        self.relations.insert(relation.oid, Arc::new(relation));
     }
 
     /// Bytes held in memory for transactions that are not committed yet.
@@ -285,6 +299,7 @@ impl Assembler {
                 }))));
             }
             Message::Relation { relation, .. } => {
+                self.fresh = Some(relation.oid);
                 self.relations.insert(relation.oid, Arc::new(relation));
             }
             Message::Insert { xid, oid, new } => {

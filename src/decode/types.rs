@@ -8,15 +8,17 @@
 
 use std::sync::Arc;
 
-use arrow::array::PrimitiveBuilder;
+use arrow::array::NullBufferBuilder;
 use arrow::array::{
     ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
-    Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray,
+    PrimitiveBuilder, StringBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{ArrowPrimitiveType, DataType, TimeUnit};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{ArrowPrimitiveType, DataType, Field, TimeUnit};
 
-use super::pgoutput::Value;
+use super::array_text::ParsedArray;
+use super::pgoutput::{Column, Value};
 use super::text_format::{
     parse_bytea_hex, parse_date, parse_decimal, parse_float, parse_i64, parse_timestamp,
 };
@@ -40,8 +42,34 @@ pub enum PgKind {
     TimestampTz,
     Bytea,
     /// Everything kept as text: text/varchar/char/name, uuid, json/jsonb, time, numeric without
-    /// declared precision or with precision > 38, enums, arrays, intervals and other types.
+    /// declared precision or with precision > 38, enums, intervals and other types.
     Text,
+}
+
+/// The name of a list's element field, as Delta (and the kernel's Arrow conversion) spell it.
+pub const LIST_ELEMENT: &str = "element";
+
+/// The Arrow type of a column: its (base) type, in as many levels of lists as the array
+/// dimensions it declares.
+pub fn column_type(c: &Column) -> DataType {
+    list_type(PgKind::of(c.type_oid, c.type_modifier).arrow_type(), c.dims)
+}
+
+fn list_type(mut t: DataType, dims: u8) -> DataType {
+    for _ in 0..dims {
+        t = DataType::List(Arc::new(Field::new(LIST_ELEMENT, t, true)));
+    }
+    t
+}
+
+/// A builder for a column's values.
+pub fn column_builder(c: &Column, capacity: usize) -> ColumnBuilder {
+    let kind = PgKind::of(c.type_oid, c.type_modifier);
+    if c.dims == 0 {
+        ColumnBuilder::new(kind, capacity)
+    } else {
+        ColumnBuilder::array(kind, c.dims, capacity)
+    }
 }
 
 pub mod oid {
@@ -123,7 +151,6 @@ impl PgKind {
 
 /// Builds one Arrow column from pgoutput values.
 pub struct ColumnBuilder {
-    kind: PgKind,
     inner: Inner,
     /// Values that were present but could not be represented (stored as NULL).
     pub unrepresentable: u64,
@@ -144,6 +171,16 @@ enum Inner {
     Ts(TimestampMicrosecondBuilder),
     Bin(BinaryBuilder, Vec<u8>),
     Text(StringBuilder),
+    List(Box<Lists>),
+}
+
+/// Arrays of `dims` dimensions: list offsets per level (outermost first), the elements in one
+/// scalar builder.
+struct Lists {
+    elements: ColumnBuilder,
+    offsets: Vec<Vec<i32>>,
+    nulls: NullBufferBuilder,
+    scratch: ParsedArray,
 }
 
 impl ColumnBuilder {
@@ -173,15 +210,28 @@ impl ColumnBuilder {
             PgKind::Text => Inner::Text(StringBuilder::with_capacity(capacity, capacity * 16)),
         };
         ColumnBuilder {
-            kind,
             inner,
             unrepresentable: 0,
             rejected: Vec::new(),
         }
     }
 
-    pub fn kind(&self) -> PgKind {
-        self.kind
+    /// A builder of arrays of `dims` dimensions of `element` values. A value of other
+    /// dimensions, with lower bounds other than 1, or with an element the element type cannot
+    /// hold, is unrepresentable as a whole (NULL, exact text kept aside); an empty array is an
+    /// empty list.
+    pub fn array(element: PgKind, dims: u8, capacity: usize) -> Self {
+        let lists = Lists {
+            elements: ColumnBuilder::new(element, capacity),
+            offsets: vec![vec![0]; dims.max(1) as usize],
+            nulls: NullBufferBuilder::new(capacity),
+            scratch: ParsedArray::default(),
+        };
+        ColumnBuilder {
+            inner: Inner::List(Box::new(lists)),
+            unrepresentable: 0,
+            rejected: Vec::new(),
+        }
     }
 
     /// Rows appended so far.
@@ -198,6 +248,7 @@ impl ColumnBuilder {
             Inner::Ts(b) => b.len(),
             Inner::Bin(b, _) => b.len(),
             Inner::Text(b) => b.len(),
+            Inner::List(l) => l.nulls.len(),
         }
     }
 
@@ -227,6 +278,11 @@ impl ColumnBuilder {
             Inner::Ts(b) => b.append_null(),
             Inner::Bin(b, _) => b.append_null(),
             Inner::Text(b) => b.append_null(),
+            Inner::List(l) => {
+                let top = &mut l.offsets[0];
+                top.push(*top.last().expect("starts with 0"));
+                l.nulls.append_null();
+            }
         }
     }
 
@@ -256,31 +312,46 @@ impl ColumnBuilder {
 
     /// Parses a text-format value; false when it has no representation in the Arrow type.
     fn append_text(&mut self, t: &[u8]) -> bool {
+        self.take(t, true)
+    }
+
+    /// Parses a text-format value and, when `write`, appends it; false (nothing appended) when
+    /// it has no representation in the Arrow type.
+    fn take(&mut self, t: &[u8], write: bool) -> bool {
         match &mut self.inner {
             Inner::Bool(b) => match t {
+                b"t" | b"f" if !write => {}
                 b"t" => b.append_value(true),
                 b"f" => b.append_value(false),
                 _ => return false,
             },
-            Inner::I16(b) => return put(b, parse_i64(t).and_then(|v| i16::try_from(v).ok())),
-            Inner::I32(b) => return put(b, parse_i64(t).and_then(|v| i32::try_from(v).ok())),
-            Inner::I64(b) => return put(b, parse_i64(t)),
-            Inner::F32(b) => return put(b, parse_float(t).map(|v| v as f32)),
-            Inner::F64(b) => return put(b, parse_float(t)),
-            Inner::Dec(b, scale) => return put(b, parse_decimal(t, *scale)),
-            Inner::Date(b) => return put(b, parse_date(t)),
-            Inner::Ts(b) => return put(b, parse_timestamp(t)),
+            Inner::I16(b) => {
+                return put(b, parse_i64(t).and_then(|v| i16::try_from(v).ok()), write)
+            }
+            Inner::I32(b) => {
+                return put(b, parse_i64(t).and_then(|v| i32::try_from(v).ok()), write)
+            }
+            Inner::I64(b) => return put(b, parse_i64(t), write),
+            Inner::F32(b) => return put(b, parse_float(t).map(|v| v as f32), write),
+            Inner::F64(b) => return put(b, parse_float(t), write),
+            Inner::Dec(b, scale) => return put(b, parse_decimal(t, *scale), write),
+            Inner::Date(b) => return put(b, parse_date(t), write),
+            Inner::Ts(b) => return put(b, parse_timestamp(t), write),
             Inner::Bin(b, scratch) => {
                 scratch.clear();
                 if !parse_bytea_hex(t, scratch) {
                     return false;
                 }
-                b.append_value(&scratch[..]);
+                if write {
+                    b.append_value(&scratch[..]);
+                }
             }
             Inner::Text(b) => match simdutf8::basic::from_utf8(t) {
-                Ok(s) => b.append_value(s),
+                Ok(s) if write => b.append_value(s),
+                Ok(_) => {}
                 Err(_) => return false,
             },
+            Inner::List(l) => return write && l.append(t),
         }
         true
     }
@@ -298,15 +369,78 @@ impl ColumnBuilder {
             Inner::Ts(b) => Arc::new(b.finish()),
             Inner::Bin(b, _) => Arc::new(b.finish()),
             Inner::Text(b) => Arc::new(b.finish()),
+            Inner::List(l) => {
+                let mut values =
+                    std::mem::replace(&mut l.elements, ColumnBuilder::new(PgKind::Bool, 0))
+                        .finish();
+                let levels = std::mem::take(&mut l.offsets);
+                let top_nulls = l.nulls.finish();
+                for (i, offsets) in levels.into_iter().enumerate().rev() {
+                    let field =
+                        Arc::new(Field::new(LIST_ELEMENT, values.data_type().clone(), true));
+                    let nulls = if i == 0 { top_nulls.clone() } else { None };
+                    values = Arc::new(ListArray::new(
+                        field,
+                        OffsetBuffer::new(offsets.into()),
+                        values,
+                        nulls,
+                    ));
+                }
+                values
+            }
         }
     }
 }
 
-/// Appends a parsed value; false (nothing appended) when there is none.
-fn put<T: ArrowPrimitiveType>(b: &mut PrimitiveBuilder<T>, v: Option<T::Native>) -> bool {
+impl Lists {
+    /// Appends one array value; false (nothing appended) when it cannot be held exactly.
+    fn append(&mut self, t: &[u8]) -> bool {
+        let a = &mut self.scratch;
+        if !a.parse(t) || !(a.dims.is_empty() || a.dims.len() == self.offsets.len()) {
+            return false;
+        }
+        let elements = &mut self.elements;
+        if !(0..a.elems.len()).all(|i| a.element(i).is_none_or(|e| elements.take(e, false))) {
+            return false;
+        }
+        // Level l holds (d0·…·d(l-1)) lists of d(l) entries each; `{}` is one empty list.
+        let mut lists = 1usize;
+        for (level, offsets) in self.offsets.iter_mut().enumerate() {
+            let len = a.dims.get(level).copied().unwrap_or(0) as i32;
+            let mut end = *offsets.last().expect("starts with 0");
+            for _ in 0..lists {
+                end += len;
+                offsets.push(end);
+            }
+            if a.dims.is_empty() {
+                break;
+            }
+            lists *= a.dims[level];
+        }
+        for i in 0..a.elems.len() {
+            match a.element(i) {
+                Some(e) => {
+                    elements.take(e, true);
+                }
+                None => elements.append_null(),
+            }
+        }
+        self.nulls.append_non_null();
+        true
+    }
+}
+
+/// Appends a parsed value when `write`; false (nothing appended) when there is none.
+fn put<T: ArrowPrimitiveType>(
+    b: &mut PrimitiveBuilder<T>,
+    v: Option<T::Native>,
+    write: bool,
+) -> bool {
     match v {
         Some(v) => {
-            b.append_value(v);
+            if write {
+                b.append_value(v);
+            }
             true
         }
         None => false,
@@ -351,5 +485,58 @@ mod tests {
         assert_eq!(b.rejected, vec![(1, "NaN".to_string())]);
         let a = b.finish();
         assert_eq!(a.null_count(), 1);
+    }
+
+    #[test]
+    fn arrays_become_nested_lists_or_keep_their_text() {
+        use arrow::array::{Array, AsArray, Int32Array};
+        use arrow::datatypes::Int32Type;
+        let mut b = ColumnBuilder::array(PgKind::Int32, 2, 4);
+        for v in [
+            "{{1,NULL},{3,4}}",
+            "{}",
+            "{1,2}",
+            "[0:0]={{1}}",
+            "{{5}}",
+            "{{x}}",
+        ] {
+            b.append(&Value::Text(v.into()));
+        }
+        b.append_null();
+        assert_eq!(b.unrepresentable, 3);
+        let rejected: Vec<usize> = b.rejected.iter().map(|r| r.0).collect();
+        assert_eq!(rejected, vec![2, 3, 5]);
+        let a = b.finish();
+        assert_eq!(
+            a.data_type(),
+            &list_type(DataType::Int32, 2),
+            "lists of lists, elements named as Delta names them"
+        );
+        let outer = a.as_list::<i32>();
+        assert_eq!(outer.len(), 7);
+        let nulls: Vec<bool> = (0..7).map(|i| outer.is_null(i)).collect();
+        assert_eq!(nulls, [false, false, true, true, false, true, true]);
+        let rows: Vec<Vec<Vec<Option<i32>>>> = [0, 1, 4]
+            .iter()
+            .map(|&r| {
+                let inner = outer.value(r);
+                let inner = inner.as_list::<i32>();
+                (0..inner.len())
+                    .map(|i| {
+                        let v = inner.value(i);
+                        let v: &Int32Array = v.as_primitive::<Int32Type>();
+                        v.iter().collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                vec![vec![Some(1), None], vec![Some(3), Some(4)]],
+                vec![],
+                vec![vec![Some(5)]],
+            ]
+        );
     }
 }

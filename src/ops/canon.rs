@@ -102,8 +102,50 @@ fn value_text(col: &dyn Array, row: usize) -> String {
         DataType::BinaryView => hex_text(col.as_binary_view().value(row)),
         DataType::Utf8 => col.as_string::<i32>().value(row).to_string(),
         DataType::Utf8View => col.as_string_view().value(row).to_string(),
+        DataType::List(_) => array_text(col.as_list::<i32>().value(row).as_ref()),
         other => format!("<{other}>"),
     }
+}
+
+/// `array_out`'s form of one array: `{…}` per dimension, NULL elements as `NULL`, elements
+/// quoted when empty, spelling NULL, or holding whitespace, braces, commas, quotes or
+/// backslashes (quotes and backslashes escaped).
+fn array_text(values: &dyn Array) -> String {
+    let mut s = String::from("{");
+    for i in 0..values.len() {
+        if i > 0 {
+            s.push(',');
+        }
+        if values.is_null(i) {
+            s.push_str("NULL");
+        } else if let DataType::List(_) = values.data_type() {
+            s.push_str(&value_text(values, i));
+        } else {
+            let e = value_text(values, i);
+            let quote = e.is_empty()
+                || e.eq_ignore_ascii_case("NULL")
+                || e.chars().any(|c| {
+                    matches!(
+                        c,
+                        '"' | '\\' | '{' | '}' | ',' | ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'
+                    )
+                });
+            if quote {
+                s.push('"');
+                for c in e.chars() {
+                    if c == '"' || c == '\\' {
+                        s.push('\\');
+                    }
+                    s.push(c);
+                }
+                s.push('"');
+            } else {
+                s.push_str(&e);
+            }
+        }
+    }
+    s.push('}');
+    s
 }
 
 /// bytea's hex output: `\x` and two lower-case digits a byte.
@@ -347,5 +389,26 @@ mod tests {
         let mut out = Vec::new();
         copy_escape("a\\b\tc\nd", &mut out);
         assert_eq!(out, b"a\\\\b\\tc\\nd");
+    }
+
+    #[test]
+    fn arrays_print_like_array_out() {
+        use crate::decode::pgoutput::Value;
+        use crate::decode::types::{ColumnBuilder, PgKind};
+        let texts = [
+            r#"{"",NULL,"NULL","a b","a,b","{}","q\"q","back\\slash",x}"#,
+            "{{a,b},{c,NULL}}",
+            "{}",
+        ];
+        let mut b = ColumnBuilder::array(PgKind::Text, 1, 3);
+        b.append(&Value::Text(texts[0].into()));
+        let a = b.finish();
+        assert_eq!(value_text(a.as_ref(), 0), texts[0]);
+        let mut b = ColumnBuilder::array(PgKind::Text, 2, 3);
+        b.append(&Value::Text(texts[1].into()));
+        b.append(&Value::Text(texts[2].into()));
+        let a = b.finish();
+        assert_eq!(value_text(a.as_ref(), 0), texts[1]);
+        assert_eq!(value_text(a.as_ref(), 1), texts[2]);
     }
 }

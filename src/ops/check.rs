@@ -3,8 +3,10 @@
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::decode::pgoutput::{Column, Relation};
 use crate::decode::types::PgKind;
 use crate::source::replication::quote_ident;
+use crate::source::types::TypeResolver;
 use crate::source::{connect_sql, SourceError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -287,6 +289,7 @@ async fn checks(
             );
         }
     }
+    let mut types = TypeResolver::default();
     for t in &tables {
         let (schema, name, replident, pk, select): (String, String, String, bool, bool) =
             (t.get(0), t.get(1), t.get(2), t.get(3), t.get(4));
@@ -322,15 +325,29 @@ async fn checks(
         }
         let cols = sql
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod \
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod, a.attrelid \
                  FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
                  ORDER BY a.attnum",
                 &[&q],
             )
             .await?;
-        for c in &cols {
-            let (col, ty, oid, typmod): (String, String, u32, i32) =
-                (c.get(0), c.get(1), c.get(2), c.get(3));
+        let mut rel = Relation {
+            oid: cols.first().map_or(0, |c| c.get(4)),
+            columns: cols
+                .iter()
+                .map(|c| Column {
+                    name: c.get(0),
+                    type_oid: c.get(2),
+                    type_modifier: c.get(3),
+                    ..Column::default()
+                })
+                .collect(),
+            ..Relation::default()
+        };
+        types.resolve(sql, &mut rel).await?;
+        for (c, resolved) in cols.iter().zip(&rel.columns) {
+            let (col, ty): (String, String) = (c.get(0), c.get(1));
+            let (oid, typmod) = (resolved.type_oid, resolved.type_modifier);
             if PgKind::of(oid, typmod) == PgKind::Text && !TEXT_TYPES.contains(&oid) {
                 r.push(
                     &label,

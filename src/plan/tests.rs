@@ -13,6 +13,7 @@ fn rel(identity: u8) -> Arc<Relation> {
         name: name.into(),
         type_oid: if name == "id" { 23 } else { 25 },
         type_modifier: -1,
+        ..Column::default()
     };
     let full = identity == b'f';
     Arc::new(Relation {

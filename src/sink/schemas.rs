@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{SinkError, Warehouse};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
-use crate::decode::types::PgKind;
+use crate::decode::types::column_type;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchemaVersion {
@@ -33,8 +33,15 @@ pub struct SchemaVersion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColumnVersion {
     pub name: String,
+    /// The type the values are read as (a domain's base type, an array's element type).
     pub type_oid: u32,
     pub type_modifier: i32,
+    /// Array dimensions (0: not an array).
+    #[serde(default)]
+    pub dims: u8,
+    /// Attribute number in the source catalog (0: unknown).
+    #[serde(default)]
+    pub attnum: i16,
     pub identity: bool,
     pub arrow_type: String,
 }
@@ -54,10 +61,10 @@ impl SchemaVersion {
                     name: c.name.clone(),
                     type_oid: c.type_oid,
                     type_modifier: c.type_modifier,
+                    dims: c.dims,
+                    attnum: c.attnum,
                     identity: c.key,
-                    arrow_type: PgKind::of(c.type_oid, c.type_modifier)
-                        .arrow_type()
-                        .to_string(),
+                    arrow_type: column_type(c).to_string(),
                 })
                 .collect(),
         }

@@ -7,6 +7,7 @@ pub mod coalesce;
 pub mod error;
 pub mod replication;
 pub mod snapshot;
+pub mod types;
 
 use std::str::FromStr;
 use std::time::Duration;

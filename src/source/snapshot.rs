@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{connect_sql, replication::quote_ident, SourceError};
+use super::{connect_sql, replication::quote_ident, types::TypeResolver, SourceError};
 use crate::config::SourceConfig;
 use crate::decode::copy_text::CopyTextParser;
 use crate::decode::pgoutput::{Column, Relation};
@@ -161,6 +161,7 @@ pub async fn describe(
             name: r.get(2),
             type_oid: r.get(3),
             type_modifier: r.get(4),
+            ..Column::default()
         })
         .collect();
     let pages = pages as u64;
@@ -170,14 +171,16 @@ pub async fn describe(
     } else {
         pages * 100
     };
+    let mut relation = Relation {
+        oid,
+        schema: schema.to_string(),
+        name: name.to_string(),
+        replica_identity: ident.bytes().next().unwrap_or(b'd'),
+        columns,
+    };
+    TypeResolver::default().resolve(sql, &mut relation).await?;
     Ok(TableSpec {
-        relation: Relation {
-            oid,
-            schema: schema.to_string(),
-            name: name.to_string(),
-            replica_identity: ident.bytes().next().unwrap_or(b'd'),
-            columns,
-        },
+        relation,
         pages,
         estimated_rows,
         scope: Arc::new(Scope {
@@ -378,6 +381,7 @@ mod tests {
             name: "Id".into(),
             type_oid: 23,
             type_modifier: -1,
+            ..Column::default()
         }];
         s.scope = Arc::new(Scope {
             row_filter: Some("(region = 'eu'::text)".into()),

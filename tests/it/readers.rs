@@ -51,7 +51,9 @@ async fn python_readers_see_every_value_postgres_has() {
     let table = "CREATE TABLE r (id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4,
         f8 float8, n numeric(20,6), nu numeric, t text, c char(5), by bytea, d date, ts timestamp,
         tz timestamptz, tm time, iv interval, j jsonb, u uuid, arr int[], txt text[], rg int4range,
-        ip inet, m money, bits varbit, pt point, e_mood mood)";
+        ip inet, m money, bits varbit, pt point, e_mood mood, m2 int[][], dm posint, dn amount,
+        da posint[], ea mood[], na numeric(10,2)[], tza timestamptz[], ba bytea[], fa float8[],
+        bo bool[], iva interval[], dmd amount[][])";
     let rows = "INSERT INTO r SELECT g, g % 2 = 0, (g % 32767)::int2, g * 1000, g::int8 * 1000000000000,
         (g * 1.1)::float4 * 10 ^ ((g % 70) - 35)::float4, (g * 1.123456789) * 10 ^ ((g % 600) - 300),
         g * 1.000001 - 500, (g * 3.14159265358979)::numeric ^ 3, 'line ' || g || E'\\n\\ttab\\\\ é ✓',
@@ -60,16 +62,24 @@ async fn python_readers_see_every_value_postgres_has() {
         TIME '00:00' + g * interval '1 minute', g * interval '1 day 2 hours 3.5 seconds',
         jsonb_build_object('g', g, 'a', jsonb_build_array(1, 'x')), md5(g::text)::uuid,
         ARRAY[g, NULL, -g], ARRAY['a b', NULL, '\"q\"'], int4range(g, g + 10), ('10.0.' || (g % 255) || '.1')::inet,
-        g * 1.25, (g % 256)::bit(8)::varbit, point(g, -g), CASE WHEN g % 2 = 0 THEN 'sad' ELSE 'happy' END::mood
+        g * 1.25, (g % 256)::bit(8)::varbit, point(g, -g), CASE WHEN g % 2 = 0 THEN 'sad' ELSE 'happy' END::mood,
+        ARRAY[[g, NULL], [-g, 0]], g, g * 1.5, ARRAY[g, g + 1]::posint[], ARRAY['sad', NULL, 'happy']::mood[],
+        ARRAY[g * 0.25, NULL], ARRAY[TIMESTAMPTZ '2024-01-01 00:00+00' + g * interval '1 hour 1.5 seconds'],
+        ARRAY[decode(md5(g::text), 'hex'), ''::bytea, NULL], ARRAY['NaN', g * 1.1, '-Infinity', -0.0]::float8[],
+        ARRAY[true, false, NULL], ARRAY[g * interval '1 day 2 seconds'], ARRAY[[g * 0.5], [NULL]]::amount[][]
         FROM generate_series(1, 300) g";
-    let edges = "INSERT INTO r (id, f4, f8, n, t, arr, txt) VALUES
-        (1001, 'NaN', 'Infinity', 'NaN', '', '{}', '{}'),
-        (1002, '-Infinity', '-0', 0, NULL, '{{1,2},{3,NULL}}', '{\"\"}'),
-        (1003, 1e-38, 1e-300, -0.000001, ' ', NULL, '{NULL}'),
-        (1004, 3.4028235e38, 1.7976931348623157e308, 99999999999999.999999, repeat('long ', 2000), '{}', '{x}')";
+    // Arrays: empty, of other dimensions than declared, with lower bounds other than 1, with an
+    // element the element type cannot hold (numeric NaN): exact text beside a NULL.
+    let edges = "INSERT INTO r (id, f4, f8, n, t, arr, txt, m2, na, fa, dmd) VALUES
+        (1001, 'NaN', 'Infinity', 'NaN', '', '{}', '{}', '{}', '{NaN,1}', '{}', '{}'),
+        (1002, '-Infinity', '-0', 0, NULL, '{{1,2},{3,NULL}}', '{\"\"}', '{1,2}', '{}', '{{1.5}}', '{{1},{2}}'),
+        (1003, 1e-38, 1e-300, -0.000001, ' ', '[0:1]={7,8}', '{NULL,\"NULL\",\"a,b\",\"{}\",\"\\\\\"}', NULL, '{NULL}', '{NULL}', '{{NULL}}'),
+        (1004, 3.4028235e38, 1.7976931348623157e308, 99999999999999.999999, repeat('long ', 2000), '{}', '{x}',
+         '{{1,2,3},{4,5,6}}', '{0.01}', '{1e-300,1.7976931348623157e308}', '{{1},{-1}}')";
     db.client
         .batch_execute(&format!(
-            "CREATE TYPE mood AS ENUM ('sad', 'happy'); {table}; {rows}; {edges};"
+            "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+             CREATE DOMAIN amount AS numeric(12,2); {table}; {rows}; {edges};"
         ))
         .await
         .unwrap();

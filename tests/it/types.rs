@@ -68,7 +68,8 @@ async fn verify_agrees_with_postgres_text_for_edge_values() {
     let wh = warehouse_dir("types_verify");
     let table = "CREATE TABLE e (id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4,
         f8 float8, n numeric(20,6), nu numeric, t text, vc varchar(10), c char(5), by bytea, d date,
-        ts timestamp, tz timestamptz, tm time, iv interval, j jsonb, u uuid, arr int[], e text[])";
+        ts timestamp, tz timestamptz, tm time, iv interval, j jsonb, u uuid, arr int[], e text[],
+        m2 float8[][], ba bytea[], tsa timestamptz[], dm posint, da posint[], ia interval[])";
     // Edge values, and a spread of float magnitudes (both notations, both signs).
     let rows = "INSERT INTO e SELECT g, g % 2 = 0, (g % 32767)::int2, g * 1000, g::int8 * 1000000000000,
         (g * 1.1)::float4 * 10 ^ ((g % 70) - 35)::float4 * CASE WHEN g % 3 = 0 THEN -1 ELSE 1 END,
@@ -79,15 +80,23 @@ async fn verify_agrees_with_postgres_text_for_edge_values() {
         TIMESTAMPTZ '2024-02-29 12:34:56.789+02' + g * interval '17 minutes',
         TIME '00:00' + g * interval '1 minute', g * interval '1 day 2 hours 3.5 seconds',
         jsonb_build_object('g', g, 'a', jsonb_build_array(1, 'x')), md5(g::text)::uuid,
-        ARRAY[g, NULL, -g], ARRAY['a b', NULL, '\"q\"']
+        ARRAY[g, NULL, -g], ARRAY['a b', NULL, '\"q\"'],
+        ARRAY[[g * 1.1, NULL], ['NaN', -g * 1e-300]], ARRAY[decode(md5(g::text), 'hex'), NULL],
+        ARRAY[TIMESTAMPTZ '2024-02-29 12:34:56.789+02' + g * interval '17 minutes'], g, ARRAY[g]::posint[],
+        ARRAY[g * interval '1 day 2 hours 3.5 seconds', NULL]
         FROM generate_series(1, 400) g";
-    let edges = "INSERT INTO e (id, f4, f8, n, d, ts, tz, t) VALUES
-        (1001, 'NaN', 'Infinity', 'NaN', '-infinity', 'infinity', '-infinity', ''),
-        (1002, '-Infinity', '-0', 0, '0044-03-15 BC', '0044-03-15 12:00:00 BC', '2000-01-01 00:00:00.5+00', NULL),
-        (1003, 1e-38, 1e-300, -0.000001, '9999-12-31', '1970-01-01', '1970-01-01 00:00:00+00', 'x'),
-        (1004, 3.4028235e38, 1.7976931348623157e308, 99999999999999.999999, '0001-01-01', '2000-02-29 00:00:00.000001', NULL, ' ')";
+    let edges = "INSERT INTO e (id, f4, f8, n, d, ts, tz, t, arr, e, m2) VALUES
+        (1001, 'NaN', 'Infinity', 'NaN', '-infinity', 'infinity', '-infinity', '', '{}', '{}', '{}'),
+        (1002, '-Infinity', '-0', 0, '0044-03-15 BC', '0044-03-15 12:00:00 BC', '2000-01-01 00:00:00.5+00', NULL,
+         '{{1,2},{3,NULL}}', '{\"\",\"NULL\",NULL,\" x\",\"a,b\",\"{}\",\"\\\\\"}', '{1.5}'),
+        (1003, 1e-38, 1e-300, -0.000001, '9999-12-31', '1970-01-01', '1970-01-01 00:00:00+00', 'x',
+         '[0:1]={7,8}', '{é,\"tab\ttab\"}', '{{{1}}}'),
+        (1004, 3.4028235e38, 1.7976931348623157e308, 99999999999999.999999, '0001-01-01', '2000-02-29 00:00:00.000001', NULL, ' ',
+         NULL, NULL, '{{Infinity},{-Infinity}}')";
     db.client
-        .batch_execute(&format!("{table}; {rows}; {edges};"))
+        .batch_execute(&format!(
+            "CREATE DOMAIN posint AS int CHECK (VALUE > 0); {table}; {rows}; {edges};"
+        ))
         .await
         .unwrap();
     let cfg = config(&db, &wh);

@@ -29,22 +29,48 @@ def same(kind, pg, mirror):
         return (math.isnan(pg) and math.isnan(mirror)) or pg == mirror
     if pa.types.is_decimal(kind):
         return Decimal(pg) == mirror
+    if pa.types.is_list(kind):
+        return len(pg) == len(mirror) and all(same(kind.value_type, a, b) for a, b in zip(pg, mirror))
     return pg == mirror
+
+
+def innermost(kind):
+    while pa.types.is_list(kind):
+        kind = kind.value_type
+    return kind
 
 
 def main():
     dsn, warehouse, schema, table, key = sys.argv[1:6]
     mirror = deltalake.DeltaTable(f"{warehouse}/mirror/{schema}/{table}").to_pyarrow_table()
     fields = [f for f in mirror.schema if not f.name.startswith("_walden_")]
+    with psycopg.connect(dsn) as conn:
+        # Arrays of domains: psycopg reads them as text; read them as arrays of the base type.
+        base = dict(conn.execute(
+            "SELECT a.attname, format_type(CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END, "
+            "CASE WHEN e.typtype = 'd' THEN e.typtypmod ELSE a.atttypmod END) "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid JOIN pg_type e ON e.oid = t.typelem "
+            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND t.typcategory = 'A'",
+            (f'"{schema}"."{table}"',)).fetchall())
     cols = []
     for f in fields:
         q = f'"{f.name}"'
-        cols.append(f"format('%s', {q})" if pa.types.is_string(f.type) else q)
+        if pa.types.is_string(f.type):
+            cols.append(f"format('%s', {q})")
+        elif pa.types.is_list(f.type) and pa.types.is_string(innermost(f.type)):
+            cols.append(f"{q}::text[]")  # enum, interval … arrays: elements as text
+        elif pa.types.is_list(f.type):
+            cols.append(f"{q}::{base[f.name]}[]")
+        else:
+            cols.append(q)
+    # Each column's exact text too, for values the mirror could not hold.
+    texts = [f"format('%s', \"{f.name}\")" for f in fields]
     with psycopg.connect(dsn) as conn:
-        conn.execute("SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; SET DateStyle = 'ISO, YMD'")
+        conn.execute("SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; SET DateStyle = 'ISO, YMD'; "
+                     "SET extra_float_digits = 3; SET bytea_output = hex")
         # format('%s', NULL) is '', not NULL: keep NULLs NULL.
         sel = ", ".join(
-            f'CASE WHEN "{f.name}" IS NULL THEN NULL ELSE {c} END' for f, c in zip(fields, cols)
+            f'CASE WHEN "{f.name}" IS NULL THEN NULL ELSE {c} END' for f, c in zip(fields + fields, cols + texts)
         )
         rows = conn.execute(f'SELECT {sel} FROM "{schema}"."{table}" ORDER BY "{key}"').fetchall()
     by_key = {}
@@ -59,11 +85,10 @@ def main():
             bad.append(f"{key}={row[key_at]}: missing from the mirror")
             continue
         exact = json.loads(mr["_walden_unrepresentable"]) if mr.get("_walden_unrepresentable") else {}
-        for f, pg in zip(fields, row):
+        for f, pg, text in zip(fields, row, row[len(fields):]):
             got = mr[f.name]
             if got is None and f.name in exact:
-                ok = str(pg) == exact[f.name] or (isinstance(pg, float) and math.isnan(pg) and exact[f.name] == "NaN") \
-                    or (isinstance(pg, Decimal) and pg.is_nan() and exact[f.name] == "NaN")
+                ok = text == exact[f.name]
             else:
                 ok = same(f.type, pg, got)
             if not ok:

@@ -16,6 +16,7 @@ fn rel(name: &str) -> Arc<Relation> {
             name: "id".into(),
             type_oid: 23,
             type_modifier: -1,
+            ..Column::default()
         }],
     })
 }
