@@ -188,6 +188,9 @@ struct Session<'a> {
     /// Published tables known to have their Delta tables, with the source OID those hold (see
     /// [`Session::adopt_new_tables`]).
     known: HashMap<String, u32>,
+    /// Tables whose mirror must be copied afresh before their next flush (see
+    /// [`Session::resolve_relation`]).
+    recopy: HashSet<String>,
     /// When to look for tables that joined the publication next.
     next_publication_check: tokio::time::Instant,
 }
@@ -214,6 +217,7 @@ impl<'a> Session<'a> {
             sql: None,
             types: TypeResolver::default(),
             known: HashMap::new(),
+            recopy: HashSet::new(),
             next_publication_check: tokio::time::Instant::now() + PUBLICATION_CHECK,
         }
     }
@@ -238,9 +242,12 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
+        let recopy = std::mem::take(&mut self.recopy);
         let unknown: Vec<Published> = published
             .into_iter()
-            .filter(|p| self.known.get(&p.qualified()) != Some(&p.oid))
+            .filter(|p| {
+                self.known.get(&p.qualified()) != Some(&p.oid) || recopy.contains(&p.qualified())
+            })
             .collect();
         if unknown.is_empty() {
             return Ok(());
@@ -255,8 +262,13 @@ impl<'a> Session<'a> {
         for p in unknown {
             let recorded = history.latest(&p.schema, &p.name).await?.map(|v| v.oid);
             let current = mirrors.contains(&p.qualified())
-                // Warehouses written before the schema history have no record: trust them.
-                && recorded.is_none_or(|oid| oid == p.oid);
+                && !recopy.contains(&p.qualified())
+                && match recorded {
+                    Some(oid) => oid == p.oid,
+                    // No record: a copy cut short (the table exists, nothing applied to it), or
+                    // a warehouse written before the schema history (trusted).
+                    None => self.mirror_applied(&p).await? > Lsn(0),
+                };
             if current {
                 self.known.insert(p.qualified(), p.oid);
             } else {
@@ -277,6 +289,22 @@ impl<'a> Session<'a> {
             self.known.insert(p.qualified(), p.oid);
         }
         Ok(())
+    }
+
+    /// How far the stream (or a copy) has applied to `p`'s mirror.
+    async fn mirror_applied(&self, p: &Published) -> Result<Lsn, PipelineError> {
+        let url = self
+            .warehouse
+            .table_url(crate::sink::TableKind::Mirror, &p.schema, &p.name);
+        let table = inspect::open(&url).await?;
+        crate::apply::applied_lsn(&table, &crate::apply::app_id(&self.cfg.source.slot))
+            .await
+            .map_err(|e| {
+                PipelineError::Apply(Box::new(ApplyError::Delta {
+                    table: p.qualified(),
+                    source: e,
+                }))
+            })
     }
 
     /// Makes sure the slot exists; when walden creates it, copies the published tables as of the
@@ -442,10 +470,8 @@ impl<'a> Session<'a> {
                     };
                     for msg in msgs? {
                         let event = self.assembler.push(msg)?;
-                        if let Some(mut relation) = self.assembler.take_fresh_relation() {
-                            let sql = self.sql.as_ref().ok_or_else(|| PipelineError::Internal("no SQL connection".into()))?;
-                            self.types.resolve(sql, &mut relation).await?;
-                            self.assembler.set_relation(relation);
+                        if let Some((relation, before)) = self.assembler.take_fresh_relation() {
+                            self.resolve_relation(relation, before).await?;
                         }
                         match event {
                             Some(Event::Commit(mut txn)) => {
@@ -498,6 +524,48 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Resolves a relation description against the catalog (`source::types`) before any change
+    /// of its is decoded. The description it follows (this session's, else the one recorded in
+    /// the schema history for the transaction's LSN) tells renamed columns from added ones.
+    async fn resolve_relation(
+        &mut self,
+        mut relation: crate::decode::pgoutput::Relation,
+        before: Option<std::sync::Arc<crate::decode::pgoutput::Relation>>,
+    ) -> Result<(), PipelineError> {
+        let previous: Option<Vec<(String, i16)>> = match before {
+            Some(b) if b.oid == relation.oid => Some(
+                b.columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.attnum))
+                    .collect(),
+            ),
+            _ => {
+                let at = self.assembler.open_commit_lsn().unwrap_or(Lsn(u64::MAX));
+                SchemaHistory::new(&self.warehouse)?
+                    .at(&relation.schema, &relation.name, at)
+                    .await?
+                    .filter(|v| v.oid == relation.oid)
+                    .map(|v| v.columns.into_iter().map(|c| (c.name, c.attnum)).collect())
+            }
+        };
+        let sql = self
+            .sql
+            .as_ref()
+            .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))?;
+        if self
+            .types
+            .resolve(sql, &mut relation, previous.as_deref())
+            .await?
+        {
+            let name = crate::batch::table_name(&relation);
+            tracing::warn!(table = %name, "columns were renamed, dropped or added while walden \
+                lagged behind, in a way the catalog cannot tell apart: the table is copied again");
+            self.recopy.insert(name);
+        }
+        self.assembler.set_relation(relation);
         Ok(())
     }
 
@@ -554,7 +622,7 @@ impl<'a> Session<'a> {
         if self
             .batcher
             .relations()
-            .any(|(t, oid)| self.known.get(t) != Some(&oid))
+            .any(|(t, oid)| self.known.get(t) != Some(&oid) || self.recopy.contains(t))
         {
             self.adopt_new_tables().await?;
             // Tables outside the publication's list (dropped from it meanwhile) are not asked
@@ -572,7 +640,13 @@ impl<'a> Session<'a> {
             PipelineError::Internal("applier missing with no flush under way".into())
         })?;
         let rows = self.batcher.rows();
-        let tables = self.batcher.take();
+        let mut tables = self.batcher.take();
+        for (name, buf) in tables.iter_mut() {
+            // Only while snapshots keep every generation copied (see adopt_new_tables).
+            if self.cfg.snapshot.enabled {
+                buf.generation = self.known.get(name).copied();
+            }
+        }
         self.frontier.begin_flush();
         METRICS.buffered_changes.set(0);
         self.in_flight = Some(tokio::spawn(async move {

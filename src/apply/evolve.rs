@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, RecordBatch, RecordBatchOptions};
+use arrow::array::{
+    new_null_array, Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray,
+};
 use arrow::compute::{cast_with_options, CastOptions};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
@@ -21,6 +23,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
 use super::{files, ApplyError, TableErr};
+use crate::batch::{UNCHANGED, UNREPRESENTABLE};
 use crate::sink::writer_properties;
 
 /// Makes the table's schema hold `want`'s columns: columns the source added are added (a
@@ -37,7 +40,12 @@ pub async fn evolve(
     let err = TableErr(name);
     let delta = |e| err.delta(e);
     let have = table_schema(table).map_err(delta)?;
-    let retyped = retyped(&have, want);
+    // A table already wider than the rows (they were decoded before a widening the table has
+    // seen, e.g. through a copy taken later) takes them as they are: `align` widens them.
+    let retyped: Vec<_> = retyped(&have, want)
+        .into_iter()
+        .filter(|(_, f, t)| !widens(t, f))
+        .collect();
     if let Some((column, from, to)) = retyped.iter().find(|(_, f, t)| !widens(f, t)) {
         return Err(ApplyError::IncompatibleType {
             table: name.to_string(),
@@ -81,12 +89,56 @@ pub async fn evolve(
     Ok(())
 }
 
+/// Renames columns the source renamed (`(old, new)` in the order they happened), where the table
+/// still has the old name and not yet the new one, by rewriting its files under the new names
+/// (one commit). The names inside walden's own columns (`_walden_unchanged`,
+/// `_walden_unrepresentable`) are renamed with them. Idempotent: after a crash the renames that
+/// committed are skipped.
+pub async fn rename(
+    table: &mut DeltaTable,
+    name: &str,
+    renames: &[(String, String)],
+    storage: &HashMap<String, String>,
+) -> Result<(), ApplyError> {
+    let have = table_schema(table).map_err(|e| TableErr(name).delta(e))?;
+    let mut names: Vec<String> = have.fields().iter().map(|f| f.name().clone()).collect();
+    let mut done: Vec<(String, String)> = Vec::new();
+    for (old, new) in renames {
+        if let (Some(i), false) = (names.iter().position(|n| n == old), names.contains(new)) {
+            names[i] = new.clone();
+            done.push((old.clone(), new.clone()));
+        }
+    }
+    if done.is_empty() {
+        return Ok(());
+    }
+    let fields: Vec<Field> = have
+        .fields()
+        .iter()
+        .zip(&names)
+        .map(|(f, n)| f.as_ref().clone().with_name(n))
+        .collect();
+    tracing::info!(table = %table.table_url(), columns = ?done, "renaming columns: rewriting the table");
+    rewrite_with(table, name, Arc::new(Schema::new(fields)), &done, storage).await
+}
+
 /// Rewrites every file of `table` in `schema` (same column names, wider types) and commits the new
 /// schema with the new files in one commit; a reader sees the table before or after, never a mix.
 async fn rewrite(
     table: &mut DeltaTable,
     name: &str,
     schema: SchemaRef,
+    storage: &HashMap<String, String>,
+) -> Result<(), ApplyError> {
+    rewrite_with(table, name, schema, &[], storage).await
+}
+
+/// [`rewrite`], renaming columns on the way.
+async fn rewrite_with(
+    table: &mut DeltaTable,
+    name: &str,
+    schema: SchemaRef,
+    renames: &[(String, String)],
     storage: &HashMap<String, String>,
 ) -> Result<(), ApplyError> {
     let err = TableErr(name);
@@ -103,6 +155,7 @@ async fn rewrite(
     let mut actions: Vec<Action> = Vec::new();
     for file in state.log_data().iter() {
         for batch in files::read_file(table, &file.object_store_path()).await? {
+            let batch = renamed(&batch, renames).map_err(arrow)?;
             let batch = align(&batch, &schema).map_err(arrow)?;
             writer.write(batch).await.map_err(delta)?;
         }
@@ -141,6 +194,53 @@ async fn rewrite(
         .map_err(delta)?;
     table.state = Some(commit.snapshot());
     Ok(())
+}
+
+/// `batch` with its columns renamed, and the names in walden's own columns with them.
+fn renamed(
+    batch: &RecordBatch,
+    renames: &[(String, String)],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    if renames.is_empty() {
+        return Ok(batch.clone());
+    }
+    let to = |n: &str| {
+        renames.iter().fold(
+            n.to_string(),
+            |n, (old, new)| if n == *old { new.clone() } else { n },
+        )
+    };
+    let schema = batch.schema();
+    let mut fields = Vec::new();
+    let mut columns = Vec::new();
+    for (f, c) in schema.fields().iter().zip(batch.columns()) {
+        fields.push(f.as_ref().clone().with_name(to(f.name())));
+        let column: ArrayRef = match f.name().as_str() {
+            UNREPRESENTABLE => Arc::new(map_strings(c.as_ref(), |s| {
+                let Ok(serde_json::Value::Object(m)) = serde_json::from_str(s) else {
+                    return s.to_string();
+                };
+                let m: serde_json::Map<String, serde_json::Value> =
+                    m.into_iter().map(|(k, v)| (to(&k), v)).collect();
+                serde_json::Value::Object(m).to_string()
+            })),
+            UNCHANGED => Arc::new(map_strings(c.as_ref(), |s| {
+                s.split(',').map(to).collect::<Vec<_>>().join(",")
+            })),
+            _ => c.clone(),
+        };
+        columns.push(column);
+    }
+    RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+}
+
+fn map_strings(a: &dyn Array, f: impl Fn(&str) -> String) -> StringArray {
+    let a = a.as_string::<i32>();
+    a.iter().map(|v| v.map(&f)).collect()
 }
 
 /// The table's current schema, as Arrow.

@@ -26,7 +26,7 @@ use crate::batch::{changelog_batch, changelog_schema, mirror_schema, TableBuffer
 use crate::checkpoint::{Applied, Lsn};
 use crate::decode::txn::ChangeKind;
 use crate::plan::mirror_plan;
-use crate::sink::schemas::{SchemaHistory, SchemaVersion};
+use crate::sink::schemas::{ColumnVersion, SchemaHistory, SchemaVersion};
 use crate::sink::{delta_is_transient, writer_properties, SinkError, TableKind, Warehouse};
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +237,13 @@ impl Applier {
         self.pair(name, buf).await?;
         let history = self.history.clone().expect("opened by pair");
         let pair = self.tables.get_mut(name).expect("opened above");
+        let renames = renamed_columns(pair.schema.as_ref(), buf);
+        if !renames.is_empty() {
+            // Before the new version is recorded: after a crash in between, the rename is
+            // seen again (and skipped by a table that has it).
+            evolve::rename(&mut pair.changes, name, &renames, &storage).await?;
+            evolve::rename(&mut pair.mirror, name, &renames, &storage).await?;
+        }
         record_versions(&history, pair, buf).await?;
         let mut stats = ApplyStats::default();
         let err = TableErr(name);
@@ -279,7 +286,7 @@ impl Applier {
                 .rows
                 .iter()
                 .filter(|r| !from.covers(r.commit_lsn, r.seq))
-                .all(|r| r.change.kind == ChangeKind::Insert);
+                .all(|r| r.change.kind == ChangeKind::Insert && buf.holds(r));
             let want = mirror_schema(&buf.relation);
             match changelog {
                 // The changelog just appended exactly these rows, all inserts, in files written
@@ -319,6 +326,56 @@ impl Applier {
         }
         Ok(stats)
     }
+}
+
+/// The name a dropped column's values keep in both tables once a new column takes its name.
+fn dropped_name(name: &str, attnum: i16) -> String {
+    format!("{name}__dropped_{attnum}")
+}
+
+/// Columns to rename, `(old, new)` in order, between the last recorded schema version and each
+/// relation description of `buf`: a column whose attribute number is a recorded column's but
+/// whose name is not was renamed by the source (a dropped column's number is never reused, so
+/// a column dropped and another added is never taken for a rename); a dropped column whose name
+/// a new column took moves aside to [`dropped_name`], so its values are never read as the new
+/// column's.
+fn renamed_columns(recorded: Option<&SchemaVersion>, buf: &TableBuffer) -> Vec<(String, String)> {
+    let mut renames = Vec::new();
+    let mut prev: Option<SchemaVersion> = recorded.cloned();
+    let mut last: Option<*const crate::decode::pgoutput::Relation> = None;
+    for row in &buf.rows {
+        let ptr = std::sync::Arc::as_ptr(&row.change.relation);
+        if last == Some(ptr) {
+            continue;
+        }
+        last = Some(ptr);
+        let v = SchemaVersion::of(&row.change.relation, row.commit_lsn);
+        if let Some(p) = prev.as_ref().filter(|p| p.oid == v.oid) {
+            let known = |c: &ColumnVersion| c.attnum != 0;
+            // A new column under a dropped column's name: the old one's values move aside.
+            for c in v.columns.iter().filter(|c| known(c)) {
+                if let Some(old) = p.columns.iter().find(|o| {
+                    known(o)
+                        && o.name == c.name
+                        && o.attnum != c.attnum
+                        && !v.columns.iter().any(|n| n.attnum == o.attnum)
+                }) {
+                    renames.push((old.name.clone(), dropped_name(&old.name, old.attnum)));
+                }
+            }
+            for c in v.columns.iter().filter(|c| known(c)) {
+                if let Some(old) = p
+                    .columns
+                    .iter()
+                    .find(|o| o.attnum == c.attnum && o.name != c.name)
+                {
+                    renames.push((old.name.clone(), c.name.clone()));
+                }
+            }
+        }
+        prev = Some(v);
+    }
+    renames
 }
 
 /// Records each schema version of the table that `buf`'s rows bring, with the commit LSN of the

@@ -17,9 +17,9 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
-use super::evolve::evolve;
+use super::evolve::{align, evolve, table_schema};
 use super::files::project_files;
-use super::{schema_differs, ApplyError};
+use super::ApplyError;
 use crate::batch::{changelog_schema, finish_columns, mirror_schema, Finished};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
@@ -38,6 +38,8 @@ pub struct SnapshotTarget {
     pub lsn: Lsn,
     /// Recorded as `_walden_commit_ts` (when the snapshot was taken).
     pub ts_us: i64,
+    /// Where the copied schema version is recorded once the copy is durable.
+    history: SchemaHistory,
 }
 
 impl SnapshotTarget {
@@ -56,18 +58,26 @@ impl SnapshotTarget {
         let mut mirror = warehouse
             .open_or_create(&mu, &mirror_schema(&relation), &name)
             .await?;
-        SchemaHistory::new(warehouse)?
-            .record(&SchemaVersion::of(&relation, consistent_point))
-            .await?;
         // Tables written before a column was added (by the source or by walden) gain it.
         let storage = warehouse.storage_options();
         evolve(&mut changes, &name, &changelog_schema(&relation), storage).await?;
         evolve(&mut mirror, &name, &mirror_schema(&relation), storage).await?;
+        // After evolving, each table holds every column of the copy in its type; columns it
+        // has besides (dropped at the source) stay NULL, and the order may differ (batches are
+        // aligned by name).
         for (t, want) in [
             (&changes, changelog_schema(&relation)),
             (&mirror, mirror_schema(&relation)),
         ] {
-            if schema_differs(t, &want) {
+            let have = table_schema(t).map_err(|source| ApplyError::Delta {
+                table: name.clone(),
+                source,
+            })?;
+            let holds = want.fields().iter().all(|w| {
+                have.field_with_name(w.name())
+                    .is_ok_and(|h| h.data_type() == w.data_type())
+            });
+            if !holds {
                 return Err(ApplyError::Snapshot(format!(
                     "{name}: the warehouse table {} has other columns than the source table; \
                      move it away (or delete it) and snapshot again",
@@ -82,6 +92,7 @@ impl SnapshotTarget {
             mirror,
             lsn: Lsn(consistent_point.0.saturating_sub(1)),
             ts_us,
+            history: SchemaHistory::new(warehouse)?,
         })
     }
 
@@ -123,11 +134,17 @@ impl SnapshotTarget {
 pub struct ChunkWriter<'a> {
     changes: RecordBatchWriter,
     target: &'a SnapshotTarget,
+    /// The changelog table's schema (its column order), which batches are aligned to.
+    layout: arrow::datatypes::SchemaRef,
 }
 
 impl<'a> ChunkWriter<'a> {
     pub fn new(target: &'a SnapshotTarget) -> Result<Self, ApplyError> {
         Ok(ChunkWriter {
+            layout: table_schema(&target.changes).map_err(|source| ApplyError::Delta {
+                table: target.name.clone(),
+                source,
+            })?,
             changes: RecordBatchWriter::for_table(&target.changes)
                 .map_err(|source| ApplyError::Delta {
                     table: target.name.clone(),
@@ -140,6 +157,14 @@ impl<'a> ChunkWriter<'a> {
 
     /// Writes changelog rows (see [`SnapshotTarget::changelog_batch`]).
     pub async fn write(&mut self, changelog: RecordBatch) -> Result<(), ApplyError> {
+        let changelog = if changelog.schema() == self.layout {
+            changelog
+        } else {
+            align(&changelog, &self.layout).map_err(|source| ApplyError::Arrow {
+                table: self.target.name.clone(),
+                source,
+            })?
+        };
         self.changes
             .write(changelog)
             .await
@@ -249,5 +274,11 @@ pub async fn commit_table(
         )
         .await
         .map_err(delta)?;
+    // Only now: a recorded version of this table's OID means its copy is in the mirror (a
+    // generation whose copy was cut short is copied again, see `pipeline`).
+    target
+        .history
+        .record(&SchemaVersion::of(&target.relation, Lsn(target.lsn.0 + 1)))
+        .await?;
     Ok(())
 }

@@ -58,6 +58,16 @@ pub struct TableBuffer {
     pub bytes: usize,
     /// The last transaction in `rows` is incomplete: more of its changes come in later flushes.
     pub partial: bool,
+    /// The source table (OID) whose rows the mirror holds, when known: rows of another one (a
+    /// generation dropped since, whose copy replaced it) reach the changelog only.
+    pub generation: Option<u32>,
+}
+
+impl TableBuffer {
+    /// `row` belongs to the generation the mirror holds.
+    pub fn holds(&self, row: &Row) -> bool {
+        self.generation.is_none_or(|g| row.change.relation.oid == g)
+    }
 }
 
 /// `schema.table`, the name a source table goes by everywhere in walden.
@@ -109,6 +119,7 @@ impl Batcher {
                     rows: Vec::new(),
                     bytes: 0,
                     partial: false,
+                    generation: None,
                 });
             if !Arc::ptr_eq(&buf.relation, &change.relation) {
                 buf.relation = change.relation.clone();

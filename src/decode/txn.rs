@@ -115,6 +115,8 @@ pub const MARKER_PREFIX: &str = "walden";
 
 struct Open {
     xid: u32,
+    /// Where it commits (from Begin).
+    final_lsn: Lsn,
     changes: TxnBuffer,
 }
 
@@ -138,8 +140,9 @@ pub struct Assembler {
     spill: Option<SpillPolicy>,
     /// Counts logical decoding messages seen (they are not replicated).
     pub logical_messages: u64,
-    /// The relation of the last Relation message, until the caller takes it to resolve.
-    fresh: Option<u32>,
+    /// The relation of the last Relation message (and the description it replaced), until the
+    /// caller takes it to resolve.
+    fresh: Option<(u32, Option<Arc<Relation>>)>,
 }
 
 impl Assembler {
@@ -158,9 +161,16 @@ impl Assembler {
     /// The relation the last message described, once, so the caller can resolve its types
     /// against the catalog and hand it back with [`Assembler::set_relation`] before the next
     /// message (whose changes then carry it).
-    pub fn take_fresh_relation(&mut self) -> Option<Relation> {
-        let oid = self.fresh.take()?;
-        self.relations.get(&oid).map(|r| r.as_ref().clone())
+    /// With it comes the description it replaced, if this session had one.
+    pub fn take_fresh_relation(&mut self) -> Option<(Relation, Option<Arc<Relation>>)> {
+        let (oid, before) = self.fresh.take()?;
+        let fresh = self.relations.get(&oid)?.as_ref().clone();
+        Some((fresh, before))
+    }
+
+    /// The commit LSN of the open (not streamed) transaction.
+    pub fn open_commit_lsn(&self) -> Option<Lsn> {
+        self.current.as_ref().map(|o| o.final_lsn)
     }
 
     pub fn set_relation(&mut self, relation: Relation) {
@@ -271,12 +281,13 @@ impl Assembler {
 
     pub fn push_data(&mut self, data: Bytes) -> Result<Option<Event>, AssembleError> {
         match self.decoder.decode(data)? {
-            Message::Begin { xid, .. } => {
+            Message::Begin { xid, final_lsn, .. } => {
                 if self.current.is_some() {
                     return Err(DecodeError::OutOfOrder("Begin inside a transaction").into());
                 }
                 self.current = Some(Open {
                     xid,
+                    final_lsn,
                     changes: TxnBuffer::default(),
                 });
             }
@@ -299,8 +310,9 @@ impl Assembler {
                 }))));
             }
             Message::Relation { relation, .. } => {
-                self.fresh = Some(relation.oid);
-                self.relations.insert(relation.oid, Arc::new(relation));
+                let oid = relation.oid;
+                let before = self.relations.insert(oid, Arc::new(relation));
+                self.fresh = Some((oid, before));
             }
             Message::Insert { xid, oid, new } => {
                 self.add(xid, oid, ChangeKind::Insert, Some(new), None)?

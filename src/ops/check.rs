@@ -344,7 +344,7 @@ async fn checks(
                 .collect(),
             ..Relation::default()
         };
-        types.resolve(sql, &mut rel).await?;
+        types.resolve(sql, &mut rel, None).await?;
         for (c, resolved) in cols.iter().zip(&rel.columns) {
             let (col, ty): (String, String) = (c.get(0), c.get(1));
             let (oid, typmod) = (resolved.type_oid, resolved.type_modifier);

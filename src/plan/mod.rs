@@ -85,7 +85,7 @@ pub fn mirror_plan(buf: &TableBuffer, applied: Applied) -> Option<MirrorPlan> {
     let rows: Vec<&Row> = buf
         .rows
         .iter()
-        .filter(|r| !applied.covers(r.commit_lsn, r.seq))
+        .filter(|r| !applied.covers(r.commit_lsn, r.seq) && buf.holds(r))
         .collect();
     if rows.is_empty() {
         return None;

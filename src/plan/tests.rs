@@ -85,6 +85,7 @@ impl B {
             rows: self.rows,
             bytes: 0,
             partial: false,
+            generation: None,
         };
         mirror_plan(&buf, Applied::default()).expect("rows to plan")
     }
@@ -227,6 +228,7 @@ fn changes_at_or_below_the_applied_lsn_are_skipped() {
         rows: b.rows,
         bytes: 0,
         partial: false,
+        generation: None,
     };
     assert_eq!(
         mirror_plan(&buf, Applied::at(Lsn(101)))

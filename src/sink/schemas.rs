@@ -100,11 +100,23 @@ impl SchemaHistory {
         schema: &str,
         table: &str,
     ) -> Result<Option<SchemaVersion>, SinkError> {
+        self.at(schema, table, Lsn(u64::MAX)).await
+    }
+
+    /// The version of `schema.table` in effect at `lsn`: the newest recorded at or before it.
+    pub async fn at(
+        &self,
+        schema: &str,
+        table: &str,
+        lsn: Lsn,
+    ) -> Result<Option<SchemaVersion>, SinkError> {
         let dir = Self::dir(schema, table);
+        let upto = format!("{:016X}.json", lsn.0);
         let mut names: Vec<Path> = self
             .store
             .list(Some(&dir))
             .map_ok(|m| m.location)
+            .try_filter(|p| std::future::ready(p.filename().is_some_and(|f| *f <= *upto)))
             .try_collect()
             .await?;
         names.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));

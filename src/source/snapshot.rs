@@ -178,7 +178,9 @@ pub async fn describe(
         replica_identity: ident.bytes().next().unwrap_or(b'd'),
         columns,
     };
-    TypeResolver::default().resolve(sql, &mut relation).await?;
+    TypeResolver::default()
+        .resolve(sql, &mut relation, None)
+        .await?;
     Ok(TableSpec {
         relation,
         pages,

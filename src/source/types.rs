@@ -61,31 +61,148 @@ fn is_plain(type_oid: u32) -> bool {
     )
 }
 
+/// One row of `pg_attribute`, as the catalog is now.
+#[derive(Debug, Clone)]
+pub struct Attribute {
+    pub name: String,
+    pub attnum: i16,
+    pub dims: i32,
+    pub dropped: bool,
+}
+
+/// The attribute numbers of a relation description's columns (`names`, in pgoutput's order,
+/// which is attribute-number order), given the description before it (`previous`, with its
+/// numbers) and the catalog as it is now, which may be later than the description: columns may
+/// have been renamed or dropped since. 0 where it cannot be told.
+///
+/// Facts that hold whatever happened since: a column keeps its number through renames; a
+/// dropped number is never reused (nor undropped); a column that exists now existed at every
+/// point since it was added; an added column comes after every older one. So: columns whose
+/// name the previous description has, in order, are those columns; between two of them, the
+/// previous columns still alive now are exactly the ones left there, renamed (and if their
+/// count does not fit, all previous columns there when that count fits); after the last,
+/// previous columns alive now are renamed in order and the rest are additions, numbered by
+/// their name in the catalog when that is the next number the catalog added. Anything else is
+/// ambiguous (e.g. a column added, then dropped and added again under its name before walden
+/// read the first add): those columns get 0 and the second value is true, so the caller can
+/// make the mirror right another way (a fresh copy of the table). Without a previous
+/// description (or one without numbers), names are looked up in the catalog.
+pub fn attribute_numbers(
+    previous: &[(String, i16)],
+    names: &[&str],
+    catalog: &[Attribute],
+) -> (Vec<i16>, bool) {
+    let by_name = |n: &str| {
+        catalog
+            .iter()
+            .find(|a| !a.dropped && a.name == n)
+            .map_or(0, |a| a.attnum)
+    };
+    if previous.is_empty() || previous.iter().any(|p| p.1 == 0) {
+        return (names.iter().map(|n| by_name(n)).collect(), false);
+    }
+    let alive = |attnum: i16| catalog.iter().any(|a| a.attnum == attnum && !a.dropped);
+    // Same names, in order.
+    let mut out = vec![0i16; names.len()];
+    let mut ambiguous = false;
+    let mut matched: Vec<(usize, usize)> = Vec::new();
+    let mut from = 0;
+    for (i, n) in names.iter().enumerate() {
+        if let Some(j) = previous[from..].iter().position(|p| p.0 == *n) {
+            out[i] = previous[from + j].1;
+            matched.push((i, from + j));
+            from += j + 1;
+        }
+    }
+    // The gaps between matches: unmatched previous columns against unmatched new ones.
+    let mut bounds = vec![(0usize, 0usize)];
+    bounds.extend(matched.iter().map(|&(i, j)| (i + 1, j + 1)));
+    let ends: Vec<(usize, usize)> = matched
+        .iter()
+        .copied()
+        .chain(std::iter::once((names.len(), previous.len())))
+        .collect();
+    let newest = previous.iter().map(|p| p.1).max().unwrap_or(0);
+    for (gap, (&(n0, p0), &(n1, p1))) in bounds.iter().zip(&ends).enumerate() {
+        let last = gap == matched.len();
+        let fresh: Vec<usize> = (n0..n1).collect();
+        let gone = &previous[p0..p1];
+        let survivors: Vec<i16> = gone.iter().map(|p| p.1).filter(|&a| alive(a)).collect();
+        let all: Vec<i16> = gone.iter().map(|p| p.1).collect();
+        let candidates: Vec<i16> = catalog
+            .iter()
+            .map(|a| a.attnum)
+            .filter(|&a| a > newest)
+            .collect();
+        if last && survivors.len() <= fresh.len() {
+            // Survivors renamed in order; the rest added, and only certain when each is the
+            // next column the catalog added (under the same name still).
+            for (k, &i) in fresh.iter().enumerate() {
+                out[i] = match survivors.get(k) {
+                    Some(&a) => a,
+                    None => {
+                        let a = by_name(names[i]);
+                        if a == 0 || candidates.get(k - survivors.len()) != Some(&a) {
+                            ambiguous = true;
+                            0
+                        } else {
+                            a
+                        }
+                    }
+                };
+            }
+            continue;
+        }
+        let renamed: &[i16] = if survivors.len() == fresh.len() {
+            &survivors
+        } else if all.len() == fresh.len() {
+            &all
+        } else {
+            ambiguous = true;
+            &[]
+        };
+        for (k, &i) in fresh.iter().enumerate() {
+            out[i] = renamed.get(k).copied().unwrap_or(0);
+        }
+    }
+    (out, ambiguous)
+}
+
 /// How deep domains over domains are followed.
 const MAX_DEPTH: usize = 16;
 
 impl TypeResolver {
     /// Rewrites `rel`'s columns to the types their values are read as (see the module docs), and
-    /// fills in dimensions and attribute numbers.
+    /// fills in dimensions and attribute numbers. `previous`: the columns (name, attribute number)
+    /// of the description this one follows, which tells renamed columns from added ones (see
+    /// [`attribute_numbers`]). True when the columns could not be told apart for sure.
     pub async fn resolve(
         &mut self,
         sql: &tokio_postgres::Client,
         rel: &mut Relation,
-    ) -> Result<(), SourceError> {
+        previous: Option<&[(String, i16)]>,
+    ) -> Result<bool, SourceError> {
         let rows = sql
             .query(
-                "SELECT attname::text, attnum, attndims FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                "SELECT attname::text, attnum, attndims, attisdropped FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
                 &[&rel.oid],
             )
             .await?;
-        let attrs: HashMap<String, (i16, i32)> = rows
+        let catalog: Vec<Attribute> = rows
             .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .map(|r| Attribute {
+                name: r.get(0),
+                attnum: r.get(1),
+                dims: r.get(2),
+                dropped: r.get(3),
+            })
             .collect();
-        for col in &mut rel.columns {
-            let declared = attrs.get(&col.name);
-            col.attnum = declared.map_or(0, |a| a.0);
+        let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        let (attnums, ambiguous) = attribute_numbers(previous.unwrap_or(&[]), &names, &catalog);
+        for (col, attnum) in rel.columns.iter_mut().zip(attnums) {
+            col.attnum = attnum;
+            let declared = catalog.iter().find(|a| a.attnum == attnum && attnum != 0);
             if is_plain(col.type_oid) {
                 continue;
             }
@@ -98,11 +215,11 @@ impl TypeResolver {
             }
             if r.array {
                 // attndims is 0 for columns made by CREATE TABLE AS; one dimension then.
-                let dims = declared.map_or(1, |a| a.1).clamp(1, 6);
+                let dims = declared.map_or(1, |a| a.dims).clamp(1, 6);
                 col.dims = dims as u8;
             }
         }
-        Ok(())
+        Ok(ambiguous)
     }
 
     /// The resolution of one type, following domains to their base and arrays to their
@@ -164,5 +281,85 @@ impl TypeResolver {
         }
         self.types.insert(type_oid, result);
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The catalog: (name now, dropped) for attribute numbers 1, 2, ….
+    fn catalog(attrs: &[(&str, bool)]) -> Vec<Attribute> {
+        attrs
+            .iter()
+            .enumerate()
+            .map(|(i, (n, d))| Attribute {
+                name: n.to_string(),
+                attnum: i as i16 + 1,
+                dims: 0,
+                dropped: *d,
+            })
+            .collect()
+    }
+
+    fn prev(cols: &[(&str, i16)]) -> Vec<(String, i16)> {
+        cols.iter().map(|(n, a)| (n.to_string(), *a)).collect()
+    }
+
+    #[test]
+    fn renames_are_told_from_drop_and_add_whatever_happened_since() {
+        // id, a, b, c; then: a renamed a2, new column a, c dropped, c added, b renamed b2.
+        let now = catalog(&[
+            ("id", false),
+            ("a2", false),
+            ("b2", false),
+            ("", true),
+            ("a", false),
+            ("c", false),
+        ]);
+        let sure = |v: Vec<i16>| (v, false);
+        let v1 = prev(&[("id", 1), ("a", 2), ("b", 3), ("c", 4)]);
+        // After the rename: the old name is gone, the new one sits in its place.
+        let n = attribute_numbers(&v1, &["id", "a2", "b", "c"], &now);
+        assert_eq!(n, sure(vec![1, 2, 3, 4]));
+        let v2 = prev(&[("id", 1), ("a2", 2), ("b", 3), ("c", 4)]);
+        // A new column under the old name is an addition, not the old column.
+        let n = attribute_numbers(&v2, &["id", "a2", "b", "c", "a"], &now);
+        assert_eq!(n, sure(vec![1, 2, 3, 4, 5]));
+        let v3 = prev(&[("id", 1), ("a2", 2), ("b", 3), ("c", 4), ("a", 5)]);
+        // c dropped and added again: a new column (it comes after a).
+        let n = attribute_numbers(&v3, &["id", "a2", "b", "a", "c"], &now);
+        assert_eq!(n, sure(vec![1, 2, 3, 5, 6]));
+        let v4 = prev(&[("id", 1), ("a2", 2), ("b", 3), ("a", 5), ("c", 6)]);
+        let n = attribute_numbers(&v4, &["id", "a2", "b2", "a", "c"], &now);
+        assert_eq!(n, sure(vec![1, 2, 3, 5, 6]));
+        // Without a previous description: names as the catalog has them now.
+        let n = attribute_numbers(&[], &["id", "a", "b"], &now);
+        assert_eq!(n, sure(vec![1, 5, 0]));
+    }
+
+    #[test]
+    fn additions_are_certain_only_when_nothing_else_was_added_since() {
+        let v1 = prev(&[("id", 1), ("x", 2)]);
+        // x dropped, z added: z is the next column added.
+        let now = catalog(&[("id", false), ("", true), ("z", false)]);
+        assert_eq!(
+            attribute_numbers(&v1, &["id", "z"], &now),
+            (vec![1, 3], false)
+        );
+        // x renamed y, then dropped (or dropped, y added and dropped): cannot be told.
+        assert_eq!(
+            attribute_numbers(&v1, &["id", "y"], &now),
+            (vec![1, 0], true)
+        );
+        // x renamed z, w added after it.
+        let now = catalog(&[("id", false), ("z", false), ("w", false)]);
+        let n = attribute_numbers(&v1, &["id", "z", "w"], &now);
+        assert_eq!(n, (vec![1, 2, 3], false));
+        // extra added, dropped, added again before the first add was read: the first add may
+        // be either, so it is not guessed.
+        let now = catalog(&[("id", false), ("x", false), ("", true), ("extra", false)]);
+        let n = attribute_numbers(&v1, &["id", "x", "extra"], &now);
+        assert_eq!(n, (vec![1, 2, 0], true));
     }
 }
