@@ -561,8 +561,9 @@ impl<'a> Session<'a> {
             .await?
         {
             let name = crate::batch::table_name(&relation);
-            tracing::warn!(table = %name, "columns were renamed, dropped or added while walden \
-                lagged behind, in a way the catalog cannot tell apart: the table is copied again");
+            tracing::warn!(table = %name, "a column was added with a default (which the rows from \
+                before hold), or columns changed while walden lagged behind in a way the catalog \
+                cannot tell apart: the table is copied again");
             self.recopy.insert(name);
         }
         self.assembler.set_relation(relation);

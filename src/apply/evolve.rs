@@ -40,11 +40,13 @@ pub async fn evolve(
     let err = TableErr(name);
     let delta = |e| err.delta(e);
     let have = table_schema(table).map_err(delta)?;
-    // A table already wider than the rows (they were decoded before a widening the table has
-    // seen, e.g. through a copy taken later) takes them as they are: `align` widens them.
+    // A table of a wider number type than the rows (decoded before a widening the table has
+    // seen, e.g. through a copy taken later) takes them as they are: `align` widens them. Not
+    // a text column: rows of numbers meeting one are a type change at the source, to be
+    // stopped.
     let retyped: Vec<_> = retyped(&have, want)
         .into_iter()
-        .filter(|(_, f, t)| !widens(t, f))
+        .filter(|(_, f, t)| !widens(t, f) || *f == DataType::Utf8)
         .collect();
     if let Some((column, from, to)) = retyped.iter().find(|(_, f, t)| !widens(f, t)) {
         return Err(ApplyError::IncompatibleType {

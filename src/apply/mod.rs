@@ -328,6 +328,15 @@ impl Applier {
     }
 }
 
+/// Where the recorded version took effect. Rows from before it (still in flight when a later
+/// copy of the table recorded it) are covered by that copy: their older descriptions are neither
+/// compared nor recorded.
+fn recorded_lsn(recorded: Option<&SchemaVersion>) -> Lsn {
+    recorded
+        .and_then(|v| v.lsn.parse::<Lsn>().ok())
+        .unwrap_or(Lsn(0))
+}
+
 /// The name a dropped column's values keep in both tables once a new column takes its name.
 fn dropped_name(name: &str, attnum: i16) -> String {
     format!("{name}__dropped_{attnum}")
@@ -342,8 +351,9 @@ fn dropped_name(name: &str, attnum: i16) -> String {
 fn renamed_columns(recorded: Option<&SchemaVersion>, buf: &TableBuffer) -> Vec<(String, String)> {
     let mut renames = Vec::new();
     let mut prev: Option<SchemaVersion> = recorded.cloned();
+    let floor = recorded_lsn(recorded);
     let mut last: Option<*const crate::decode::pgoutput::Relation> = None;
-    for row in &buf.rows {
+    for row in buf.rows.iter().filter(|r| r.commit_lsn >= floor) {
         let ptr = std::sync::Arc::as_ptr(&row.change.relation);
         if last == Some(ptr) {
             continue;
@@ -387,7 +397,8 @@ async fn record_versions(
 ) -> Result<(), ApplyError> {
     // The relation description by address (held across awaits, so not a raw pointer).
     let mut last: Option<usize> = None;
-    for row in &buf.rows {
+    let floor = recorded_lsn(pair.schema.as_ref());
+    for row in buf.rows.iter().filter(|r| r.commit_lsn >= floor) {
         let ptr = std::sync::Arc::as_ptr(&row.change.relation) as usize;
         if last == Some(ptr) {
             continue;

@@ -68,6 +68,9 @@ pub struct Attribute {
     pub attnum: i16,
     pub dims: i32,
     pub dropped: bool,
+    /// Rows that existed before the column was added hold a value for it (a default, kept as
+    /// `attmissingval`, or written by a table rewrite).
+    pub has_default: bool,
 }
 
 /// The attribute numbers of a relation description's columns (`names`, in pgoutput's order,
@@ -85,7 +88,9 @@ pub struct Attribute {
 /// their name in the catalog when that is the next number the catalog added. Anything else is
 /// ambiguous (e.g. a column added, then dropped and added again under its name before walden
 /// read the first add): those columns get 0 and the second value is true, so the caller can
-/// make the mirror right another way (a fresh copy of the table). Without a previous
+/// make the mirror right another way (a fresh copy of the table). It is true as well for an
+/// added column with a default: the rows that existed before hold it, and the stream never sends
+/// them. Without a previous
 /// description (or one without numbers), names are looked up in the catalog.
 pub fn attribute_numbers(
     previous: &[(String, i16)],
@@ -146,6 +151,9 @@ pub fn attribute_numbers(
                             ambiguous = true;
                             0
                         } else {
+                            // The rows from before the add hold its default, which the stream
+                            // never sends for them: only a copy brings it.
+                            ambiguous |= catalog.iter().any(|c| c.attnum == a && c.has_default);
                             a
                         }
                     }
@@ -184,8 +192,8 @@ impl TypeResolver {
     ) -> Result<bool, SourceError> {
         let rows = sql
             .query(
-                "SELECT attname::text, attnum, attndims, attisdropped FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
+                "SELECT attname::text, attnum, attndims, attisdropped, atthasmissing OR atthasdef \
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
                 &[&rel.oid],
             )
             .await?;
@@ -196,6 +204,7 @@ impl TypeResolver {
                 attnum: r.get(1),
                 dims: r.get(2),
                 dropped: r.get(3),
+                has_default: r.get(4),
             })
             .collect();
         let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
@@ -298,6 +307,7 @@ mod tests {
                 attnum: i as i16 + 1,
                 dims: 0,
                 dropped: *d,
+                has_default: false,
             })
             .collect()
     }
@@ -361,5 +371,11 @@ mod tests {
         let now = catalog(&[("id", false), ("x", false), ("", true), ("extra", false)]);
         let n = attribute_numbers(&v1, &["id", "x", "extra"], &now);
         assert_eq!(n, (vec![1, 2, 0], true));
+        // An added column with a default: certain, but only a copy brings the default into
+        // the rows from before.
+        let mut now = catalog(&[("id", false), ("x", false), ("d", false)]);
+        now[2].has_default = true;
+        let n = attribute_numbers(&v1, &["id", "x", "d"], &now);
+        assert_eq!(n, (vec![1, 2, 3], true));
     }
 }

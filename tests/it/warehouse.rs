@@ -8,6 +8,24 @@ use walden::config::Config;
 use walden::sink::{TableKind, Warehouse};
 
 /// One string per result row (the query must return a single column).
+/// The column names of a Delta table of the warehouse.
+pub async fn delta_columns(wh: &Path, kind: TableKind, table: &str) -> Vec<String> {
+    let w = Warehouse::new(&walden::config::WarehouseConfig {
+        url: wh.display().to_string(),
+        storage_options: Default::default(),
+    })
+    .unwrap();
+    let t = inspect::open(&w.table_url(kind, "public", table))
+        .await
+        .unwrap_or_else(|e| panic!("open {table}: {e}"));
+    t.snapshot()
+        .unwrap()
+        .schema()
+        .fields()
+        .map(|f| f.name().clone())
+        .collect()
+}
+
 pub async fn delta_rows(wh: &Path, kind: TableKind, table: &str, sql: &str) -> Vec<String> {
     let w = Warehouse::new(&walden::config::WarehouseConfig {
         url: wh.display().to_string(),
