@@ -8,16 +8,21 @@ use walden::config::Config;
 use walden::sink::{TableKind, Warehouse};
 
 /// One string per result row (the query must return a single column).
-/// The column names of a Delta table of the warehouse.
-pub async fn delta_columns(wh: &Path, kind: TableKind, table: &str) -> Vec<String> {
+/// A Delta table of the warehouse.
+async fn open_table(wh: &Path, kind: TableKind, table: &str) -> deltalake::DeltaTable {
     let w = Warehouse::new(&walden::config::WarehouseConfig {
         url: wh.display().to_string(),
         storage_options: Default::default(),
     })
     .unwrap();
-    let t = inspect::open(&w.table_url(kind, "public", table))
+    inspect::open(&w.table_url(kind, "public", table))
         .await
-        .unwrap_or_else(|e| panic!("open {table}: {e}"));
+        .unwrap_or_else(|e| panic!("open {table}: {e}"))
+}
+
+/// The column names of a Delta table of the warehouse.
+pub async fn delta_columns(wh: &Path, kind: TableKind, table: &str) -> Vec<String> {
+    let t = open_table(wh, kind, table).await;
     t.snapshot()
         .unwrap()
         .schema()
@@ -27,14 +32,7 @@ pub async fn delta_columns(wh: &Path, kind: TableKind, table: &str) -> Vec<Strin
 }
 
 pub async fn delta_rows(wh: &Path, kind: TableKind, table: &str, sql: &str) -> Vec<String> {
-    let w = Warehouse::new(&walden::config::WarehouseConfig {
-        url: wh.display().to_string(),
-        storage_options: Default::default(),
-    })
-    .unwrap();
-    let t = inspect::open(&w.table_url(kind, "public", table))
-        .await
-        .unwrap_or_else(|e| panic!("open {table}: {e}"));
+    let t = open_table(wh, kind, table).await;
     let batches = inspect::query(&t, sql).await.unwrap();
     let mut out = Vec::new();
     for b in batches {
