@@ -299,12 +299,7 @@ impl<'a> Session<'a> {
         let table = inspect::open(&url).await?;
         crate::apply::applied_lsn(&table, &crate::apply::app_id(&self.cfg.source.slot))
             .await
-            .map_err(|e| {
-                PipelineError::Apply(Box::new(ApplyError::Delta {
-                    table: p.qualified(),
-                    source: e,
-                }))
-            })
+            .map_err(|e| crate::apply::TableErr(&p.qualified()).delta(e).into())
     }
 
     /// Makes sure the slot exists; when walden creates it, copies the published tables as of the
@@ -642,9 +637,9 @@ impl<'a> Session<'a> {
         })?;
         let rows = self.batcher.rows();
         let mut tables = self.batcher.take();
-        for (name, buf) in tables.iter_mut() {
-            // Only while snapshots keep every generation copied (see adopt_new_tables).
-            if self.cfg.snapshot.enabled {
+        // Only while snapshots keep every generation copied (see adopt_new_tables).
+        if self.cfg.snapshot.enabled {
+            for (name, buf) in tables.iter_mut() {
                 buf.generation = self.known.get(name).copied();
             }
         }

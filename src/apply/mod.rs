@@ -237,14 +237,15 @@ impl Applier {
         self.pair(name, buf).await?;
         let history = self.history.clone().expect("opened by pair");
         let pair = self.tables.get_mut(name).expect("opened above");
-        let renames = renamed_columns(pair.schema.as_ref(), buf);
+        let versions = versions(pair.schema.as_ref(), buf);
+        let renames = renamed_columns(pair.schema.as_ref(), &versions);
         if !renames.is_empty() {
             // Before the new version is recorded: after a crash in between, the rename is
             // seen again (and skipped by a table that has it).
             evolve::rename(&mut pair.changes, name, &renames, &storage).await?;
             evolve::rename(&mut pair.mirror, name, &renames, &storage).await?;
         }
-        record_versions(&history, pair, buf).await?;
+        record_versions(&history, pair, versions).await?;
         let mut stats = ApplyStats::default();
         let err = TableErr(name);
         let delta = |e| err.delta(e);
@@ -328,13 +329,23 @@ impl Applier {
     }
 }
 
-/// Where the recorded version took effect. Rows from before it (still in flight when a later
-/// copy of the table recorded it) are covered by that copy: their older descriptions are neither
-/// compared nor recorded.
-fn recorded_lsn(recorded: Option<&SchemaVersion>) -> Lsn {
-    recorded
+/// The schema versions `buf`'s rows bring after `recorded`, each with the commit LSN of its first
+/// row. Rows from before the recorded version (still in flight when a later copy of the table
+/// recorded it) are covered by that copy: their older descriptions are left out.
+fn versions(recorded: Option<&SchemaVersion>, buf: &TableBuffer) -> Vec<SchemaVersion> {
+    let floor = recorded
         .and_then(|v| v.lsn.parse::<Lsn>().ok())
-        .unwrap_or(Lsn(0))
+        .unwrap_or(Lsn(0));
+    let mut out = Vec::new();
+    let mut last: Option<*const crate::decode::pgoutput::Relation> = None;
+    for row in buf.rows.iter().filter(|r| r.commit_lsn >= floor) {
+        let ptr = std::sync::Arc::as_ptr(&row.change.relation);
+        if last != Some(ptr) {
+            last = Some(ptr);
+            out.push(SchemaVersion::of(&row.change.relation, row.commit_lsn));
+        }
+    }
+    out
 }
 
 /// The name a dropped column's values keep in both tables once a new column takes its name.
@@ -343,24 +354,19 @@ fn dropped_name(name: &str, attnum: i16) -> String {
 }
 
 /// Columns to rename, `(old, new)` in order, between the last recorded schema version and each
-/// relation description of `buf`: a column whose attribute number is a recorded column's but
+/// of the versions a buffer brings: a column whose attribute number is a recorded column's but
 /// whose name is not was renamed by the source (a dropped column's number is never reused, so
 /// a column dropped and another added is never taken for a rename); a dropped column whose name
 /// a new column took moves aside to [`dropped_name`], so its values are never read as the new
 /// column's.
-fn renamed_columns(recorded: Option<&SchemaVersion>, buf: &TableBuffer) -> Vec<(String, String)> {
+fn renamed_columns(
+    recorded: Option<&SchemaVersion>,
+    versions: &[SchemaVersion],
+) -> Vec<(String, String)> {
     let mut renames = Vec::new();
-    let mut prev: Option<SchemaVersion> = recorded.cloned();
-    let floor = recorded_lsn(recorded);
-    let mut last: Option<*const crate::decode::pgoutput::Relation> = None;
-    for row in buf.rows.iter().filter(|r| r.commit_lsn >= floor) {
-        let ptr = std::sync::Arc::as_ptr(&row.change.relation);
-        if last == Some(ptr) {
-            continue;
-        }
-        last = Some(ptr);
-        let v = SchemaVersion::of(&row.change.relation, row.commit_lsn);
-        if let Some(p) = prev.as_ref().filter(|p| p.oid == v.oid) {
+    let mut prev = recorded;
+    for v in versions {
+        if let Some(p) = prev.filter(|p| p.oid == v.oid) {
             let known = |c: &ColumnVersion| c.attnum != 0;
             // A new column under a dropped column's name: the old one's values move aside.
             for c in v.columns.iter().filter(|c| known(c)) {
@@ -388,23 +394,14 @@ fn renamed_columns(recorded: Option<&SchemaVersion>, buf: &TableBuffer) -> Vec<(
     renames
 }
 
-/// Records each schema version of the table that `buf`'s rows bring, with the commit LSN of the
-/// first row under it, before any of those rows is committed.
+/// Records each schema version a buffer brings (see [`versions`]) that differs from the last one
+/// recorded, before any of its rows is committed.
 async fn record_versions(
     history: &SchemaHistory,
     pair: &mut Pair,
-    buf: &TableBuffer,
+    versions: Vec<SchemaVersion>,
 ) -> Result<(), ApplyError> {
-    // The relation description by address (held across awaits, so not a raw pointer).
-    let mut last: Option<usize> = None;
-    let floor = recorded_lsn(pair.schema.as_ref());
-    for row in buf.rows.iter().filter(|r| r.commit_lsn >= floor) {
-        let ptr = std::sync::Arc::as_ptr(&row.change.relation) as usize;
-        if last == Some(ptr) {
-            continue;
-        }
-        last = Some(ptr);
-        let v = SchemaVersion::of(&row.change.relation, row.commit_lsn);
+    for v in versions {
         if pair.schema.as_ref().is_none_or(|s| !s.same_as(&v)) {
             history.record(&v).await?;
             pair.schema = Some(v);

@@ -19,7 +19,7 @@ use deltalake::DeltaTable;
 
 use super::evolve::{align, evolve, table_schema};
 use super::files::project_files;
-use super::ApplyError;
+use super::{ApplyError, TableErr};
 use crate::batch::{changelog_schema, finish_columns, mirror_schema, Finished};
 use crate::checkpoint::Lsn;
 use crate::decode::pgoutput::Relation;
@@ -69,10 +69,7 @@ impl SnapshotTarget {
             (&changes, changelog_schema(&relation)),
             (&mirror, mirror_schema(&relation)),
         ] {
-            let have = table_schema(t).map_err(|source| ApplyError::Delta {
-                table: name.clone(),
-                source,
-            })?;
+            let have = table_schema(t).map_err(|e| TableErr(&name).delta(e))?;
             let holds = want.fields().iter().all(|w| {
                 have.field_with_name(w.name())
                     .is_ok_and(|h| h.data_type() == w.data_type())
@@ -134,17 +131,11 @@ impl SnapshotTarget {
 pub struct ChunkWriter<'a> {
     changes: RecordBatchWriter,
     target: &'a SnapshotTarget,
-    /// The changelog table's schema (its column order), which batches are aligned to.
-    layout: arrow::datatypes::SchemaRef,
 }
 
 impl<'a> ChunkWriter<'a> {
     pub fn new(target: &'a SnapshotTarget) -> Result<Self, ApplyError> {
         Ok(ChunkWriter {
-            layout: table_schema(&target.changes).map_err(|source| ApplyError::Delta {
-                table: target.name.clone(),
-                source,
-            })?,
             changes: RecordBatchWriter::for_table(&target.changes)
                 .map_err(|source| ApplyError::Delta {
                     table: target.name.clone(),
@@ -157,13 +148,13 @@ impl<'a> ChunkWriter<'a> {
 
     /// Writes changelog rows (see [`SnapshotTarget::changelog_batch`]).
     pub async fn write(&mut self, changelog: RecordBatch) -> Result<(), ApplyError> {
-        let changelog = if changelog.schema() == self.layout {
+        // The changelog table's column order may differ from the copy's (columns added by
+        // the stream come after walden's own): batches are aligned to it by name.
+        let layout = self.changes.arrow_schema();
+        let changelog = if changelog.schema() == layout {
             changelog
         } else {
-            align(&changelog, &self.layout).map_err(|source| ApplyError::Arrow {
-                table: self.target.name.clone(),
-                source,
-            })?
+            align(&changelog, &layout).map_err(|e| TableErr(&self.target.name).arrow(e))?
         };
         self.changes
             .write(changelog)

@@ -356,43 +356,42 @@ impl ColumnBuilder {
         true
     }
 
-    pub fn finish(mut self) -> ArrayRef {
-        match &mut self.inner {
-            Inner::Bool(b) => Arc::new(b.finish()),
-            Inner::I16(b) => Arc::new(b.finish()),
-            Inner::I32(b) => Arc::new(b.finish()),
-            Inner::I64(b) => Arc::new(b.finish()),
-            Inner::F32(b) => Arc::new(b.finish()),
-            Inner::F64(b) => Arc::new(b.finish()),
-            Inner::Dec(b, _) => Arc::new(b.finish()),
-            Inner::Date(b) => Arc::new(b.finish()),
-            Inner::Ts(b) => Arc::new(b.finish()),
-            Inner::Bin(b, _) => Arc::new(b.finish()),
-            Inner::Text(b) => Arc::new(b.finish()),
-            Inner::List(l) => {
-                let mut values =
-                    std::mem::replace(&mut l.elements, ColumnBuilder::new(PgKind::Bool, 0))
-                        .finish();
-                let levels = std::mem::take(&mut l.offsets);
-                let top_nulls = l.nulls.finish();
-                for (i, offsets) in levels.into_iter().enumerate().rev() {
-                    let field =
-                        Arc::new(Field::new(LIST_ELEMENT, values.data_type().clone(), true));
-                    let nulls = if i == 0 { top_nulls.clone() } else { None };
-                    values = Arc::new(ListArray::new(
-                        field,
-                        OffsetBuffer::new(offsets.into()),
-                        values,
-                        nulls,
-                    ));
-                }
-                values
-            }
+    pub fn finish(self) -> ArrayRef {
+        match self.inner {
+            Inner::Bool(mut b) => Arc::new(b.finish()),
+            Inner::I16(mut b) => Arc::new(b.finish()),
+            Inner::I32(mut b) => Arc::new(b.finish()),
+            Inner::I64(mut b) => Arc::new(b.finish()),
+            Inner::F32(mut b) => Arc::new(b.finish()),
+            Inner::F64(mut b) => Arc::new(b.finish()),
+            Inner::Dec(mut b, _) => Arc::new(b.finish()),
+            Inner::Date(mut b) => Arc::new(b.finish()),
+            Inner::Ts(mut b) => Arc::new(b.finish()),
+            Inner::Bin(mut b, _) => Arc::new(b.finish()),
+            Inner::Text(mut b) => Arc::new(b.finish()),
+            Inner::List(l) => l.finish(),
         }
     }
 }
 
 impl Lists {
+    /// The elements wrapped in one list level per dimension, innermost first; NULLs at the top.
+    fn finish(mut self) -> ArrayRef {
+        let mut values = self.elements.finish();
+        let top_nulls = self.nulls.finish();
+        for (level, offsets) in self.offsets.into_iter().enumerate().rev() {
+            let field = Arc::new(Field::new(LIST_ELEMENT, values.data_type().clone(), true));
+            let nulls = if level == 0 { top_nulls.clone() } else { None };
+            values = Arc::new(ListArray::new(
+                field,
+                OffsetBuffer::new(offsets.into()),
+                values,
+                nulls,
+            ));
+        }
+        values
+    }
+
     /// Appends one array value; false (nothing appended) when it cannot be held exactly.
     fn append(&mut self, t: &[u8]) -> bool {
         let a = &mut self.scratch;
