@@ -24,6 +24,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::batch::{changelog_batch, changelog_schema, mirror_schema, TableBuffer};
 use crate::checkpoint::{Applied, Lsn};
+use crate::decode::pgoutput::Relation;
 use crate::decode::txn::ChangeKind;
 use crate::plan::mirror_plan;
 use crate::sink::schemas::{ColumnVersion, SchemaHistory, SchemaVersion};
@@ -172,12 +173,11 @@ impl Applier {
     }
 
     /// Opens (or creates) both Delta tables of the buffer's table and reads their LSNs.
-    async fn pair(&mut self, name: &str, buf: &TableBuffer) -> Result<&mut Pair, ApplyError> {
+    async fn pair(&mut self, name: &str, rel: &Relation) -> Result<&mut Pair, ApplyError> {
         if self.history.is_none() {
             self.history = Some(SchemaHistory::new(&self.warehouse)?);
         }
         if !self.tables.contains_key(name) {
-            let rel = &buf.relation;
             let cu = self
                 .warehouse
                 .table_url(TableKind::Changes, &rel.schema, &rel.name);
@@ -229,12 +229,28 @@ impl Applier {
         self.tables.get(name).map(|p| (p.changes_at, p.mirror_at))
     }
 
+    /// Follows columns the source added that no change has brought yet (`rel` as the catalog
+    /// describes the table now, the added columns without defaults: NULL in every existing row,
+    /// as at the source). Both Delta tables get the columns, then the version is recorded at
+    /// `at`, a WAL position after the catalog was read: rows of older versions still on their
+    /// way are neither compared with it nor recorded (see [`versions`]). A crash in between
+    /// leaves the version unrecorded, so the next look at the catalog does it again.
+    pub async fn add_columns(&mut self, name: &str, rel: &Relation, at: Lsn) -> Result<(), ApplyError> {
+        let storage = self.warehouse.storage_options().clone();
+        self.pair(name, rel).await?;
+        let history = self.history.clone().expect("opened by pair");
+        let pair = self.tables.get_mut(name).expect("opened above");
+        evolve::evolve(&mut pair.changes, name, &changelog_schema(rel), &storage).await?;
+        evolve::evolve(&mut pair.mirror, name, &mirror_schema(rel), &storage).await?;
+        record_versions(&history, pair, vec![SchemaVersion::of(rel, at)]).await
+    }
+
     /// Makes everything in `buf` durable in both tables; changes a table has already applied are
     /// skipped there.
     pub async fn apply(&mut self, name: &str, buf: &TableBuffer) -> Result<ApplyStats, ApplyError> {
         let app_id = self.app_id.clone();
         let storage = self.warehouse.storage_options().clone();
-        self.pair(name, buf).await?;
+        self.pair(name, &buf.relation).await?;
         let history = self.history.clone().expect("opened by pair");
         let pair = self.tables.get_mut(name).expect("opened above");
         let versions = versions(pair.schema.as_ref(), buf);

@@ -45,16 +45,26 @@ impl SpillPolicy {
     }
 }
 
-/// Estimated memory of one change (the same measure the batcher uses).
+/// Estimated memory of one change held in a buffer (the same measure the batcher uses): the
+/// structs themselves, one [`Value`] slot per column, and the values' bytes.
 pub fn change_bytes(c: &Change) -> usize {
-    64 + c.new.as_ref().map_or(0, tuple_bytes) + c.old.as_ref().map_or(0, |(_, t)| tuple_bytes(t))
+    BUFFERED_CHANGE
+        + c.new.as_ref().map_or(0, tuple_bytes)
+        + c.old.as_ref().map_or(0, |(_, t)| tuple_bytes(t))
 }
+
+/// A buffered change without its tuples' contents: the change and the row the batcher wraps it
+/// in (commit LSN, timestamp, xid, sequence).
+const BUFFERED_CHANGE: usize = std::mem::size_of::<Change>() + 32;
 
 pub fn tuple_bytes(t: &Tuple) -> usize {
     t.0.iter()
-        .map(|v| match v {
-            Value::Text(b) | Value::Binary(b) => b.len() + 16,
-            _ => 16,
+        .map(|v| {
+            std::mem::size_of::<Value>()
+                + match v {
+                    Value::Text(b) | Value::Binary(b) => b.len(),
+                    _ => 0,
+                }
         })
         .sum()
 }
@@ -354,12 +364,15 @@ impl Changes {
         Ok(self.memory.next())
     }
 
-    /// Up to `n` next changes; empty when all were read.
-    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<Change>, SpillError> {
-        let mut out = Vec::with_capacity(n.min(self.remaining()));
-        while out.len() < n {
+    /// The next changes, up to `n` of them and `bytes` of estimated memory ([`change_bytes`];
+    /// at least one change); empty when all were read.
+    pub fn next_chunk(&mut self, n: usize, bytes: usize) -> Result<Vec<Change>, SpillError> {
+        let mut out = Vec::with_capacity(n.min(self.remaining()).min(1 << 16));
+        let mut size = 0;
+        while out.len() < n && (out.is_empty() || size < bytes) {
             match self.ahead.take() {
                 Some(c) => {
+                    size += change_bytes(&c);
                     out.push(c);
                     self.ahead = self.pull()?;
                 }
@@ -371,7 +384,7 @@ impl Changes {
 
     /// Everything left, in memory (small transactions).
     pub fn into_vec(mut self) -> Result<Vec<Change>, SpillError> {
-        self.next_chunk(usize::MAX)
+        self.next_chunk(usize::MAX, usize::MAX)
     }
 }
 

@@ -108,6 +108,9 @@ struct Planner<'a> {
     live: Vec<Option<Live>>,
     /// Live rows by (identity, identity values); several for identical keyless rows.
     index: HashMap<(Identity, Vec<Value>), Vec<usize>>,
+    /// How many live rows each identity has (a row is looked for under another identity only
+    /// when some live row has one: the replica identity changed inside the batch).
+    identities: HashMap<Identity, usize>,
     /// The identity of the last relation description seen, and its column map.
     cache: Option<(*const Relation, Identity, Vec<Option<usize>>)>,
 }
@@ -119,6 +122,7 @@ impl<'a> Planner<'a> {
             plan: MirrorPlan::default(),
             live: Vec::new(),
             index: HashMap::new(),
+            identities: HashMap::new(),
             cache: None,
         }
     }
@@ -212,11 +216,10 @@ impl<'a> Planner<'a> {
         let key: Vec<Value> = identity.iter().map(|&i| values[i].clone()).collect();
         let lookup = (identity.clone(), key);
         if let Some(at) = self.index.get_mut(&lookup).and_then(|v| v.pop()) {
-            let live = self.live[at].take().expect("indexed rows are live");
-            return Some(Found::Live(live.upsert));
+            return Some(Found::Live(self.kill(at).upsert));
         }
         if let Some(at) = self.scan_other_identity(identity, &lookup.1) {
-            let live = self.live[at].take().expect("scanned rows are live");
+            let live = self.kill(at);
             self.unindex(at, &live);
             return Some(Found::Live(live.upsert));
         }
@@ -230,6 +233,9 @@ impl<'a> Planner<'a> {
     /// A live row added under another identity (the replica identity changed inside the batch)
     /// whose values match.
     fn scan_other_identity(&self, identity: &Identity, key: &[Value]) -> Option<usize> {
+        if self.identities.keys().all(|i| i == identity) {
+            return None;
+        }
         self.live.iter().rposition(|l| {
             l.as_ref().is_some_and(|l| {
                 l.identity != *identity
@@ -239,6 +245,18 @@ impl<'a> Planner<'a> {
                         .all(|(&i, v)| l.upsert.values[i] == *v)
             })
         })
+    }
+
+    /// Takes the live row at `at` out of the batch.
+    fn kill(&mut self, at: usize) -> Live {
+        let live = self.live[at].take().expect("taken rows are live");
+        if let Some(n) = self.identities.get_mut(&live.identity) {
+            *n -= 1;
+            if *n == 0 {
+                self.identities.remove(&live.identity);
+            }
+        }
+        live
     }
 
     fn unindex(&mut self, at: usize, live: &Live) {
@@ -261,6 +279,7 @@ impl<'a> Planner<'a> {
                 .or_default()
                 .push(at);
         }
+        *self.identities.entry(identity.clone()).or_default() += 1;
         self.live.push(Some(Live { upsert, identity }));
     }
 

@@ -70,6 +70,14 @@ impl SchemaVersion {
         }
     }
 
+    /// This version is `older` with columns added after its last one, and nothing else changed.
+    pub fn only_adds_to(&self, older: &SchemaVersion) -> bool {
+        self.oid == older.oid
+            && self.replica_identity == older.replica_identity
+            && self.columns.len() > older.columns.len()
+            && self.columns.starts_with(&older.columns)
+    }
+
     /// The same schema (whatever the LSN).
     pub fn same_as(&self, other: &SchemaVersion) -> bool {
         self.oid == other.oid

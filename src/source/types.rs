@@ -293,6 +293,25 @@ impl TypeResolver {
     }
 }
 
+/// The highest attribute number of a live column of each table in `oids`: every ADD COLUMN makes
+/// it grow (attribute numbers are never reused).
+pub async fn newest_columns(
+    sql: &tokio_postgres::Client,
+    oids: &[u32],
+) -> Result<HashMap<u32, i16>, SourceError> {
+    if oids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sql
+        .query(
+            "SELECT attrelid, max(attnum) FROM pg_attribute \
+             WHERE attrelid = ANY($1) AND attnum > 0 AND NOT attisdropped GROUP BY attrelid",
+            &[&oids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,3 +194,100 @@ async fn added_column_defaults_reach_the_rows_from_before() {
     let v = walden::ops::verify::run(&cfg, None).await.unwrap();
     assert!(v.ok, "{}", v.render());
 }
+
+/// Columns added with no change afterwards: pgoutput describes a table only before its next
+/// change, so walden asks the catalog. Without a default the column reaches both tables (NULL in
+/// every row, as at the source); with one, the table is copied again so the rows hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
+    let db = test_db("schema_quiet").await;
+    let wh = warehouse_dir("schema_quiet");
+    db.client
+        .batch_execute(
+            "CREATE TABLE q (id int PRIMARY KEY, v text);
+             INSERT INTO q SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await; // the snapshot
+    db.client
+        .batch_execute("ALTER TABLE q ADD COLUMN n int, ADD COLUMN t text;")
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+    for kind in [TableKind::Mirror, TableKind::Changes] {
+        let cols = delta_columns(&wh, kind, "q").await;
+        assert!(
+            cols.iter().any(|c| c == "n") && cols.iter().any(|c| c == "t"),
+            "{kind:?} has the added columns: {cols:?}"
+        );
+    }
+    let versions = std::fs::read_dir(wh.join("_walden/schemas/public/q"))
+        .unwrap()
+        .count();
+    assert_eq!(versions, 2, "the added columns are a recorded schema version");
+    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
+    assert!(v.ok, "{}", v.render());
+
+    // While streaming: a default, which the existing rows hold.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let run_cfg = cfg.clone();
+    let run = tokio::spawn(async move {
+        walden::pipeline::run(&run_cfg, walden::pipeline::Mode::Continuous, rx).await
+    });
+    // The session describes q before the column comes, so its description is the older one.
+    db.client
+        .batch_execute("UPDATE q SET v = 'seen' WHERE id = 1;")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    db.client
+        .batch_execute("ALTER TABLE q ADD COLUMN d int DEFAULT 7;")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let sevens = loop {
+        let cols = delta_columns(&wh, TableKind::Mirror, "q").await;
+        if cols.iter().any(|c| c == "d") {
+            let n = delta_rows(
+                &wh,
+                TableKind::Mirror,
+                "q",
+                "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE d = 7",
+            )
+            .await;
+            if n == vec!["20"] || std::time::Instant::now() > deadline {
+                break n;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "column d never reached the mirror"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    // A change after the copy: the copy already holds the column, no second copy.
+    db.client
+        .batch_execute("INSERT INTO q (id, v) VALUES (21, 'after');")
+        .await
+        .unwrap();
+    let count = "SELECT CAST(count(*) AS VARCHAR) FROM t";
+    while delta_rows(&wh, TableKind::Mirror, "q", count).await != vec!["21"] {
+        assert!(std::time::Instant::now() < deadline, "the insert never reached the mirror");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    tx.send(true).unwrap();
+    run.await.unwrap().unwrap();
+    assert_eq!(sevens, vec!["20"], "every row from before holds the default");
+    let copied = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "q",
+        "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE _walden_op = 'snapshot'",
+    )
+    .await;
+    assert_eq!(copied, vec!["40"], "the snapshot and one copy for the default");
+    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
+    assert!(v.ok, "{}", v.render());
+}

@@ -82,12 +82,17 @@ fn spilled_changes_read_back_in_order_without_aborted_subtransactions() {
     let mut changes = buf.finish(&policy).unwrap();
     assert!(changes.is_spilled());
     let mut got = Vec::new();
+    // Chunks end at 64 changes or once they hold 5 changes' worth of bytes.
+    let budget = 5 * super::change_bytes(&want[0]);
     loop {
-        let chunk = changes.next_chunk(64).unwrap();
+        let chunk = changes.next_chunk(64, budget).unwrap();
         if chunk.is_empty() {
             break;
         }
-        assert!(chunk.len() <= 64);
+        let bytes: usize = chunk.iter().map(super::change_bytes).sum();
+        let last = super::change_bytes(chunk.last().unwrap());
+        assert!(chunk.len() <= 64 && bytes - last < budget, "a chunk stops at its budget");
+        assert!(chunk.len() < 64, "the byte budget ends chunks first here");
         got.extend(chunk);
     }
     assert_eq!(got.len(), want.len());

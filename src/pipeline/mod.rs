@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+mod catalog;
+
 use crate::apply::inspect;
 use crate::apply::{Applier, ApplyError, ApplyStats};
 use crate::batch::Batcher;
@@ -19,9 +21,8 @@ use crate::config::Config;
 use crate::decode::pgoutput::DecodeError;
 use crate::decode::spill::{SpillError, SpillPolicy};
 use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
-use crate::sink::schemas::SchemaHistory;
 use crate::sink::{SinkError, Warehouse};
-use crate::source::snapshot::{published_tables, Published};
+use crate::source::snapshot::published_tables;
 use crate::source::types::TypeResolver;
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
 use crate::telemetry::METRICS;
@@ -191,6 +192,9 @@ struct Session<'a> {
     /// Tables whose mirror must be copied afresh before their next flush (see
     /// [`Session::resolve_relation`]).
     recopy: HashSet<String>,
+    /// The highest live attribute number last seen in the catalog, per table OID (see
+    /// [`Session::follow_added_columns`]).
+    columns_seen: HashMap<u32, i16>,
     /// When to look for tables that joined the publication next.
     next_publication_check: tokio::time::Instant,
 }
@@ -218,6 +222,7 @@ impl<'a> Session<'a> {
             types: TypeResolver::default(),
             known: HashMap::new(),
             recopy: HashSet::new(),
+            columns_seen: HashMap::new(),
             next_publication_check: tokio::time::Instant::now() + PUBLICATION_CHECK,
         }
     }
@@ -226,80 +231,6 @@ impl<'a> Session<'a> {
         self.sql
             .as_ref()
             .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))
-    }
-
-    /// Copies tables whose rows are not in the stream: tables that joined the publication
-    /// (ALTER PUBLICATION … ADD TABLE, or a new table under FOR ALL TABLES) and have no Delta tables
-    /// yet, and tables dropped and created again under the same name (a new OID: a new
-    /// generation, whose copy replaces the old rows in the mirror; the changelog keeps both, told
-    /// apart by the schema history). The copy is taken beside the stream
-    /// (`snapshot::copy_beside_stream`), so its mirror starts at its own snapshot point and the
-    /// stream applies only what came after. Called with no flush under way, before any change of
-    /// theirs reaches the Applier.
-    async fn adopt_new_tables(&mut self) -> Result<(), PipelineError> {
-        self.next_publication_check = tokio::time::Instant::now() + PUBLICATION_CHECK;
-        if !self.cfg.snapshot.enabled {
-            return Ok(());
-        }
-        let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
-        let recopy = std::mem::take(&mut self.recopy);
-        let unknown: Vec<Published> = published
-            .into_iter()
-            .filter(|p| {
-                self.known.get(&p.qualified()) != Some(&p.oid) || recopy.contains(&p.qualified())
-            })
-            .collect();
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let mirrors: HashSet<String> = inspect::list_tables(&self.warehouse)
-            .await?
-            .into_iter()
-            .map(|(s, t)| format!("{s}.{t}"))
-            .collect();
-        let history = SchemaHistory::new(&self.warehouse)?;
-        let mut copy = Vec::new();
-        for p in unknown {
-            let recorded = history.latest(&p.schema, &p.name).await?.map(|v| v.oid);
-            let current = mirrors.contains(&p.qualified())
-                && !recopy.contains(&p.qualified())
-                && match recorded {
-                    Some(oid) => oid == p.oid,
-                    // No record: a copy cut short (the table exists, nothing applied to it), or
-                    // a warehouse written before the schema history (trusted).
-                    None => self.mirror_applied(&p).await? > Lsn(0),
-                };
-            if current {
-                self.known.insert(p.qualified(), p.oid);
-            } else {
-                if recorded.is_some() {
-                    tracing::warn!(table = %p.qualified(), "the table was dropped and created again: \
-                        its mirror is replaced by a copy of the new table");
-                }
-                copy.push(p);
-            }
-        }
-        if copy.is_empty() {
-            return Ok(());
-        }
-        let names: Vec<String> = copy.iter().map(Published::qualified).collect();
-        tracing::info!(tables = ?names, "copying tables whose rows the stream does not carry");
-        crate::snapshot::copy_beside_stream(self.cfg, &self.warehouse, &copy).await?;
-        for p in copy {
-            self.known.insert(p.qualified(), p.oid);
-        }
-        Ok(())
-    }
-
-    /// How far the stream (or a copy) has applied to `p`'s mirror.
-    async fn mirror_applied(&self, p: &Published) -> Result<Lsn, PipelineError> {
-        let url = self
-            .warehouse
-            .table_url(crate::sink::TableKind::Mirror, &p.schema, &p.name);
-        let table = inspect::open(&url).await?;
-        crate::apply::applied_lsn(&table, &crate::apply::app_id(&self.cfg.source.slot))
-            .await
-            .map_err(|e| crate::apply::TableErr(&p.qualified()).delta(e).into())
     }
 
     /// Makes sure the slot exists; when walden creates it, copies the published tables as of the
@@ -385,7 +316,7 @@ impl<'a> Session<'a> {
         .await?;
         let prepared = self.prepare(self.sql()?, &mut repl).await?;
         self.frontier = Frontier::new(prepared.start);
-        self.adopt_new_tables().await?;
+        self.check_catalog().await?;
         let target = match self.mode {
             Mode::Once => Some(source::current_wal_lsn(self.sql()?).await?),
             Mode::Continuous => None,
@@ -456,7 +387,7 @@ impl<'a> Session<'a> {
                 }
                 _ = tokio::time::sleep_until(self.next_publication_check),
                     if self.in_flight.is_none() && self.batcher.is_empty() => {
-                    self.adopt_new_tables().await?;
+                    self.check_catalog().await?;
                 }
                 msgs = stream.recv() => {
                     let Some(msgs) = msgs else {
@@ -522,56 +453,14 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Resolves a relation description against the catalog (`source::types`) before any change
-    /// of its is decoded. The description it follows (this session's, else the one recorded in
-    /// the schema history for the transaction's LSN) tells renamed columns from added ones.
-    async fn resolve_relation(
-        &mut self,
-        mut relation: crate::decode::pgoutput::Relation,
-        before: Option<std::sync::Arc<crate::decode::pgoutput::Relation>>,
-    ) -> Result<(), PipelineError> {
-        let previous: Option<Vec<(String, i16)>> = match before {
-            Some(b) if b.oid == relation.oid => Some(
-                b.columns
-                    .iter()
-                    .map(|c| (c.name.clone(), c.attnum))
-                    .collect(),
-            ),
-            _ => {
-                let at = self.assembler.open_commit_lsn().unwrap_or(Lsn(u64::MAX));
-                SchemaHistory::new(&self.warehouse)?
-                    .at(&relation.schema, &relation.name, at)
-                    .await?
-                    .filter(|v| v.oid == relation.oid)
-                    .map(|v| v.columns.into_iter().map(|c| (c.name, c.attnum)).collect())
-            }
-        };
-        let sql = self
-            .sql
-            .as_ref()
-            .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))?;
-        if self
-            .types
-            .resolve(sql, &mut relation, previous.as_deref())
-            .await?
-        {
-            let name = crate::batch::table_name(&relation);
-            tracing::warn!(table = %name, "a column was added with a default (which the rows from \
-                before hold), or columns changed while walden lagged behind in a way the catalog \
-                cannot tell apart: the table is copied again");
-            self.recopy.insert(name);
-        }
-        self.assembler.set_relation(relation);
-        Ok(())
-    }
-
     fn count(&mut self, changes: usize) {
         self.summary.changes += changes as u64;
         METRICS.changes_total.inc_by(changes as u64);
     }
 
     /// Buffers a transaction too large for one batch: everything received before it is made
-    /// durable first, then its changes go out a batch at a time, each flush recording how far
+    /// durable first, then its changes go out a part at a time (a batch's rows, at most half
+    /// the spill budget's bytes), each flush recording how far
     /// into the transaction it got (`Applied::partial`); the last part stays buffered like a
     /// whole transaction. Returns the tables that part touched. Nothing of it is confirmed until
     /// the last part is durable: after a crash the slot sends it again and each table skips the
@@ -585,10 +474,13 @@ impl<'a> Session<'a> {
             spilled = txn.changes.is_spilled(), "large transaction: applying it in parts");
         self.start_flush(stream).await?;
         self.finish_flush(stream).await?;
+        // A part's decoded changes take at most half the transaction memory budget: the rest is
+        // for what they become on the way (plan, Arrow columns, Parquet pages).
         let part = self.cfg.batch.max_rows.max(1);
+        let part_bytes = (self.cfg.spill.memory_bytes / 2).min(self.cfg.batch.max_bytes);
         let mut seq = 0i64;
         loop {
-            let changes = txn.changes.next_chunk(part)?;
+            let changes = txn.changes.next_chunk(part, part_bytes)?;
             let n = changes.len();
             self.count(n);
             let touched = self.batcher.push(txn, changes, seq);

@@ -1,0 +1,219 @@
+//! The catalog side of a streaming session: tables that join the publication or come back as a
+//! new generation (copied beside the stream), relation descriptions resolved against the catalog
+//! before their changes decode, and columns added at the source with no change since.
+
+use std::collections::HashSet;
+
+use super::{PipelineError, Session, PUBLICATION_CHECK};
+use crate::apply::inspect;
+use crate::checkpoint::Lsn;
+use crate::sink::schemas::{SchemaHistory, SchemaVersion};
+use crate::source::snapshot::{describe, published_tables, Published};
+use crate::source::types::newest_columns;
+
+impl Session<'_> {
+    /// Copies tables whose rows are not in the stream: tables that joined the publication
+    /// (ALTER PUBLICATION … ADD TABLE, or a new table under FOR ALL TABLES) and have no Delta tables
+    /// yet, and tables dropped and created again under the same name (a new OID: a new
+    /// generation, whose copy replaces the old rows in the mirror; the changelog keeps both, told
+    /// apart by the schema history). The copy is taken beside the stream
+    /// (`snapshot::copy_beside_stream`), so its mirror starts at its own snapshot point and the
+    /// stream applies only what came after. Called with no flush under way, before any change of
+    /// theirs reaches the Applier.
+    pub(super) async fn adopt_new_tables(&mut self) -> Result<(), PipelineError> {
+        self.next_publication_check = tokio::time::Instant::now() + PUBLICATION_CHECK;
+        if !self.cfg.snapshot.enabled {
+            return Ok(());
+        }
+        let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
+        let recopy = std::mem::take(&mut self.recopy);
+        let unknown: Vec<Published> = published
+            .into_iter()
+            .filter(|p| {
+                self.known.get(&p.qualified()) != Some(&p.oid) || recopy.contains(&p.qualified())
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mirrors: HashSet<String> = inspect::list_tables(&self.warehouse)
+            .await?
+            .into_iter()
+            .map(|(s, t)| format!("{s}.{t}"))
+            .collect();
+        let history = SchemaHistory::new(&self.warehouse)?;
+        let mut copy = Vec::new();
+        for p in unknown {
+            let recorded = history.latest(&p.schema, &p.name).await?.map(|v| v.oid);
+            let current = mirrors.contains(&p.qualified())
+                && !recopy.contains(&p.qualified())
+                && match recorded {
+                    Some(oid) => oid == p.oid,
+                    // No record: a copy cut short (the table exists, nothing applied to it), or
+                    // a warehouse written before the schema history (trusted).
+                    None => self.mirror_applied(&p).await? > Lsn(0),
+                };
+            if current {
+                self.known.insert(p.qualified(), p.oid);
+            } else {
+                if recorded.is_some() {
+                    tracing::warn!(table = %p.qualified(), "the table was dropped and created again: \
+                        its mirror is replaced by a copy of the new table");
+                }
+                copy.push(p);
+            }
+        }
+        if copy.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = copy.iter().map(Published::qualified).collect();
+        tracing::info!(tables = ?names, "copying tables whose rows the stream does not carry");
+        crate::snapshot::copy_beside_stream(self.cfg, &self.warehouse, &copy).await?;
+        for p in copy {
+            self.known.insert(p.qualified(), p.oid);
+        }
+        Ok(())
+    }
+
+    /// How far the stream (or a copy) has applied to `p`'s mirror.
+    async fn mirror_applied(&self, p: &Published) -> Result<Lsn, PipelineError> {
+        let url = self
+            .warehouse
+            .table_url(crate::sink::TableKind::Mirror, &p.schema, &p.name);
+        let table = inspect::open(&url).await?;
+        crate::apply::applied_lsn(&table, &crate::apply::app_id(&self.cfg.source.slot))
+            .await
+            .map_err(|e| crate::apply::TableErr(&p.qualified()).delta(e).into())
+    }
+
+    /// Resolves a relation description against the catalog (`source::types`) before any change
+    /// of its is decoded. The description it follows (this session's, else the one recorded in
+    /// the schema history for the transaction's LSN) tells renamed columns from added ones.
+    pub(super) async fn resolve_relation(
+        &mut self,
+        mut relation: crate::decode::pgoutput::Relation,
+        before: Option<std::sync::Arc<crate::decode::pgoutput::Relation>>,
+    ) -> Result<(), PipelineError> {
+        let previous: Option<Vec<(String, i16)>> = match before {
+            Some(b) if b.oid == relation.oid => Some(
+                b.columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.attnum))
+                    .collect(),
+            ),
+            _ => {
+                let at = self.assembler.open_commit_lsn().unwrap_or(Lsn(u64::MAX));
+                SchemaHistory::new(&self.warehouse)?
+                    .at(&relation.schema, &relation.name, at)
+                    .await?
+                    .filter(|v| v.oid == relation.oid)
+                    .map(|v| v.columns.into_iter().map(|c| (c.name, c.attnum)).collect())
+            }
+        };
+        let sql = self
+            .sql
+            .as_ref()
+            .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))?;
+        if self
+            .types
+            .resolve(sql, &mut relation, previous.as_deref())
+            .await?
+            && !self.recorded_as(&relation).await?
+        {
+            let name = crate::batch::table_name(&relation);
+            tracing::warn!(table = %name, "a column was added with a default (which the rows from \
+                before hold), or columns changed while walden lagged behind in a way the catalog \
+                cannot tell apart: the table is copied again");
+            self.recopy.insert(name);
+        }
+        self.assembler.set_relation(relation);
+        Ok(())
+    }
+
+    /// The newest recorded schema version of `rel`'s table has exactly its columns: a copy (or
+    /// a look at the catalog) already took the warehouse there, even if this session's previous
+    /// description of the table is older.
+    async fn recorded_as(&self, rel: &crate::decode::pgoutput::Relation) -> Result<bool, PipelineError> {
+        let now = SchemaVersion::of(rel, Lsn(0));
+        Ok(SchemaHistory::new(&self.warehouse)?
+            .latest(&rel.schema, &rel.name)
+            .await?
+            .is_some_and(|v| v.same_as(&now)))
+    }
+
+
+    /// Looks at the catalog between batches: tables that joined the publication, and columns
+    /// added with no change since (see [`Session::follow_added_columns`]).
+    pub(super) async fn check_catalog(&mut self) -> Result<(), PipelineError> {
+        self.adopt_new_tables().await?;
+        self.follow_added_columns().await?;
+        if !self.recopy.is_empty() {
+            self.adopt_new_tables().await?;
+        }
+        Ok(())
+    }
+
+    /// Columns added at the source that no change has brought since. pgoutput describes a table
+    /// only before its next change, so the catalog is asked: the highest live attribute number
+    /// of each known table grows with every ADD COLUMN. A column added without a default is
+    /// added to both Delta tables (every existing row holds NULL, as at the source); one with a
+    /// default makes the table be copied again, as when the stream brings such a column.
+    /// Anything else (renames, drops, type changes) waits for the table's next change, whose
+    /// description says exactly what changed.
+    async fn follow_added_columns(&mut self) -> Result<(), PipelineError> {
+        let sql = self.sql.as_ref().ok_or_else(no_sql)?;
+        let published: Vec<Published> = published_tables(sql, &self.cfg.source.publication)
+            .await?
+            .into_iter()
+            .filter(|p| self.known.get(&p.qualified()) == Some(&p.oid))
+            .collect();
+        let oids: Vec<u32> = published.iter().map(|p| p.oid).collect();
+        let newest = newest_columns(sql, &oids).await?;
+        let history = SchemaHistory::new(&self.warehouse)?;
+        for p in published {
+            let Some(&n) = newest.get(&p.oid) else {
+                continue;
+            };
+            if self.columns_seen.insert(p.oid, n) == Some(n) {
+                continue;
+            }
+            let Some(recorded) = history
+                .latest(&p.schema, &p.name)
+                .await?
+                .filter(|v| v.oid == p.oid && v.columns.iter().all(|c| c.attnum < n))
+            else {
+                continue;
+            };
+            let mut rel = describe(sql, &p).await?.relation;
+            let previous: Vec<(String, i16)> = recorded
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.attnum))
+                .collect();
+            let recopy = self.types.resolve(sql, &mut rel, Some(&previous)).await?;
+            if !SchemaVersion::of(&rel, Lsn(0)).only_adds_to(&recorded) {
+                continue;
+            }
+            let name = p.qualified();
+            if recopy {
+                tracing::warn!(table = %name, "a column was added with a default, which the rows \
+                    from before hold: the table is copied again");
+                self.recopy.insert(name);
+                continue;
+            }
+            // Read after the catalog: the columns existed by then.
+            let at = crate::source::current_wal_lsn(sql).await?;
+            tracing::info!(table = %name, %at, "columns added at the source with no change since: \
+                added to the warehouse");
+            let applier = self.applier.as_mut().ok_or_else(|| {
+                PipelineError::Internal("applier missing with no flush under way".into())
+            })?;
+            applier.add_columns(&name, &rel, at).await?;
+        }
+        Ok(())
+    }
+}
+
+fn no_sql() -> PipelineError {
+    PipelineError::Internal("no SQL connection".into())
+}
