@@ -23,6 +23,30 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     #[serde(default)]
     pub spill: SpillConfig,
+    #[serde(default)]
+    pub schema: SchemaConfig,
+}
+
+/// How schema changes at the source reach the warehouse.
+#[derive(Clone, Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// A column type change the warehouse cannot follow by widening (the source rewrote the
+    /// values with the ALTER's `USING` expression).
+    #[serde(default)]
+    pub on_incompatible_type: IncompatibleType,
+}
+
+#[derive(Clone, Copy, Deserialize, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IncompatibleType {
+    /// The old column moves aside in both Delta tables (`{column}__before_{LSN}`: the
+    /// changelog keeps the old values there) and the table is copied again beside the stream,
+    /// so the mirror holds the new values.
+    #[default]
+    Copy,
+    /// walden stops with the steps to take by hand.
+    Stop,
 }
 
 /// Where transactions larger than the memory budget wait for their commit.

@@ -235,7 +235,12 @@ impl Applier {
     /// `at`, a WAL position after the catalog was read: rows of older versions still on their
     /// way are neither compared with it nor recorded (see [`versions`]). A crash in between
     /// leaves the version unrecorded, so the next look at the catalog does it again.
-    pub async fn add_columns(&mut self, name: &str, rel: &Relation, at: Lsn) -> Result<(), ApplyError> {
+    pub async fn add_columns(
+        &mut self,
+        name: &str,
+        rel: &Relation,
+        at: Lsn,
+    ) -> Result<(), ApplyError> {
         let storage = self.warehouse.storage_options().clone();
         self.pair(name, rel).await?;
         let history = self.history.clone().expect("opened by pair");
@@ -243,6 +248,34 @@ impl Applier {
         evolve::evolve(&mut pair.changes, name, &changelog_schema(rel), &storage).await?;
         evolve::evolve(&mut pair.mirror, name, &mirror_schema(rel), &storage).await?;
         record_versions(&history, pair, vec![SchemaVersion::of(rel, at)]).await
+    }
+
+    /// Moves columns whose type the source changed in a way the warehouse cannot follow aside in
+    /// both Delta tables (`(column, new name)`, see [`retyped_name`]): the changelog keeps the
+    /// old values under the new name, and the column comes back in its new type with the copy of
+    /// the table that follows. Idempotent: a table that moved a column already skips it.
+    pub async fn set_aside(
+        &mut self,
+        name: &str,
+        rel: &Relation,
+        columns: &[(String, String)],
+    ) -> Result<(), ApplyError> {
+        let storage = self.warehouse.storage_options().clone();
+        let pair = self.pair(name, rel).await?;
+        tracing::warn!(
+            table = name,
+            ?columns,
+            "column types changed in a way the warehouse cannot \
+            follow: the old columns move aside and the table is copied again"
+        );
+        evolve::rename(&mut pair.changes, name, columns, &storage).await?;
+        evolve::rename(&mut pair.mirror, name, columns, &storage).await
+    }
+
+    /// Forgets what it knows of `name`'s Delta tables (a copy replaced them): the next flush
+    /// opens them again and reads their LSNs.
+    pub fn forget(&mut self, name: &str) {
+        self.tables.remove(name);
     }
 
     /// Makes everything in `buf` durable in both tables; changes a table has already applied are
@@ -367,6 +400,12 @@ fn versions(recorded: Option<&SchemaVersion>, buf: &TableBuffer) -> Vec<SchemaVe
 /// The name a dropped column's values keep in both tables once a new column takes its name.
 fn dropped_name(name: &str, attnum: i16) -> String {
     format!("{name}__dropped_{attnum}")
+}
+
+/// The name a column's values keep in both tables when the source changed its type in a way the
+/// warehouse cannot follow, at `lsn` (the transaction that first described the new type).
+pub fn retyped_name(name: &str, lsn: Lsn) -> String {
+    format!("{name}__before_{:X}", lsn.0)
 }
 
 /// Columns to rename, `(old, new)` in order, between the last recorded schema version and each

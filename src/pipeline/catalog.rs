@@ -3,13 +3,21 @@
 //! before their changes decode, and columns added at the source with no change since.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::datatypes::DataType;
 
 use super::{PipelineError, Session, PUBLICATION_CHECK};
-use crate::apply::inspect;
+use crate::apply::evolve::widens;
+use crate::apply::{inspect, retyped_name};
 use crate::checkpoint::Lsn;
+use crate::config::IncompatibleType;
+use crate::decode::pgoutput::Relation;
+use crate::decode::types::column_type;
 use crate::sink::schemas::{SchemaHistory, SchemaVersion};
 use crate::source::snapshot::{describe, published_tables, Published};
 use crate::source::types::newest_columns;
+use crate::source::ReplicationStream;
 
 impl Session<'_> {
     /// Copies tables whose rows are not in the stream: tables that joined the publication
@@ -68,8 +76,18 @@ impl Session<'_> {
         }
         let names: Vec<String> = copy.iter().map(Published::qualified).collect();
         tracing::info!(tables = ?names, "copying tables whose rows the stream does not carry");
+        let applier = self.applier.as_mut().ok_or_else(|| {
+            PipelineError::Internal("applier missing with no flush under way".into())
+        })?;
+        for p in &copy {
+            if let Some((rel, aside)) = self.retyped.get(&p.qualified()) {
+                applier.set_aside(&p.qualified(), rel, aside).await?;
+            }
+        }
         crate::snapshot::copy_beside_stream(self.cfg, &self.warehouse, &copy).await?;
         for p in copy {
+            applier.forget(&p.qualified());
+            self.retyped.remove(&p.qualified());
             self.known.insert(p.qualified(), p.oid);
         }
         Ok(())
@@ -88,17 +106,19 @@ impl Session<'_> {
 
     /// Resolves a relation description against the catalog (`source::types`) before any change
     /// of its is decoded. The description it follows (this session's, else the one recorded in
-    /// the schema history for the transaction's LSN) tells renamed columns from added ones.
+    /// the schema history for the transaction's LSN) tells renamed columns from added ones, and
+    /// type changes the warehouse cannot follow (see [`Session::retype`]).
     pub(super) async fn resolve_relation(
         &mut self,
-        mut relation: crate::decode::pgoutput::Relation,
-        before: Option<std::sync::Arc<crate::decode::pgoutput::Relation>>,
+        stream: &ReplicationStream,
+        mut relation: Relation,
+        before: Option<Arc<Relation>>,
     ) -> Result<(), PipelineError> {
-        let previous: Option<Vec<(String, i16)>> = match before {
+        let previous: Option<Vec<(String, i16, Option<DataType>)>> = match before {
             Some(b) if b.oid == relation.oid => Some(
                 b.columns
                     .iter()
-                    .map(|c| (c.name.clone(), c.attnum))
+                    .map(|c| (c.name.clone(), c.attnum, Some(column_type(c))))
                     .collect(),
             ),
             _ => {
@@ -107,40 +127,83 @@ impl Session<'_> {
                     .at(&relation.schema, &relation.name, at)
                     .await?
                     .filter(|v| v.oid == relation.oid)
-                    .map(|v| v.columns.into_iter().map(|c| (c.name, c.attnum)).collect())
+                    .map(|v| {
+                        v.columns
+                            .into_iter()
+                            .map(|c| (c.name, c.attnum, c.arrow_type.parse().ok()))
+                            .collect()
+                    })
             }
         };
-        let sql = self
-            .sql
+        let names: Option<Vec<(String, i16)>> = previous
             .as_ref()
-            .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))?;
-        if self
+            .map(|p| p.iter().map(|(n, a, _)| (n.clone(), *a)).collect());
+        let sql = self.sql.as_ref().ok_or_else(no_sql)?;
+        let ambiguous = self
             .types
-            .resolve(sql, &mut relation, previous.as_deref())
-            .await?
-            && !self.recorded_as(&relation).await?
-        {
+            .resolve(sql, &mut relation, names.as_deref())
+            .await?;
+        let retyped = previous
+            .as_deref()
+            .map(|p| incompatible(p, &relation))
+            .unwrap_or_default();
+        if (ambiguous || !retyped.is_empty()) && !self.recorded_as(&relation).await? {
             let name = crate::batch::table_name(&relation);
-            tracing::warn!(table = %name, "a column was added with a default (which the rows from \
-                before hold), or columns changed while walden lagged behind in a way the catalog \
-                cannot tell apart: the table is copied again");
-            self.recopy.insert(name);
+            if !retyped.is_empty() {
+                self.retype(stream, &relation, retyped).await?;
+            } else {
+                tracing::warn!(table = %name, "a column was added with a default (which the rows \
+                    from before hold), or columns changed while walden lagged behind in a way the \
+                    catalog cannot tell apart: the table is copied again");
+                self.recopy.insert(name);
+            }
         }
         self.assembler.set_relation(relation);
+        Ok(())
+    }
+
+    /// Columns of `rel` whose type the source changed in a way the warehouse cannot follow
+    /// (`schema.on_incompatible_type = "copy"`, with snapshots on): what is buffered is made
+    /// durable first (those rows are of the old type), then the columns move aside in both Delta
+    /// tables and the table is copied again before any change of the new type is applied
+    /// (`adopt_new_tables`). With `stop`, the Applier stops at the change with what to do.
+    async fn retype(
+        &mut self,
+        stream: &ReplicationStream,
+        rel: &Relation,
+        columns: Vec<String>,
+    ) -> Result<(), PipelineError> {
+        if self.cfg.schema.on_incompatible_type != IncompatibleType::Copy
+            || !self.cfg.snapshot.enabled
+        {
+            return Ok(());
+        }
+        self.start_flush(stream).await?;
+        self.finish_flush(stream).await?;
+        let at = self.assembler.open_commit_lsn().unwrap_or_default();
+        let aside = columns
+            .into_iter()
+            .map(|c| {
+                let to = retyped_name(&c, at);
+                (c, to)
+            })
+            .collect();
+        let name = crate::batch::table_name(rel);
+        self.retyped.insert(name.clone(), (rel.clone(), aside));
+        self.recopy.insert(name);
         Ok(())
     }
 
     /// The newest recorded schema version of `rel`'s table has exactly its columns: a copy (or
     /// a look at the catalog) already took the warehouse there, even if this session's previous
     /// description of the table is older.
-    async fn recorded_as(&self, rel: &crate::decode::pgoutput::Relation) -> Result<bool, PipelineError> {
+    async fn recorded_as(&self, rel: &Relation) -> Result<bool, PipelineError> {
         let now = SchemaVersion::of(rel, Lsn(0));
         Ok(SchemaHistory::new(&self.warehouse)?
             .latest(&rel.schema, &rel.name)
             .await?
             .is_some_and(|v| v.same_as(&now)))
     }
-
 
     /// Looks at the catalog between batches: tables that joined the publication, and columns
     /// added with no change since (see [`Session::follow_added_columns`]).
@@ -212,6 +275,28 @@ impl Session<'_> {
         }
         Ok(())
     }
+}
+
+/// Columns of `rel` whose Arrow type differs from the previous description's in a way the Delta
+/// column cannot follow: neither widened to (see [`widens`]) nor narrower values the column
+/// holds as they are (`evolve`'s rule); matched by attribute number, else by name.
+fn incompatible(previous: &[(String, i16, Option<DataType>)], rel: &Relation) -> Vec<String> {
+    rel.columns
+        .iter()
+        .filter_map(|c| {
+            let (_, _, was) = previous.iter().find(|(n, a, _)| {
+                if *a != 0 && c.attnum != 0 {
+                    *a == c.attnum
+                } else {
+                    *n == c.name
+                }
+            })?;
+            let (was, now) = (was.as_ref()?, column_type(c));
+            // Narrower values fit the wider column (`evolve` takes them), except into text.
+            let fits = widens(&now, was) && *was != DataType::Utf8;
+            (*was != now && !widens(was, &now) && !fits).then(|| c.name.clone())
+        })
+        .collect()
 }
 
 fn no_sql() -> PipelineError {

@@ -195,6 +195,9 @@ struct Session<'a> {
     /// The highest live attribute number last seen in the catalog, per table OID (see
     /// [`Session::follow_added_columns`]).
     columns_seen: HashMap<u32, i16>,
+    /// Tables copied again because column types changed in a way the warehouse cannot follow:
+    /// their relation and the columns to move aside first (see [`Session::resolve_relation`]).
+    retyped: HashMap<String, (crate::decode::pgoutput::Relation, Vec<(String, String)>)>,
     /// When to look for tables that joined the publication next.
     next_publication_check: tokio::time::Instant,
 }
@@ -223,6 +226,7 @@ impl<'a> Session<'a> {
             known: HashMap::new(),
             recopy: HashSet::new(),
             columns_seen: HashMap::new(),
+            retyped: HashMap::new(),
             next_publication_check: tokio::time::Instant::now() + PUBLICATION_CHECK,
         }
     }
@@ -397,7 +401,7 @@ impl<'a> Session<'a> {
                     for msg in msgs? {
                         let event = self.assembler.push(msg)?;
                         if let Some((relation, before)) = self.assembler.take_fresh_relation() {
-                            self.resolve_relation(relation, before).await?;
+                            self.resolve_relation(stream, relation, before).await?;
                         }
                         match event {
                             Some(Event::Commit(mut txn)) => {

@@ -244,7 +244,9 @@ fn changes_at_or_below_the_applied_lsn_are_skipped() {
 fn a_row_added_under_one_identity_is_found_under_the_next() {
     // Inserted under the key; ALTER TABLE … REPLICA IDENTITY FULL; then deleted and updated by
     // full-row images: both find the rows of the batch, nothing reaches back into the mirror.
-    let mut b = B::new(b'd').insert(&["1", "a", "x"]).insert(&["2", "b", "y"]);
+    let mut b = B::new(b'd')
+        .insert(&["1", "a", "x"])
+        .insert(&["2", "b", "y"]);
     b.rel = rel(b'f');
     let p = b
         .delete(OldKind::Full, &["1", "a", "x"])
@@ -252,5 +254,8 @@ fn a_row_added_under_one_identity_is_found_under_the_next() {
         .update_from(OldKind::Full, &["3", "c", "w"], &["3", "c", "v"])
         .plan();
     assert_eq!(p.removes, vec![remove(&[0, 1, 2], &["3", "c", "w"])]);
-    assert_eq!(values(&p), vec![t(&["2", "b", "z"]).0, t(&["3", "c", "v"]).0]);
+    assert_eq!(
+        values(&p),
+        vec![t(&["2", "b", "z"]).0, t(&["3", "c", "v"]).0]
+    );
 }

@@ -51,15 +51,20 @@ pub enum SourceError {
     Protocol(String),
     #[error("{0}")]
     Setup(String),
+    /// A table was dropped (and perhaps created again) between reading the publication and
+    /// reading the table: the next attempt reads both again.
+    #[error("table {0} changed while walden read it (dropped, or dropped and created again); reading it again")]
+    Changed(String),
 }
 
 impl SourceError {
     /// True when retrying later may succeed without anyone changing anything.
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Connect { .. } | SourceError::ConnectTimeout(_) | SourceError::Io(_) => {
-                true
-            }
+            SourceError::Connect { .. }
+            | SourceError::ConnectTimeout(_)
+            | SourceError::Io(_)
+            | SourceError::Changed(_) => true,
             SourceError::Server(e) => {
                 // connection exceptions, operator intervention (shutdown), insufficient resources
                 e.code.starts_with("08") || e.code.starts_with("57P") || e.code.starts_with("53")

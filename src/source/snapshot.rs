@@ -89,14 +89,21 @@ pub async fn published_tables(
         .await?
         .get(0);
     let query = if version >= 150000 {
-        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter, \
-           (quote_ident(schemaname) || '.' || quote_ident(tablename))::regclass::oid \
-         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter, c.oid \
+         FROM pg_publication_tables p \
+         JOIN pg_namespace n ON n.nspname = p.schemaname \
+         JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+         WHERE pubname = $1 ORDER BY 1, 2"
     } else {
-        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text, \
-           (quote_ident(schemaname) || '.' || quote_ident(tablename))::regclass::oid \
-         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text, c.oid \
+         FROM pg_publication_tables p \
+         JOIN pg_namespace n ON n.nspname = p.schemaname \
+         JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+         WHERE pubname = $1 ORDER BY 1, 2"
     };
+    // The OID from the catalog rows of the same snapshot as the column list (a `regclass` cast
+    // would read the newest catalog: a table dropped and created again meanwhile would get the
+    // new OID with the old generation's columns).
     let rows = sql.query(query, &[&publication]).await?;
     Ok(rows
         .iter()
@@ -136,11 +143,12 @@ pub async fn describe(
             &[&schema, &name],
         )
         .await?;
-    let first = rows.first().ok_or_else(|| {
-        SourceError::Setup(format!(
-            "table {schema}.{name} does not exist or has no columns"
-        ))
-    })?;
+    // Read by name, checked by OID: the publication was read earlier, and its column list
+    // belongs to the generation it saw.
+    let first = rows
+        .first()
+        .filter(|r| r.get::<_, u32>(0) == table.oid)
+        .ok_or_else(|| SourceError::Changed(table.qualified()))?;
     let relkind: String = first.get(9);
     let oid: u32 = first.get(0);
     let ident: String = first.get(1);

@@ -14,7 +14,7 @@ const DF: &str = "SELECT concat_ws('|', CAST(id AS VARCHAR), coalesce(payload,'~
 
 fn run(cmd: &mut std::process::Command) -> std::process::Output {
     cmd.env("WALDEN_BATCH__MAX_ROWS", "500")
-        .env("WALDEN_SPILL__MEMORY_BYTES", "65536")
+        .env("WALDEN_SPILL__MEMORY_BYTES", "1048576")
         .output()
         .unwrap()
 }

@@ -1,5 +1,6 @@
 //! Schema changes while streaming: added, dropped and widened columns evolve both Delta tables
-//! with no restart; a type change the warehouse cannot follow exactly stops with what to do.
+//! with no restart; a type change the warehouse cannot follow exactly moves the old column aside
+//! and copies the table again (or, configured so, stops with what to do).
 
 use walden::sink::TableKind;
 
@@ -65,20 +66,77 @@ async fn added_dropped_and_widened_columns_evolve_the_warehouse() {
     .await;
     assert_eq!(hist, vec!["Int64|11000000060"]);
 
-    // Not a widening: Postgres rewrote the values with its USING expression.
+    // Not a widening: Postgres rewrote the values with its USING expression. By default the
+    // old column moves aside and the table is copied again.
     db.client
         .batch_execute(
-            "ALTER TABLE s ALTER COLUMN v TYPE int USING length(v);
-             UPDATE s SET added = 3 WHERE id = 2;",
+            "INSERT INTO s (id, n, v, amount) VALUES (5, 5, 'before', 1);
+             COMMIT;
+             ALTER TABLE s ALTER COLUMN v TYPE int USING length(v);
+             UPDATE s SET added = 3 WHERE id = 2;
+             INSERT INTO s (id, n, v, amount) VALUES (6, 6, 66, 6);",
+        )
+        .await
+        .unwrap();
+    run_once(&cfg).await;
+    let src = pg_rows(
+        &db.client,
+        "SELECT concat_ws('|', id, v, added) FROM s ORDER BY id",
+    )
+    .await;
+    let mir = delta_rows(
+        &wh,
+        TableKind::Mirror,
+        "s",
+        "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(v AS VARCHAR), CAST(added AS VARCHAR)) \
+         FROM t ORDER BY id",
+    )
+    .await;
+    assert_same("s", &src, &mir);
+    assert_eq!(src.len(), 6);
+    let aside: Vec<String> = delta_columns(&wh, TableKind::Changes, "s")
+        .await
+        .into_iter()
+        .filter(|c| c.starts_with("v__before_"))
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the old column moved aside in the changelog"
+    );
+    let old = delta_rows(
+        &wh,
+        TableKind::Changes,
+        "s",
+        &format!(
+            "SELECT \"{}\" FROM t WHERE id = 5 AND _walden_op = 'insert'",
+            aside[0]
+        ),
+    )
+    .await;
+    assert_eq!(old, vec!["before"], "the changelog keeps the old values");
+    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
+    assert!(v.ok, "{}", v.render());
+
+    // With `stop`, walden stops with what to do.
+    let mut stop = cfg.clone();
+    stop.schema.on_incompatible_type = walden::config::IncompatibleType::Stop;
+    db.client
+        .batch_execute(
+            "ALTER TABLE s ALTER COLUMN added TYPE boolean USING (added > 2);
+             UPDATE s SET n = 7 WHERE id = 3;",
         )
         .await
         .unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let err = walden::pipeline::run(&cfg, walden::pipeline::Mode::Once, rx)
+    let err = walden::pipeline::run(&stop, walden::pipeline::Mode::Once, rx)
         .await
         .expect_err("an incompatible type change must stop the run");
     let msg = err.to_string();
-    assert!(msg.contains("column v of public.s changed type"), "{msg}");
+    assert!(
+        msg.contains("column added of public.s changed type"),
+        "{msg}"
+    );
     assert!(msg.contains("walden backfill --table public.s"), "{msg}");
     assert!(!err.is_transient(), "{msg}");
 }
@@ -226,7 +284,10 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
     let versions = std::fs::read_dir(wh.join("_walden/schemas/public/q"))
         .unwrap()
         .count();
-    assert_eq!(versions, 2, "the added columns are a recorded schema version");
+    assert_eq!(
+        versions, 2,
+        "the added columns are a recorded schema version"
+    );
     let v = walden::ops::verify::run(&cfg, None).await.unwrap();
     assert!(v.ok, "{}", v.render());
 
@@ -274,12 +335,19 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
         .unwrap();
     let count = "SELECT CAST(count(*) AS VARCHAR) FROM t";
     while delta_rows(&wh, TableKind::Mirror, "q", count).await != vec!["21"] {
-        assert!(std::time::Instant::now() < deadline, "the insert never reached the mirror");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the insert never reached the mirror"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     tx.send(true).unwrap();
     run.await.unwrap().unwrap();
-    assert_eq!(sevens, vec!["20"], "every row from before holds the default");
+    assert_eq!(
+        sevens,
+        vec!["20"],
+        "every row from before holds the default"
+    );
     let copied = delta_rows(
         &wh,
         TableKind::Changes,
@@ -287,7 +355,11 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
         "SELECT CAST(count(*) AS VARCHAR) FROM t WHERE _walden_op = 'snapshot'",
     )
     .await;
-    assert_eq!(copied, vec!["40"], "the snapshot and one copy for the default");
+    assert_eq!(
+        copied,
+        vec!["40"],
+        "the snapshot and one copy for the default"
+    );
     let v = walden::ops::verify::run(&cfg, None).await.unwrap();
     assert!(v.ok, "{}", v.render());
 }

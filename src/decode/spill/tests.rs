@@ -91,7 +91,10 @@ fn spilled_changes_read_back_in_order_without_aborted_subtransactions() {
         }
         let bytes: usize = chunk.iter().map(super::change_bytes).sum();
         let last = super::change_bytes(chunk.last().unwrap());
-        assert!(chunk.len() <= 64 && bytes - last < budget, "a chunk stops at its budget");
+        assert!(
+            chunk.len() <= 64 && bytes - last < budget,
+            "a chunk stops at its budget"
+        );
         assert!(chunk.len() < 64, "the byte budget ends chunks first here");
         got.extend(chunk);
     }
