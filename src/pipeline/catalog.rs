@@ -93,12 +93,22 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// How far the stream (or a copy) has applied to `p`'s mirror.
+    /// How far the stream (or a copy) has applied to `p`'s mirror (nothing when it has no
+    /// first commit).
     async fn mirror_applied(&self, p: &Published) -> Result<Lsn, PipelineError> {
         let url = self
             .warehouse
             .table_url(crate::sink::TableKind::Mirror, &p.schema, &p.name);
-        let table = inspect::open(&url).await?;
+        let table = match inspect::open(&url).await {
+            Ok(t) => t,
+            // A directory without a first commit (walden died creating the table): nothing
+            // applied, the copy creates it.
+            Err(inspect::InspectError::Delta {
+                source: deltalake::DeltaTableError::NotATable(_),
+                ..
+            }) => return Ok(Lsn(0)),
+            Err(e) => return Err(e.into()),
+        };
         crate::apply::applied_lsn(&table, &crate::apply::app_id(&self.cfg.source.slot))
             .await
             .map_err(|e| crate::apply::TableErr(&p.qualified()).delta(e).into())
