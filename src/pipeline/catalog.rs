@@ -64,7 +64,7 @@ impl Session<'_> {
             if current {
                 self.known.insert(p.qualified(), p.oid);
             } else {
-                if recorded.is_some() {
+                if recorded.is_some_and(|oid| oid != p.oid) {
                     tracing::warn!(table = %p.qualified(), "the table was dropped and created again: \
                         its mirror is replaced by a copy of the new table");
                 }

@@ -133,6 +133,15 @@ async fn one_seed(seed: u64) {
         committed > 0 && changes > 0,
         "seed {seed}: the workload did nothing"
     );
+    // The cluster's slots are shared by every test: a long run must not use them all up.
+    db.client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
 }
 
 /// Schema changes made so far (so each happens once and in order): `d_pk`'s column `extra`
