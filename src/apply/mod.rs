@@ -279,8 +279,14 @@ impl Applier {
     }
 
     /// Makes everything in `buf` durable in both tables; changes a table has already applied are
-    /// skipped there.
-    pub async fn apply(&mut self, name: &str, buf: &TableBuffer) -> Result<ApplyStats, ApplyError> {
+    /// skipped there. The buffer's rows are let go once the mirror's plan is made: the executor
+    /// needs only the plan, so a large part's rows and its mirror work are not held at once.
+    pub async fn apply(
+        &mut self,
+        name: &str,
+        mut buf: TableBuffer,
+    ) -> Result<ApplyStats, ApplyError> {
+        let buf = &mut buf;
         let app_id = self.app_id.clone();
         let storage = self.warehouse.storage_options().clone();
         self.pair(name, &buf.relation).await?;
@@ -352,7 +358,9 @@ impl Applier {
                     stats.mirror_rows = c.rows;
                 }
                 _ => {
-                    if let Some(plan) = mirror_plan(buf, from) {
+                    let plan = mirror_plan(buf, from);
+                    buf.rows = Vec::new();
+                    if let Some(plan) = plan {
                         let props = commit_props(&app_id, to);
                         let done = mirror::execute(
                             &mut pair.mirror,

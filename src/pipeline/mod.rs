@@ -545,9 +545,9 @@ impl<'a> Session<'a> {
             let started = Instant::now();
             let mut durable = Vec::with_capacity(tables.len());
             let mut error = None;
-            for (name, buf) in &tables {
-                match applier.apply(name, buf).await {
-                    Ok(stats) => durable.push((name.clone(), stats)),
+            for (name, buf) in tables {
+                match applier.apply(&name, buf).await {
+                    Ok(stats) => durable.push((name, stats)),
                     Err(e) => {
                         error = Some(e);
                         break;
