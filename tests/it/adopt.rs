@@ -5,7 +5,7 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{assert_id_v_mirror, delta_rows, run_once};
+use crate::warehouse::{assert_id_v_mirror, delta_rows, run_once, Streaming};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_added_to_the_publication_are_copied_with_their_rows() {
@@ -41,11 +41,7 @@ async fn tables_added_to_the_publication_are_copied_with_their_rows() {
     run_once(&cfg).await;
 
     // While walden streams: one more table, found by the stream's changes.
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let run_cfg = cfg.clone();
-    let run = tokio::spawn(async move {
-        walden::pipeline::run(&run_cfg, walden::pipeline::Mode::Continuous, rx).await
-    });
+    let streaming = Streaming::start(&cfg);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     db.client
         .batch_execute(
@@ -57,8 +53,7 @@ async fn tables_added_to_the_publication_are_copied_with_their_rows() {
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    tx.send(true).unwrap();
-    run.await.unwrap().unwrap();
+    streaming.stop().await;
     run_once(&cfg).await;
 
     // A new generation: dropped and created again under the same name, filled before it is

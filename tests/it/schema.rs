@@ -5,7 +5,7 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{assert_same, delta_columns, delta_rows, pg_rows, run_once};
+use crate::warehouse::{assert_same, delta_columns, delta_rows, pg_rows, run_once, Streaming};
 
 const PG: &str =
     "SELECT concat_ws('|', id::text, n::text, v, amount::text, coalesce(added::text,'~')) \
@@ -292,11 +292,7 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
     assert!(v.ok, "{}", v.render());
 
     // While streaming: a default, which the existing rows hold.
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let run_cfg = cfg.clone();
-    let run = tokio::spawn(async move {
-        walden::pipeline::run(&run_cfg, walden::pipeline::Mode::Continuous, rx).await
-    });
+    let streaming = Streaming::start(&cfg);
     // The session describes q before the column comes, so its description is the older one.
     db.client
         .batch_execute("UPDATE q SET v = 'seen' WHERE id = 1;")
@@ -341,8 +337,7 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    tx.send(true).unwrap();
-    run.await.unwrap().unwrap();
+    streaming.stop().await;
     assert_eq!(
         sevens,
         vec!["20"],

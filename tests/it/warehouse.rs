@@ -129,6 +129,30 @@ pub async fn run_once(cfg: &Config) -> walden::pipeline::Summary {
     .unwrap_or_else(|e| panic!("run --once failed: {e}"))
 }
 
+/// A `walden run` streaming in the background until [`Streaming::stop`].
+pub struct Streaming {
+    stop: tokio::sync::watch::Sender<bool>,
+    run:
+        tokio::task::JoinHandle<Result<walden::pipeline::Summary, walden::pipeline::PipelineError>>,
+}
+
+impl Streaming {
+    pub fn start(cfg: &Config) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let cfg = cfg.clone();
+        let run = tokio::spawn(async move {
+            walden::pipeline::run(&cfg, walden::pipeline::Mode::Continuous, rx).await
+        });
+        Streaming { stop, run }
+    }
+
+    /// Asks it to flush, confirm and end; panics when the run failed.
+    pub async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.run.await.unwrap().unwrap();
+    }
+}
+
 /// Every Parquet file under `wh` embeds only plain Arrow types (no `Utf8View`/`BinaryView`, which
 /// readers such as Daft reject).
 pub fn assert_plain_arrow_types(wh: &Path) {
