@@ -126,12 +126,17 @@ impl TxnBuffer {
         f.out.flush().map_err(|e| policy.error(e))
     }
 
-    /// The committed transaction's changes, ready to be read back.
-    pub fn finish(self, policy: &SpillPolicy) -> Result<Changes, SpillError> {
+    /// The committed transaction's changes, ready to be read back. A spilled one moves its
+    /// in-memory tail to the file too: it is applied in parts, and the tail would otherwise be
+    /// held (up to the whole memory budget) while every part before it is applied.
+    pub fn finish(mut self, policy: &SpillPolicy) -> Result<Changes, SpillError> {
+        if self.spilled.is_some() && !self.memory.is_empty() {
+            self.spill(policy)?;
+        }
         match self.spilled {
             Some(f) => {
                 let reader = f.into_reader().map_err(|e| policy.error(e))?;
-                Changes::spilled(reader, self.memory, policy.dir.display().to_string())
+                Changes::spilled(reader, Vec::new(), policy.dir.display().to_string())
             }
             None => Ok(Changes::in_memory(self.memory)),
         }

@@ -116,7 +116,10 @@ fn memory_changes_follow_spilled_ones() {
     buf.push(change(&r, 0, 1));
     buf.spill(&policy).unwrap();
     buf.push(change(&r, 4, 1));
-    let all = buf.finish(&policy).unwrap().into_vec().unwrap();
+    let changes = buf.finish(&policy).unwrap();
+    // The in-memory tail went to the file too: nothing is held while the parts before it apply.
+    assert_eq!(changes.memory.len(), 0);
+    let all = changes.into_vec().unwrap();
     assert_eq!(all.len(), 2);
     assert!(same(&all[0], &change(&r, 0, 1)) && same(&all[1], &change(&r, 4, 1)));
 }
