@@ -622,25 +622,38 @@ fn book(name: &str, stats: &ApplyStats) {
             "values with no Arrow representation (numeric NaN, infinite dates) are NULL in their column, \
             their exact text in _walden_unrepresentable");
     }
-    if stats.unidentified > 0 {
-        METRICS
-            .mirror_unapplied_changes_total
-            .with_label_values(&["no_identity"])
-            .inc_by(stats.unidentified as u64);
-        tracing::warn!(table = %name, changes = stats.unidentified,
+    unapplied(
+        name,
+        "no_identity",
+        stats.unidentified,
+        &format!(
             "updates/deletes without a replica identity reach the changelog only; the mirror \
              cannot apply them. Give the table one: `ALTER TABLE {name} REPLICA IDENTITY FULL` \
-             (or add a primary key), then `walden backfill --table {name}`");
-    }
-    if stats.missing > 0 {
-        METRICS
-            .mirror_unapplied_changes_total
-            .with_label_values(&["row_missing"])
-            .inc_by(stats.missing as u64);
-        tracing::warn!(table = %name, changes = stats.missing,
+             (or add a primary key), then `walden backfill --table {name}`"
+        ),
+    );
+    unapplied(
+        name,
+        "row_missing",
+        stats.missing,
+        &format!(
             "changes named mirror rows that were not there: the mirror had diverged from the \
-             source. Repair it with `walden backfill --table {name}`");
+             source. Repair it with `walden backfill --table {name}`"
+        ),
+    );
+}
+
+/// Counts changes the mirror could not apply (`reason`, a bounded label) and tells the operator
+/// what to do about them.
+fn unapplied(table: &str, reason: &str, changes: usize, what: &str) {
+    if changes == 0 {
+        return;
     }
+    METRICS
+        .mirror_unapplied_changes_total
+        .with_label_values(&[reason])
+        .inc_by(changes as u64);
+    tracing::warn!(table, changes, "{what}");
 }
 
 /// A flush task's result; a panic inside it is re-raised here.
