@@ -55,12 +55,11 @@ impl Session<'_> {
             let recorded = history.latest(&p.schema, &p.name).await?.map(|v| v.oid);
             let current = mirrors.contains(&p.qualified())
                 && !recopy.contains(&p.qualified())
-                && match recorded {
-                    Some(oid) => oid == p.oid,
-                    // No record: a copy cut short (the table exists, nothing applied to it), or
-                    // a warehouse written before the schema history (trusted).
-                    None => self.mirror_applied(&p).await? > Lsn(0),
-                };
+                // No record: a copy cut short (killed before, or right after, its commit: a
+                // copy records its version once durable) or a warehouse written before the
+                // schema history. Either way the table is copied: trusting a mirror with rows
+                // but no record kept an old generation's rows beside the new one's.
+                && recorded == Some(p.oid);
             if current {
                 self.known.insert(p.qualified(), p.oid);
             } else {
@@ -91,27 +90,6 @@ impl Session<'_> {
             self.known.insert(p.qualified(), p.oid);
         }
         Ok(())
-    }
-
-    /// How far the stream (or a copy) has applied to `p`'s mirror (nothing when it has no
-    /// first commit).
-    async fn mirror_applied(&self, p: &Published) -> Result<Lsn, PipelineError> {
-        let url = self
-            .warehouse
-            .table_url(crate::sink::TableKind::Mirror, &p.schema, &p.name);
-        let table = match inspect::open(&url).await {
-            Ok(t) => t,
-            // A directory without a first commit (walden died creating the table): nothing
-            // applied, the copy creates it.
-            Err(inspect::InspectError::Delta {
-                source: deltalake::DeltaTableError::NotATable(_),
-                ..
-            }) => return Ok(Lsn(0)),
-            Err(e) => return Err(e.into()),
-        };
-        crate::apply::applied_lsn(&table, &crate::apply::app_id(&self.cfg.source.slot))
-            .await
-            .map_err(|e| crate::apply::TableErr(&p.qualified()).delta(e).into())
     }
 
     /// Resolves a relation description against the catalog (`source::types`) before any change
