@@ -40,15 +40,8 @@ pub async fn evolve(
     let err = TableErr(name);
     let delta = |e| err.delta(e);
     let have = table_schema(table).map_err(delta)?;
-    // A table of a wider number type than the rows (decoded before a widening the table has
-    // seen, e.g. through a copy taken later) takes them as they are: `align` widens them. Not
-    // a text column: rows of numbers meeting one are a type change at the source, to be
-    // stopped.
-    let retyped: Vec<_> = retyped(&have, want)
-        .into_iter()
-        .filter(|(_, f, t)| !widens(t, f) || *f == DataType::Utf8)
-        .collect();
-    if let Some((column, from, to)) = retyped.iter().find(|(_, f, t)| !widens(f, t)) {
+    let retyped = retyped(&have, want);
+    if let Some((column, from, to)) = retyped.iter().find(|(_, f, t)| !follows(f, t)) {
         return Err(ApplyError::IncompatibleType {
             table: name.to_string(),
             column: column.clone(),
@@ -56,6 +49,11 @@ pub async fn evolve(
             to: to.to_string(),
         });
     }
+    // Rows of a narrower type than the table (see `follows`) need no rewrite: `align` widens them.
+    let retyped: Vec<_> = retyped
+        .into_iter()
+        .filter(|(_, f, t)| widens(f, t))
+        .collect();
     if !retyped.is_empty() {
         let fields: Vec<Field> = have
             .fields()
@@ -295,6 +293,14 @@ pub fn widens(from: &DataType, to: &DataType) -> bool {
         (Int16 | Int32 | Int64 | Decimal128(..), Utf8) => true,
         _ => false,
     }
+}
+
+/// A Delta column of type `have` can follow values of type `want`: the same type, one it widens
+/// to ([`widens`], the table is rewritten), or a narrower number it holds as it is (rows decoded
+/// before a widening a later copy already has, or a narrowing at the source; `align` widens
+/// them). Not into text: numbers meeting a text column are a type change at the source.
+pub fn follows(have: &DataType, want: &DataType) -> bool {
+    have == want || widens(have, want) || (widens(want, have) && *have != DataType::Utf8)
 }
 
 /// Columns of the table whose type the source changed: (name, type in the table, new type).

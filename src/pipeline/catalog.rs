@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 
-use super::{PipelineError, Session, PUBLICATION_CHECK};
-use crate::apply::evolve::widens;
+use super::{idle, no_sql, PipelineError, Session, PUBLICATION_CHECK};
+use crate::apply::evolve::follows;
 use crate::apply::{inspect, retyped_name};
 use crate::checkpoint::Lsn;
 use crate::config::IncompatibleType;
@@ -29,17 +29,23 @@ impl Session<'_> {
     /// stream applies only what came after. Called with no flush under way, before any change of
     /// theirs reaches the Applier.
     pub(super) async fn adopt_new_tables(&mut self) -> Result<(), PipelineError> {
+        let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
+        self.adopt(&published).await
+    }
+
+    /// [`Session::adopt_new_tables`] with the publication as read.
+    async fn adopt(&mut self, published: &[Published]) -> Result<(), PipelineError> {
         self.next_publication_check = tokio::time::Instant::now() + PUBLICATION_CHECK;
         if !self.cfg.snapshot.enabled {
             return Ok(());
         }
-        let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
         let recopy = std::mem::take(&mut self.recopy);
         let unknown: Vec<Published> = published
-            .into_iter()
+            .iter()
             .filter(|p| {
                 self.known.get(&p.qualified()) != Some(&p.oid) || recopy.contains(&p.qualified())
             })
+            .cloned()
             .collect();
         if unknown.is_empty() {
             return Ok(());
@@ -75,9 +81,7 @@ impl Session<'_> {
         }
         let names: Vec<String> = copy.iter().map(Published::qualified).collect();
         tracing::info!(tables = ?names, "copying tables whose rows the stream does not carry");
-        let applier = self.applier.as_mut().ok_or_else(|| {
-            PipelineError::Internal("applier missing with no flush under way".into())
-        })?;
+        let applier = idle(&mut self.applier)?;
         for p in &copy {
             if let Some((rel, aside)) = self.retyped.get(&p.qualified()) {
                 applier.set_aside(&p.qualified(), rel, aside).await?;
@@ -195,11 +199,13 @@ impl Session<'_> {
 
     /// Looks at the catalog between batches: tables that joined the publication, and columns
     /// added with no change since (see [`Session::follow_added_columns`]).
+    /// The publication is read once for both.
     pub(super) async fn check_catalog(&mut self) -> Result<(), PipelineError> {
-        self.adopt_new_tables().await?;
-        self.follow_added_columns().await?;
+        let published = published_tables(self.sql()?, &self.cfg.source.publication).await?;
+        self.adopt(&published).await?;
+        self.follow_added_columns(&published).await?;
         if !self.recopy.is_empty() {
-            self.adopt_new_tables().await?;
+            self.adopt(&published).await?;
         }
         Ok(())
     }
@@ -211,11 +217,10 @@ impl Session<'_> {
     /// default makes the table be copied again, as when the stream brings such a column.
     /// Anything else (renames, drops, type changes) waits for the table's next change, whose
     /// description says exactly what changed.
-    async fn follow_added_columns(&mut self) -> Result<(), PipelineError> {
+    async fn follow_added_columns(&mut self, published: &[Published]) -> Result<(), PipelineError> {
         let sql = self.sql.as_ref().ok_or_else(no_sql)?;
-        let published: Vec<Published> = published_tables(sql, &self.cfg.source.publication)
-            .await?
-            .into_iter()
+        let published: Vec<&Published> = published
+            .iter()
             .filter(|p| self.known.get(&p.qualified()) == Some(&p.oid))
             .collect();
         let oids: Vec<u32> = published.iter().map(|p| p.oid).collect();
@@ -235,7 +240,7 @@ impl Session<'_> {
             else {
                 continue;
             };
-            let mut rel = describe(sql, &p).await?.relation;
+            let mut rel = describe(sql, p).await?.relation;
             let previous: Vec<(String, i16)> = recorded
                 .columns
                 .iter()
@@ -256,18 +261,16 @@ impl Session<'_> {
             let at = crate::source::current_wal_lsn(sql).await?;
             tracing::info!(table = %name, %at, "columns added at the source with no change since: \
                 added to the warehouse");
-            let applier = self.applier.as_mut().ok_or_else(|| {
-                PipelineError::Internal("applier missing with no flush under way".into())
-            })?;
-            applier.add_columns(&name, &rel, at).await?;
+            idle(&mut self.applier)?
+                .add_columns(&name, &rel, at)
+                .await?;
         }
         Ok(())
     }
 }
 
-/// Columns of `rel` whose Arrow type differs from the previous description's in a way the Delta
-/// column cannot follow: neither widened to (see [`widens`]) nor narrower values the column
-/// holds as they are (`evolve`'s rule); matched by attribute number, else by name.
+/// Columns of `rel` whose Arrow type the Delta column of the previous description's type cannot
+/// follow (`evolve`'s rule, [`follows`]); matched by attribute number, else by name.
 fn incompatible(previous: &[(String, i16, Option<DataType>)], rel: &Relation) -> Vec<String> {
     rel.columns
         .iter()
@@ -279,14 +282,7 @@ fn incompatible(previous: &[(String, i16, Option<DataType>)], rel: &Relation) ->
                     *n == c.name
                 }
             })?;
-            let (was, now) = (was.as_ref()?, column_type(c));
-            // Narrower values fit the wider column (`evolve` takes them), except into text.
-            let fits = widens(&now, was) && *was != DataType::Utf8;
-            (*was != now && !widens(was, &now) && !fits).then(|| c.name.clone())
+            (!follows(was.as_ref()?, &column_type(c))).then(|| c.name.clone())
         })
         .collect()
-}
-
-fn no_sql() -> PipelineError {
-    PipelineError::Internal("no SQL connection".into())
 }

@@ -232,9 +232,7 @@ impl<'a> Session<'a> {
     }
 
     fn sql(&self) -> Result<&tokio_postgres::Client, PipelineError> {
-        self.sql
-            .as_ref()
-            .ok_or_else(|| PipelineError::Internal("no SQL connection".into()))
+        self.sql.as_ref().ok_or_else(no_sql)
     }
 
     /// Makes sure the slot exists; when walden creates it, copies the published tables as of the
@@ -528,9 +526,7 @@ impl<'a> Session<'a> {
                 self.known.entry(t).or_insert(oid);
             }
         }
-        let mut applier = self.applier.take().ok_or_else(|| {
-            PipelineError::Internal("applier missing with no flush under way".into())
-        })?;
+        let mut applier = self.applier.take().ok_or_else(no_applier)?;
         let rows = self.batcher.rows();
         let mut tables = self.batcher.take();
         // Only while snapshots keep every generation copied (see adopt_new_tables).
@@ -654,6 +650,19 @@ fn unapplied(table: &str, reason: &str, changes: usize, what: &str) {
         .with_label_values(&[reason])
         .inc_by(changes as u64);
     tracing::warn!(table, changes, "{what}");
+}
+
+fn no_sql() -> PipelineError {
+    PipelineError::Internal("no SQL connection".into())
+}
+
+/// The Applier, which only a flush under way holds.
+fn idle(applier: &mut Option<Applier>) -> Result<&mut Applier, PipelineError> {
+    applier.as_mut().ok_or_else(no_applier)
+}
+
+fn no_applier() -> PipelineError {
+    PipelineError::Internal("applier missing with no flush under way".into())
 }
 
 /// A flush task's result; a panic inside it is re-raised here.

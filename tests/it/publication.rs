@@ -5,7 +5,9 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{assert_id_v_mirror, assert_same, delta_rows, pg_rows, run_once};
+use crate::warehouse::{
+    assert_id_v_mirror, assert_same, assert_verified, delta_rows, pg_rows, run_once,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_lists_row_filters_partitions_and_inheritance() {
@@ -81,8 +83,7 @@ async fn column_lists_row_filters_partitions_and_inheritance() {
         assert_id_v_mirror(&db.client, &wh, table, &format!("ONLY {table}")).await;
     }
 
-    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
-    assert!(v.ok, "{}", v.render());
+    assert_verified(&cfg).await;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -5,7 +5,10 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{assert_same, delta_columns, delta_rows, pg_rows, run_once, Streaming};
+use crate::warehouse::{
+    assert_same, assert_verified, delta_columns, delta_rows, pg_rows, run_once, snapshotted,
+    Streaming,
+};
 
 const PG: &str =
     "SELECT concat_ws('|', id::text, n::text, v, amount::text, coalesce(added::text,'~')) \
@@ -115,8 +118,7 @@ async fn added_dropped_and_widened_columns_evolve_the_warehouse() {
     )
     .await;
     assert_eq!(old, vec!["before"], "the changelog keeps the old values");
-    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
-    assert!(v.ok, "{}", v.render());
+    assert_verified(&cfg).await;
 
     // With `stop`, walden stops with what to do.
     let mut stop = cfg.clone();
@@ -146,17 +148,12 @@ async fn added_dropped_and_widened_columns_evolve_the_warehouse() {
 /// same batch; a dropped and re-added column is not taken for a rename.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renamed_columns_keep_their_values() {
-    let db = test_db("schema_rename").await;
-    let wh = warehouse_dir("schema_rename");
-    db.client
-        .batch_execute(
-            "CREATE TABLE s (id int PRIMARY KEY, a text, b int, c text);
+    let (db, wh, cfg) = snapshotted(
+        "schema_rename",
+        "CREATE TABLE s (id int PRIMARY KEY, a text, b int, c text);
              INSERT INTO s SELECT g, 'a' || g, g, 'c' || g FROM generate_series(1, 3) g;",
-        )
-        .await
-        .unwrap();
-    let cfg = config(&db, &wh);
-    run_once(&cfg).await; // the snapshot
+    )
+    .await;
     db.client
         .batch_execute(
             "INSERT INTO s VALUES (4, 'a4', 4, 'c4');
@@ -202,8 +199,7 @@ async fn renamed_columns_keep_their_values() {
     )
     .await;
     assert_eq!(hist, vec!["1|a1", "2|a2", "3|a3", "4|a4"]);
-    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
-    assert!(v.ok, "{}", v.render());
+    assert_verified(&cfg).await;
 }
 
 /// A column added with a default: the rows from before hold it at the source (a fast default, or
@@ -211,17 +207,12 @@ async fn renamed_columns_keep_their_values() {
 /// mirror holds it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_column_defaults_reach_the_rows_from_before() {
-    let db = test_db("schema_default").await;
-    let wh = warehouse_dir("schema_default");
-    db.client
-        .batch_execute(
-            "CREATE TABLE s (id int PRIMARY KEY, v text);
+    let (db, wh, cfg) = snapshotted(
+        "schema_default",
+        "CREATE TABLE s (id int PRIMARY KEY, v text);
              INSERT INTO s SELECT g, 'v' || g FROM generate_series(1, 50) g;",
-        )
-        .await
-        .unwrap();
-    let cfg = config(&db, &wh);
-    run_once(&cfg).await; // the snapshot
+    )
+    .await;
     db.client
         .batch_execute(
             "ALTER TABLE s ADD COLUMN d int DEFAULT 7;
@@ -249,8 +240,7 @@ async fn added_column_defaults_reach_the_rows_from_before() {
             .collect()
     };
     assert_same("s", &ints(&src), &ints(&mir));
-    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
-    assert!(v.ok, "{}", v.render());
+    assert_verified(&cfg).await;
 }
 
 /// Columns added with no change afterwards: pgoutput describes a table only before its next
@@ -258,17 +248,12 @@ async fn added_column_defaults_reach_the_rows_from_before() {
 /// every row, as at the source); with one, the table is copied again so the rows hold it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
-    let db = test_db("schema_quiet").await;
-    let wh = warehouse_dir("schema_quiet");
-    db.client
-        .batch_execute(
-            "CREATE TABLE q (id int PRIMARY KEY, v text);
+    let (db, wh, cfg) = snapshotted(
+        "schema_quiet",
+        "CREATE TABLE q (id int PRIMARY KEY, v text);
              INSERT INTO q SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        )
-        .await
-        .unwrap();
-    let cfg = config(&db, &wh);
-    run_once(&cfg).await; // the snapshot
+    )
+    .await;
     db.client
         .batch_execute("ALTER TABLE q ADD COLUMN n int, ADD COLUMN t text;")
         .await
@@ -288,8 +273,7 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
         versions, 2,
         "the added columns are a recorded schema version"
     );
-    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
-    assert!(v.ok, "{}", v.render());
+    assert_verified(&cfg).await;
 
     // While streaming: a default, which the existing rows hold.
     let streaming = Streaming::start(&cfg);
@@ -355,6 +339,5 @@ async fn columns_added_with_no_change_afterwards_reach_the_warehouse() {
         vec!["40"],
         "the snapshot and one copy for the default"
     );
-    let v = walden::ops::verify::run(&cfg, None).await.unwrap();
-    assert!(v.ok, "{}", v.render());
+    assert_verified(&cfg).await;
 }

@@ -5,22 +5,17 @@
 use walden::sink::TableKind;
 
 use crate::pg::{config, test_db, warehouse_dir};
-use crate::warehouse::{delta_rows, run_once};
+use crate::warehouse::{delta_rows, run_once, snapshotted};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrepresentable_values_keep_their_exact_text_in_snapshot_and_stream() {
-    let db = test_db("types_exact").await;
-    let wh = warehouse_dir("types_exact");
-    db.client
-        .batch_execute(
-            "CREATE TABLE v (id int PRIMARY KEY, n numeric(10,2), d date, ts timestamp, i interval);
+    let (db, wh, cfg) = snapshotted(
+        "types_exact",
+        "CREATE TABLE v (id int PRIMARY KEY, n numeric(10,2), d date, ts timestamp, i interval);
              INSERT INTO v VALUES (1, 'NaN', 'infinity', '-infinity', '1 year 2 mons 3 days 04:05:06'),
                                   (2, 12.5, '2024-02-29', '2024-02-29 12:00', '-1 day');",
-        )
-        .await
-        .unwrap();
-    let cfg = config(&db, &wh);
-    run_once(&cfg).await; // the snapshot
+    )
+    .await;
     db.client
         .batch_execute(
             "INSERT INTO v VALUES (3, 'NaN', '-infinity', 'infinity', '1 year 2 mons 3 days 04:05:06'),

@@ -1,11 +1,13 @@
 //! Reading the Delta tables back and comparing them with the source.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrow::array::Array;
 use walden::apply::inspect;
 use walden::config::Config;
 use walden::sink::{TableKind, Warehouse};
+
+use crate::pg::{config, test_db, warehouse_dir, TestDb};
 
 /// One string per result row (the query must return a single column).
 /// A Delta table of the warehouse.
@@ -116,6 +118,22 @@ pub fn assert_same(what: &str, source: &[String], mirror: &[String]) {
             mirror.get(first)
         );
     }
+}
+
+/// `walden verify` finds the mirror equal to the source.
+pub async fn assert_verified(cfg: &Config) {
+    let v = walden::ops::verify::run(cfg, None).await.unwrap();
+    assert!(v.ok, "{}", v.render());
+}
+
+/// A test database set up by `setup` and its warehouse after the initial snapshot.
+pub async fn snapshotted(name: &str, setup: &str) -> (TestDb, PathBuf, Config) {
+    let db = test_db(name).await;
+    let wh = warehouse_dir(name);
+    db.client.batch_execute(setup).await.unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await;
+    (db, wh, cfg)
 }
 
 pub async fn run_once(cfg: &Config) -> walden::pipeline::Summary {
