@@ -130,9 +130,23 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc's malloc raises its mmap threshold to the size of the largest block freed (up to 32
+/// MiB), after which a flush's large, short-lived buffers (a part's rows, Arrow columns,
+/// Parquet pages) come from the heap arenas and fragment them: the process keeps their pages.
+/// A fixed threshold keeps such blocks mapped, so they go back to the system when freed
+/// (1,000,000 updates in one transaction: peak RSS 356 → 249 MiB, same time; bench/RESULTS.md).
+fn keep_large_blocks_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init_logging();
+    keep_large_blocks_mapped();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -17,6 +17,7 @@
 //! never guessed.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -24,7 +25,7 @@ use arrow::array::{
 };
 use arrow::compute::{cast, concat_batches, filter_record_batch, interleave};
 use arrow::datatypes::{DataType, SchemaRef};
-use arrow::row::{RowConverter, SortField};
+use arrow::row::{Row, RowConverter, Rows, SortField};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
 use deltalake::protocol::{DeltaOperation, SaveMode};
@@ -223,10 +224,76 @@ struct Group {
     /// Column indices in the target schema.
     columns: Vec<usize>,
     converter: RowConverter,
-    /// Encoded identity → removes still looking for a row.
-    wanted: HashMap<Box<[u8]>, Vec<usize>>,
+    wanted: Wanted,
     /// Sorted values of the first identity column when it is an integer (file pruning).
     ints: Option<(String, Vec<i64>)>,
+}
+
+/// The encoded identities of one group's removes, each distinct one a stack of the removes
+/// still looking for a row with it (several for identical keyless rows). Keys are hashed once
+/// and stored once (in `rows`).
+struct Wanted {
+    rows: Rows,
+    /// Remove index of each encoded identity in `rows`.
+    members: Vec<usize>,
+    hasher: foldhash::fast::RandomState,
+    /// (an encoded identity's position in `rows`, the top of its stack), per distinct identity.
+    heads: hashbrown::HashTable<(usize, usize)>,
+    /// The next entry down the stack, per position in `rows`.
+    below: Vec<Option<usize>>,
+}
+
+impl Wanted {
+    fn new(rows: Rows, members: Vec<usize>) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
+        let mut heads: hashbrown::HashTable<(usize, usize)> =
+            hashbrown::HashTable::with_capacity(members.len());
+        let mut below = vec![None; members.len()];
+        for (i, below_i) in below.iter_mut().enumerate() {
+            let row = rows.row(i);
+            let hash = hasher.hash_one(row.as_ref());
+            match heads.find_mut(hash, |&(at, _)| rows.row(at) == row) {
+                Some(head) => {
+                    *below_i = Some(head.1);
+                    head.1 = i;
+                }
+                None => {
+                    heads.insert_unique(hash, (i, i), |&(at, _)| {
+                        hasher.hash_one(rows.row(at).as_ref())
+                    });
+                }
+            }
+        }
+        Wanted {
+            rows,
+            members,
+            hasher,
+            heads,
+            below,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// Takes the remove that wants `row` (the last one queued), if any.
+    fn take(&mut self, row: Row<'_>) -> Option<usize> {
+        let hash = self.hasher.hash_one(row.as_ref());
+        let rows = &self.rows;
+        let mut entry = self
+            .heads
+            .find_entry(hash, |&(at, _)| rows.row(at) == row)
+            .ok()?;
+        let top = entry.get().1;
+        match self.below[top] {
+            Some(next) => entry.get_mut().1 = next,
+            None => {
+                entry.remove();
+            }
+        }
+        Some(self.members[top])
+    }
 }
 
 struct Matcher {
@@ -283,13 +350,6 @@ impl Matcher {
                 })
                 .collect::<Result<Vec<ArrayRef>, _>>()?;
             let rows = converter.convert_columns(&arrays)?;
-            let mut wanted: HashMap<Box<[u8]>, Vec<usize>> = HashMap::new();
-            for (i, &m) in members.iter().enumerate() {
-                wanted
-                    .entry(rows.row(i).as_ref().into())
-                    .or_default()
-                    .push(m);
-            }
             let ints = int_values(&arrays[0]).map(|mut v| {
                 v.sort_unstable();
                 (target.field(columns[0]).name().clone(), v)
@@ -297,7 +357,7 @@ impl Matcher {
             groups.push(Group {
                 columns,
                 converter,
-                wanted,
+                wanted: Wanted::new(rows, members),
                 ints,
             });
         }
@@ -348,15 +408,9 @@ impl Matcher {
                 if keep.as_ref().is_some_and(|k| !k[i]) {
                     continue;
                 }
-                let Some(stack) = g.wanted.get_mut(row.as_ref()) else {
+                let Some(remove) = g.wanted.take(row) else {
                     continue;
                 };
-                let Some(remove) = stack.pop() else {
-                    continue;
-                };
-                if stack.is_empty() {
-                    g.wanted.remove(row.as_ref());
-                }
                 self.pending -= 1;
                 keep.get_or_insert_with(|| vec![true; batch.num_rows()])[i] = false;
                 if self.needs.contains(&remove) {

@@ -17,10 +17,12 @@ pub mod snapshot;
 
 use std::collections::HashMap;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::Transaction;
+use deltalake::kernel::{Add, Transaction};
 use deltalake::{DeltaTable, DeltaTableError};
+use tokio::task::JoinHandle;
 
 use crate::batch::{changelog_batch, changelog_schema, mirror_schema, TableBuffer};
 use crate::checkpoint::{Applied, Lsn};
@@ -59,6 +61,8 @@ pub enum ApplyError {
     },
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error("writing the changelog of {table}: the task ended abnormally: {reason}")]
+    Task { table: String, reason: String },
 }
 
 /// Errors of one table, with its name.
@@ -307,8 +311,13 @@ impl Applier {
         let arrow = |e| err.arrow(e);
         let new = |at: &Applied| buf.rows.iter().any(|r| !at.covers(r.commit_lsn, r.seq));
 
-        // 1. changelog
-        let mut changelog: Option<Changelog> = None;
+        // 1. changelog: its batch is built here (the mirror's plan takes the rows next); its
+        // files are written and committed in a task of their own, beside the mirror's work,
+        // unless the mirror takes those files.
+        let mirror_from = pair.mirror_at;
+        let mirror_to = progress(buf, mirror_from);
+        let mirror_new = new(&mirror_from);
+        let mut changelog: Option<PendingChangelog> = None;
         if new(&pair.changes_at) {
             let (batch, bad) = changelog_batch(buf, pair.changes_at).map_err(arrow)?;
             stats.changelog_rows = batch.num_rows();
@@ -316,71 +325,78 @@ impl Applier {
             evolve::evolve(&mut pair.changes, name, &batch.schema(), &storage).await?;
             let target = evolve::table_schema(&pair.changes).map_err(delta)?;
             let batch = evolve::align(&batch, &target).map_err(arrow)?;
-            let adds = files::write_files(&pair.changes, batch, writer_properties())
-                .await
-                .map_err(delta)?;
             let to = progress(buf, pair.changes_at);
-            files::commit_append(&mut pair.changes, adds.clone(), commit_props(&app_id, to))
-                .await
-                .map_err(delta)?;
-            changelog = Some(Changelog {
+            let task = tokio::spawn(append_changelog(
+                name.to_string(),
+                pair.changes.clone(),
+                batch,
+                commit_props(&app_id, to),
+            ));
+            changelog = Some(PendingChangelog {
                 from: pair.changes_at,
-                rows: stats.changelog_rows,
-                files: adds,
+                to,
+                task,
             });
-            pair.changes_at = to;
-            crate::checkpoint::failpoint("after-changelog-commit");
         } else {
             stats.skipped_rows += buf.rows.len();
         }
 
         // 2. mirror
-        if new(&pair.mirror_at) {
-            let from = pair.mirror_at;
-            let to = progress(buf, from);
-            let insert_only = buf
-                .rows
-                .iter()
-                .filter(|r| !from.covers(r.commit_lsn, r.seq))
-                .all(|r| r.change.kind == ChangeKind::Insert && buf.holds(r));
-            let want = mirror_schema(&buf.relation);
-            match changelog {
-                // The changelog just appended exactly these rows, all inserts, in files written
-                // ahead: the mirror takes those files' columns (no second encode).
-                Some(c)
-                    if insert_only && c.from == from && !schema_differs(&pair.mirror, &want) =>
-                {
-                    let adds =
-                        files::project_files(&pair.changes, &pair.mirror, &c.files, &want).await?;
-                    files::commit_append(&mut pair.mirror, adds, commit_props(&app_id, to))
-                        .await
-                        .map_err(delta)?;
-                    stats.mirror_rows = c.rows;
-                }
-                _ => {
-                    let plan = mirror_plan(buf, from);
-                    buf.rows = Vec::new();
-                    if let Some(plan) = plan {
-                        let props = commit_props(&app_id, to);
+        let insert_only = buf
+            .rows
+            .iter()
+            .filter(|r| !mirror_from.covers(r.commit_lsn, r.seq))
+            .all(|r| r.change.kind == ChangeKind::Insert && buf.holds(r));
+        let want = mirror_schema(&buf.relation);
+        let mirrored = match changelog {
+            // The changelog appends exactly these rows, all inserts: the mirror takes its files'
+            // columns (no second encode).
+            Some(c)
+                if mirror_new
+                    && insert_only
+                    && c.from == mirror_from
+                    && !schema_differs(&pair.mirror, &want) =>
+            {
+                let files = c.finish(pair, name).await?;
+                let adds = files::project_files(&pair.changes, &pair.mirror, &files, &want).await?;
+                files::commit_append(&mut pair.mirror, adds, commit_props(&app_id, mirror_to))
+                    .await
+                    .map_err(delta)?;
+                stats.mirror_rows = stats.changelog_rows;
+                Ok(())
+            }
+            changelog => {
+                let mirrored = match mirror_plan(buf, mirror_from) {
+                    Some(plan) => {
                         let done = mirror::execute(
                             &mut pair.mirror,
                             name,
                             &buf.relation,
                             &plan,
-                            props,
+                            commit_props(&app_id, mirror_to),
                             &storage,
                         )
-                        .await?;
-                        stats.mirror_rows = done.rows_added + done.rows_removed;
-                        stats.unidentified = plan.unidentified;
-                        stats.missing = done.missing;
-                        if stats.changelog_rows == 0 {
-                            stats.unrepresentable += done.unrepresentable;
-                        }
+                        .await;
+                        done.map(|done| {
+                            stats.mirror_rows = done.rows_added + done.rows_removed;
+                            stats.unidentified = plan.unidentified;
+                            stats.missing = done.missing;
+                            if stats.changelog_rows == 0 {
+                                stats.unrepresentable += done.unrepresentable;
+                            }
+                        })
                     }
+                    None => Ok(()),
+                };
+                if let Some(c) = changelog {
+                    c.finish(pair, name).await?;
                 }
+                mirrored
             }
-            pair.mirror_at = to;
+        };
+        mirrored?;
+        if mirror_new {
+            pair.mirror_at = mirror_to;
         }
         Ok(stats)
     }
@@ -521,11 +537,44 @@ pub fn app_id(slot: &str) -> String {
     format!("walden:{slot}")
 }
 
-/// What step 1 of [`Applier::apply`] appended to the changelog.
-struct Changelog {
-    /// How far the changelog had applied before: its rows are the changes past that.
+/// The changelog table after step 1 of [`Applier::apply`], and the files it added.
+type ChangelogDone = Result<(DeltaTable, Vec<Add>), ApplyError>;
+
+/// Step 1 of [`Applier::apply`] under way: the changelog's append from `from` to `to`.
+struct PendingChangelog {
     from: Applied,
-    rows: usize,
-    /// The files added.
-    files: Vec<deltalake::kernel::Add>,
+    to: Applied,
+    task: JoinHandle<ChangelogDone>,
+}
+
+impl PendingChangelog {
+    /// Waits for the append; once it is committed, `pair` holds the changelog's new state.
+    /// Returns the files added.
+    async fn finish(self, pair: &mut Pair, name: &str) -> Result<Vec<Add>, ApplyError> {
+        let (table, files) = self.task.await.map_err(|e| ApplyError::Task {
+            table: name.to_string(),
+            reason: e.to_string(),
+        })??;
+        pair.changes = table;
+        pair.changes_at = self.to;
+        Ok(files)
+    }
+}
+
+/// Writes `batch` as files of the changelog `table` and commits them with `props`.
+async fn append_changelog(
+    name: String,
+    mut table: DeltaTable,
+    batch: RecordBatch,
+    props: CommitProperties,
+) -> ChangelogDone {
+    let err = TableErr(&name);
+    let adds = files::write_files(&table, batch, writer_properties())
+        .await
+        .map_err(|e| err.delta(e))?;
+    files::commit_append(&mut table, adds.clone(), props)
+        .await
+        .map_err(|e| err.delta(e))?;
+    crate::checkpoint::failpoint("after-changelog-commit");
+    Ok((table, adds))
 }

@@ -466,7 +466,8 @@ impl<'a> Session<'a> {
     /// into the transaction it got (`Applied::partial`); the last part stays buffered like a
     /// whole transaction. Returns the tables that part touched. Nothing of it is confirmed until
     /// the last part is durable: after a crash the slot sends it again and each table skips the
-    /// changes it has.
+    /// changes it has. The next part is read while one applies, so two parts' changes may be
+    /// in memory at once (hence half the budget each).
     async fn push_large(
         &mut self,
         stream: &ReplicationStream,
@@ -476,13 +477,13 @@ impl<'a> Session<'a> {
             spilled = txn.changes.is_spilled(), "large transaction: applying it in parts");
         self.start_flush(stream).await?;
         self.finish_flush(stream).await?;
-        // A part's decoded changes take at most half the transaction memory budget: the rest is
-        // for what they become on the way (plan, Arrow columns, Parquet pages).
+        // A part's decoded changes take at most half the transaction memory budget: the next
+        // part is read while one is planned and written.
         let part = self.cfg.batch.max_rows.max(1);
         let part_bytes = (self.cfg.spill.memory_bytes / 2).min(self.cfg.batch.max_bytes);
         let mut seq = 0i64;
+        let mut changes = txn.changes.next_chunk(part, part_bytes)?;
         loop {
-            let changes = txn.changes.next_chunk(part, part_bytes)?;
             let n = changes.len();
             self.count(n);
             let touched = self.batcher.push(txn, changes, seq);
@@ -492,10 +493,13 @@ impl<'a> Session<'a> {
             }
             self.batcher.mark_partial();
             self.start_flush(stream).await?;
+            // The next part is read from the spill file while this one applies.
+            let left = txn.changes.remaining();
+            changes = txn.changes.next_chunk(part, part_bytes)?;
             self.finish_flush(stream).await?;
             METRICS.large_transaction_parts_total.inc();
             tracing::info!(xid = txn.xid, lsn = %txn.commit_lsn, changes_applied = seq,
-                changes_left = txn.changes.remaining(), "large transaction: part durable");
+                changes_left = left, "large transaction: part durable");
             crate::checkpoint::failpoint("after-large-part");
         }
     }

@@ -21,7 +21,6 @@
 //! directly. The executor (`apply::mirror`) finds the removes' rows in the mirror's files, carries
 //! the unchanged values and commits removes and upserts atomically.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::batch::{column_map, Row, TableBuffer};
@@ -80,56 +79,75 @@ struct Live {
     identity: Identity,
 }
 
-/// Plans the changes of `buf` that `applied` does not cover; `None` when nothing is left.
-pub fn mirror_plan(buf: &TableBuffer, applied: Applied) -> Option<MirrorPlan> {
-    let rows: Vec<&Row> = buf
-        .rows
-        .iter()
-        .filter(|r| !applied.covers(r.commit_lsn, r.seq) && buf.holds(r))
-        .collect();
-    if rows.is_empty() {
-        return None;
-    }
+/// Plans the changes of `buf` that `applied` does not cover; `None` when nothing is left. The
+/// rows are moved into the plan (their values are not copied): `buf` is left without rows.
+pub fn mirror_plan(buf: &mut TableBuffer, applied: Applied) -> Option<MirrorPlan> {
+    let generation = buf.generation;
+    let mut rows: Vec<Row> = std::mem::take(&mut buf.rows);
+    rows.retain(|r| {
+        !applied.covers(r.commit_lsn, r.seq)
+            && generation.is_none_or(|g| r.change.relation.oid == g)
+    });
     let start = rows
         .iter()
         .rposition(|r| r.change.kind == ChangeKind::Truncate)
         .map(|i| i + 1);
-    let mut planner = Planner::new(&buf.relation);
+    if rows.is_empty() {
+        return None;
+    }
+    let mut planner = Planner::new(&buf.relation, rows.len());
     planner.plan.truncate = start.is_some();
-    for row in &rows[start.unwrap_or(0)..] {
+    for row in rows.into_iter().skip(start.unwrap_or(0)) {
         planner.push(row);
     }
     Some(planner.finish())
+}
+
+/// Where each of the batch relation's columns is in a row's tuples (see [`column_map`]).
+type ColumnMap = Arc<[Option<usize>]>;
+
+/// Hash of an identity and its values (the live-row index's key; never stored).
+fn key_hash(hasher: &foldhash::fast::RandomState, identity: &[usize], values: &[Value]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = hasher.build_hasher();
+    identity.hash(&mut h);
+    for &i in identity {
+        values[i].hash(&mut h);
+    }
+    h.finish()
 }
 
 struct Planner<'a> {
     rel: &'a Relation,
     plan: MirrorPlan,
     live: Vec<Option<Live>>,
-    /// Live rows by (identity, identity values); several for identical keyless rows.
-    index: HashMap<(Identity, Vec<Value>), Vec<usize>>,
+    /// Positions in `live` of the live rows with an identity, found by [`key_hash`] of their
+    /// identity values; several for identical keyless rows.
+    index: hashbrown::HashTable<usize>,
+    hasher: foldhash::fast::RandomState,
     /// How many live rows each identity has (a row is looked for under another identity only
-    /// when some live row has one: the replica identity changed inside the batch).
-    identities: HashMap<Identity, usize>,
+    /// when some live row has one: the replica identity changed inside the batch). Few entries.
+    identities: Vec<(Identity, usize)>,
     /// The identity of the last relation description seen, and its column map.
-    cache: Option<(*const Relation, Identity, Vec<Option<usize>>)>,
+    cache: Option<(*const Relation, Identity, ColumnMap)>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(rel: &'a Relation) -> Self {
+    fn new(rel: &'a Relation, rows: usize) -> Self {
         Planner {
             rel,
             plan: MirrorPlan::default(),
-            live: Vec::new(),
-            index: HashMap::new(),
-            identities: HashMap::new(),
+            live: Vec::with_capacity(rows),
+            index: hashbrown::HashTable::with_capacity(rows),
+            hasher: foldhash::fast::RandomState::default(),
+            identities: Vec::new(),
             cache: None,
         }
     }
 
     /// The identity of `row`'s relation description, in batch-relation column indices, and the
     /// row's tuples mapped onto the batch relation's columns.
-    fn describe(&mut self, row: &Row) -> (Identity, Vec<Option<usize>>) {
+    fn describe(&mut self, row: &Row) -> (Identity, ColumnMap) {
         let src = &row.change.relation;
         let ptr = Arc::as_ptr(src);
         if self.cache.as_ref().map(|c| c.0) != Some(ptr) {
@@ -137,24 +155,30 @@ impl<'a> Planner<'a> {
             let identity: Identity = (0..self.rel.columns.len())
                 .filter(|&i| map[i].is_some_and(|j| src.columns[j].key))
                 .collect();
-            self.cache = Some((ptr, identity, map));
+            self.cache = Some((ptr, identity, map.into()));
         }
         let (_, identity, map) = self.cache.as_ref().expect("set above");
         (identity.clone(), map.clone())
     }
 
-    fn push(&mut self, row: &Row) {
-        let (identity, map) = self.describe(row);
-        let project = |t: &Tuple| -> Vec<Value> {
+    fn push(&mut self, row: Row) {
+        let (identity, map) = self.describe(&row);
+        // Each source column maps to at most one batch column: its value is moved, not copied.
+        let project = |t: Tuple| -> Vec<Value> {
+            let mut t = t.0;
             map.iter()
-                .map(|j| j.and_then(|j| t.0.get(j).cloned()).unwrap_or(Value::Null))
+                .map(|j| {
+                    j.and_then(|j| t.get_mut(j).map(|v| std::mem::replace(v, Value::Null)))
+                        .unwrap_or(Value::Null)
+                })
                 .collect()
         };
         let (lsn, ts) = (row.commit_lsn, row.commit_ts_us);
-        let old = row.change.old.as_ref().map(|(k, t)| (*k, project(t)));
-        match row.change.kind {
+        let change = row.change;
+        let old = change.old.map(|(k, t)| (k, project(t)));
+        match change.kind {
             ChangeKind::Insert => {
-                let Some(new) = row.change.new.as_ref() else {
+                let Some(new) = change.new else {
                     return;
                 };
                 let upsert = Upsert {
@@ -166,7 +190,7 @@ impl<'a> Planner<'a> {
                 self.add(identity, upsert);
             }
             ChangeKind::Update => {
-                let Some(new) = row.change.new.as_ref() else {
+                let Some(new) = change.new else {
                     return;
                 };
                 let mut values = project(new);
@@ -176,12 +200,12 @@ impl<'a> Planner<'a> {
                     self.plan.unidentified += 1;
                     return;
                 };
-                if let Some((OldKind::Full, old)) = &old {
+                if let Some((OldKind::Full, old)) = old {
                     fill_unchanged(&mut values, old);
                 }
                 let origin = match from {
                     Found::Live(prev) => {
-                        fill_unchanged(&mut values, &prev.values);
+                        fill_unchanged(&mut values, prev.values);
                         prev.origin
                     }
                     Found::Mirror(r) => Some(r),
@@ -207,42 +231,47 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Takes the row `values` names out: a live row of the batch when one matches, else a row of
-    /// the mirror (a new remove). `None` when the table has no identity.
+    /// Takes the row `values` names out: a live row of the batch when one matches (the one
+    /// added last), else a row of the mirror (a new remove). `None` when the table has no
+    /// identity.
     fn take(&mut self, identity: &Identity, values: &[Value]) -> Option<Found> {
         if identity.is_empty() {
             return None;
         }
-        let key: Vec<Value> = identity.iter().map(|&i| values[i].clone()).collect();
-        let lookup = (identity.clone(), key);
-        if let Some(at) = self.index.get_mut(&lookup).and_then(|v| v.pop()) {
+        let hash = key_hash(&self.hasher, identity, values);
+        let live = &self.live;
+        let same = |at: &usize| {
+            live[*at].as_ref().is_some_and(|l| {
+                l.identity == *identity && identity.iter().all(|&i| l.upsert.values[i] == values[i])
+            })
+        };
+        let newest = self.index.iter_hash(hash).copied().filter(same).max();
+        if let Some(at) = newest {
+            self.unindex(hash, at);
             return Some(Found::Live(self.kill(at).upsert));
         }
-        if let Some(at) = self.scan_other_identity(identity, &lookup.1) {
+        if let Some(at) = self.scan_other_identity(identity, values) {
             let live = self.kill(at);
-            self.unindex(at, &live);
+            let hash = key_hash(&self.hasher, &live.identity, &live.upsert.values);
+            self.unindex(hash, at);
             return Some(Found::Live(live.upsert));
         }
         self.plan.removes.push(Remove {
-            identity: lookup.0,
-            values: lookup.1,
+            identity: identity.clone(),
+            values: identity.iter().map(|&i| values[i].clone()).collect(),
         });
         Some(Found::Mirror(self.plan.removes.len() - 1))
     }
 
     /// A live row added under another identity (the replica identity changed inside the batch)
-    /// whose values match.
-    fn scan_other_identity(&self, identity: &Identity, key: &[Value]) -> Option<usize> {
-        if self.identities.keys().all(|i| i == identity) {
+    /// whose values match `values` on `identity`'s columns.
+    fn scan_other_identity(&self, identity: &Identity, values: &[Value]) -> Option<usize> {
+        if self.identities.iter().all(|(i, _)| i == identity) {
             return None;
         }
         self.live.iter().rposition(|l| {
             l.as_ref().is_some_and(|l| {
-                l.identity != *identity
-                    && identity
-                        .iter()
-                        .zip(key)
-                        .all(|(&i, v)| l.upsert.values[i] == *v)
+                l.identity != *identity && identity.iter().all(|&i| l.upsert.values[i] == values[i])
             })
         })
     }
@@ -250,36 +279,40 @@ impl<'a> Planner<'a> {
     /// Takes the live row at `at` out of the batch.
     fn kill(&mut self, at: usize) -> Live {
         let live = self.live[at].take().expect("taken rows are live");
-        if let Some(n) = self.identities.get_mut(&live.identity) {
-            *n -= 1;
-            if *n == 0 {
-                self.identities.remove(&live.identity);
+        if let Some(p) = self
+            .identities
+            .iter()
+            .position(|(i, _)| *i == live.identity)
+        {
+            self.identities[p].1 -= 1;
+            if self.identities[p].1 == 0 {
+                self.identities.swap_remove(p);
             }
         }
         live
     }
 
-    fn unindex(&mut self, at: usize, live: &Live) {
-        let key: Vec<Value> = live
-            .identity
-            .iter()
-            .map(|&i| live.upsert.values[i].clone())
-            .collect();
-        if let Some(v) = self.index.get_mut(&(live.identity.clone(), key)) {
-            v.retain(|&x| x != at);
+    /// Drops position `at` (hashed `hash`) from the index.
+    fn unindex(&mut self, hash: u64, at: usize) {
+        if let Ok(entry) = self.index.find_entry(hash, |&x| x == at) {
+            entry.remove();
         }
     }
 
     fn add(&mut self, identity: Identity, upsert: Upsert) {
         let at = self.live.len();
         if !identity.is_empty() {
-            let key: Vec<Value> = identity.iter().map(|&i| upsert.values[i].clone()).collect();
-            self.index
-                .entry((identity.clone(), key))
-                .or_default()
-                .push(at);
+            let hash = key_hash(&self.hasher, &identity, &upsert.values);
+            let (live, hasher) = (&self.live, &self.hasher);
+            self.index.insert_unique(hash, at, |&x| {
+                let l = live[x].as_ref().expect("indexed rows are live");
+                key_hash(hasher, &l.identity, &l.upsert.values)
+            });
         }
-        *self.identities.entry(identity.clone()).or_default() += 1;
+        match self.identities.iter_mut().find(|(i, _)| *i == identity) {
+            Some((_, n)) => *n += 1,
+            None => self.identities.push((identity.clone(), 1)),
+        }
         self.live.push(Some(Live { upsert, identity }));
     }
 
@@ -303,10 +336,10 @@ enum Found {
 }
 
 /// Replaces unchanged values in `values` by the ones `from` knows.
-fn fill_unchanged(values: &mut [Value], from: &[Value]) {
+fn fill_unchanged(values: &mut [Value], from: Vec<Value>) {
     for (v, f) in values.iter_mut().zip(from) {
         if *v == Value::Unchanged {
-            *v = f.clone();
+            *v = f;
         }
     }
 }

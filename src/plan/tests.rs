@@ -80,14 +80,14 @@ impl B {
         self.push(ChangeKind::Truncate, None, None)
     }
     fn plan(self) -> MirrorPlan {
-        let buf = TableBuffer {
+        let mut buf = TableBuffer {
             relation: self.rel,
             rows: self.rows,
             bytes: 0,
             partial: false,
             generation: None,
         };
-        mirror_plan(&buf, Applied::default()).expect("rows to plan")
+        mirror_plan(&mut buf, Applied::default()).expect("rows to plan")
     }
 }
 
@@ -223,21 +223,21 @@ fn changes_at_or_below_the_applied_lsn_are_skipped() {
     let b = B::new(b'd')
         .insert(&["1", "x", "a"])
         .insert(&["2", "y", "b"]);
-    let buf = TableBuffer {
-        relation: b.rel,
-        rows: b.rows,
+    let buf = || TableBuffer {
+        relation: b.rel.clone(),
+        rows: b.rows.clone(),
         bytes: 0,
         partial: false,
         generation: None,
     };
     assert_eq!(
-        mirror_plan(&buf, Applied::at(Lsn(101)))
+        mirror_plan(&mut buf(), Applied::at(Lsn(101)))
             .unwrap()
             .upserts
             .len(),
         1
     );
-    assert!(mirror_plan(&buf, Applied::at(Lsn(102))).is_none());
+    assert!(mirror_plan(&mut buf(), Applied::at(Lsn(102))).is_none());
 }
 
 #[test]
