@@ -283,8 +283,9 @@ impl Applier {
     }
 
     /// Makes everything in `buf` durable in both tables; changes a table has already applied are
-    /// skipped there. The buffer's rows are let go once the mirror's plan is made: the executor
-    /// needs only the plan, so a large part's rows and its mirror work are not held at once.
+    /// skipped there. The buffer's rows move into the mirror's plan (their values are not
+    /// copied); the changelog is written and committed in a task of its own meanwhile (each
+    /// table records its own position, so the two commits may land in either order).
     pub async fn apply(
         &mut self,
         name: &str,
