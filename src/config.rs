@@ -25,6 +25,8 @@ pub struct Config {
     pub spill: SpillConfig,
     #[serde(default)]
     pub schema: SchemaConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
 }
 
 /// How schema changes at the source reach the warehouse.
@@ -146,6 +148,44 @@ pub struct SourceConfig {
     /// the kernel's autotuned buffer otherwise. 0: always the kernel's.
     #[serde(default)]
     pub receive_buffer_bytes: Option<u32>,
+    /// Seconds a connection may be silent before TCP keepalive probes start; with
+    /// `keepalive_interval_s` and `keepalive_count` it bounds how long a dead peer or a network
+    /// that stopped delivering goes unnoticed (also for data sent and never acknowledged).
+    #[serde(default = "default_keepalive_idle_s")]
+    pub keepalive_idle_s: u64,
+    /// Seconds between keepalive probes.
+    #[serde(default = "default_keepalive_interval_s")]
+    pub keepalive_interval_s: u64,
+    /// Unanswered probes before the connection counts as lost.
+    #[serde(default = "default_keepalive_count")]
+    pub keepalive_count: u32,
+}
+
+/// How walden waits between attempts after a transient error (connection lost, server
+/// restarting, object store throttling).
+#[derive(Clone, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First wait, milliseconds; doubled after each failed attempt.
+    #[serde(default = "default_retry_initial_ms")]
+    pub initial_ms: u64,
+    /// Longest wait, milliseconds.
+    #[serde(default = "default_retry_max_ms")]
+    pub max_ms: u64,
+    /// Seconds of transient errors with no progress after which walden stops with the last
+    /// error (0: never; it keeps trying).
+    #[serde(default)]
+    pub give_up_after_s: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_ms: default_retry_initial_ms(),
+            max_ms: default_retry_max_ms(),
+            give_up_after_s: 0,
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -196,6 +236,21 @@ fn default_connect_timeout_s() -> u64 {
 }
 fn default_slot_wait_s() -> u64 {
     15
+}
+fn default_keepalive_idle_s() -> u64 {
+    30
+}
+fn default_keepalive_interval_s() -> u64 {
+    10
+}
+fn default_keepalive_count() -> u32 {
+    3
+}
+fn default_retry_initial_ms() -> u64 {
+    500
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
 }
 fn default_max_rows() -> usize {
     200_000
@@ -373,6 +428,9 @@ impl fmt::Debug for SourceConfig {
             .field("connect_timeout_s", &self.connect_timeout_s)
             .field("slot_wait_s", &self.slot_wait_s)
             .field("receive_buffer_bytes", &self.receive_buffer_bytes)
+            .field("keepalive_idle_s", &self.keepalive_idle_s)
+            .field("keepalive_interval_s", &self.keepalive_interval_s)
+            .field("keepalive_count", &self.keepalive_count)
             .finish()
     }
 }

@@ -98,13 +98,9 @@ pub async fn copy_beside_stream(
     warehouse: &Warehouse,
     tables: &[Published],
 ) -> Result<SnapshotStats, SnapshotError> {
-    let pg = crate::source::parse_url(&cfg.source.url)?;
-    let mut repl = crate::source::ReplicationConn::connect(
-        &pg,
-        Duration::from_secs(cfg.source.connect_timeout_s),
-        cfg.source.receive_buffer_bytes,
-    )
-    .await?;
+    let pg = crate::source::connection_config(&cfg.source)?;
+    let mut repl =
+        crate::source::ReplicationConn::connect(&pg, cfg.source.receive_buffer_bytes).await?;
     let temp = format!("{}_copy_{}", cfg.source.slot, std::process::id());
     let created = repl.create_slot(&temp, true, true).await?;
     let snapshot = created.snapshot_name.ok_or_else(|| {

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod catalog;
+mod retry;
+
+use retry::Backoff;
 
 use crate::apply::inspect;
 use crate::apply::{Applier, ApplyError, ApplyStats};
@@ -121,7 +124,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, PipelineError> {
     let warehouse = Warehouse::new(&cfg.warehouse)?;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(&cfg.retry);
     let mut total = Summary::default();
     // Until the first session got as far as streaming, errors stop the run: a wrong URL or a
     // server that is not there should say so at once, not retry forever.
@@ -133,19 +136,24 @@ pub async fn run(
         total.changes += session.summary.changes;
         total.confirmed = total.confirmed.max(session.summary.confirmed);
         ever_streamed |= session.streamed;
+        if session.streamed {
+            backoff.progressed();
+        }
         match result {
             Ok(()) => return Ok(total),
             Err(e) if e.is_transient() && ever_streamed && !*shutdown.borrow() => {
+                let Some(wait) = backoff.next() else {
+                    METRICS.errors_total.with_label_values(&["definite"]).inc();
+                    tracing::error!(error = %e, give_up_after_s = cfg.retry.give_up_after_s,
+                        "transient errors went on for longer than retry.give_up_after_s; stopping");
+                    return Err(e);
+                };
                 METRICS.errors_total.with_label_values(&["transient"]).inc();
-                tracing::warn!(error = %e, retry_in = ?backoff, "transient error; reconnecting");
+                tracing::warn!(error = %e, retry_in = ?wait, "transient error; reconnecting");
                 let mut sd = shutdown.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = sd.changed() => return Ok(total),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                if session.streamed {
-                    backoff = Duration::from_millis(500);
                 }
             }
             Err(e) => {
@@ -309,13 +317,8 @@ impl<'a> Session<'a> {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
         let src = &self.cfg.source;
         self.sql = Some(source::connect_sql(src).await?);
-        let pg = source::parse_url(&src.url)?;
-        let mut repl = ReplicationConn::connect(
-            &pg,
-            Duration::from_secs(src.connect_timeout_s),
-            src.receive_buffer_bytes,
-        )
-        .await?;
+        let pg = source::connection_config(src)?;
+        let mut repl = ReplicationConn::connect(&pg, src.receive_buffer_bytes).await?;
         let prepared = self.prepare(self.sql()?, &mut repl).await?;
         self.frontier = Frontier::new(prepared.start);
         self.check_catalog().await?;

@@ -75,6 +75,22 @@ impl SourceError {
     }
 }
 
+impl SourceError {
+    /// A copy of this error of the same class, for the replication I/O task to hand its
+    /// consumer (`std::io::Error` is not `Clone`): a lost connection stays transient.
+    pub fn relay(&self) -> SourceError {
+        match self {
+            SourceError::Server(s) => SourceError::Server(s.clone()),
+            SourceError::Io(e) => SourceError::Io(std::io::Error::new(e.kind(), e.to_string())),
+            SourceError::Protocol(s) => SourceError::Protocol(s.clone()),
+            other if other.is_transient() => {
+                SourceError::Io(std::io::Error::other(other.to_string()))
+            }
+            other => SourceError::Protocol(other.to_string()),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for SourceError {
     /// Server errors keep their SQLSTATE, message, detail and hint (tokio-postgres' own Display
     /// says only "db error").
@@ -89,5 +105,36 @@ impl From<tokio_postgres::Error> for SourceError {
             }),
             None => SourceError::Sql(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_errors_keep_their_class() {
+        let lost = SourceError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "server closed the replication connection",
+        ));
+        let shutdown = SourceError::Server(ServerError {
+            code: "57P01".into(),
+            ..ServerError::default()
+        });
+        let refused = SourceError::Server(ServerError {
+            code: "42704".into(),
+            ..ServerError::default()
+        });
+        for e in [lost, shutdown, SourceError::ConnectTimeout("h:1".into())] {
+            assert!(e.relay().is_transient(), "{e}");
+        }
+        for e in [refused, SourceError::Protocol("bad frame".into())] {
+            assert!(!e.relay().is_transient(), "{e}");
+        }
+        assert!(SourceError::Io(std::io::Error::other("x"))
+            .relay()
+            .to_string()
+            .contains("connection to Postgres lost"));
     }
 }

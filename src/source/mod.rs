@@ -43,13 +43,29 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
     tokio_postgres::Config::from_str(url).map_err(|e| SourceError::BadUrl(e.to_string()))
 }
 
-/// An ordinary SQL connection (its driver task runs in the background).
-pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, SourceError> {
+/// The connection settings of every connection walden opens to the source, replication and SQL:
+/// the URL's, with walden's application name unless the URL names one, the connect timeout, and
+/// TCP keepalives plus a user timeout, so a peer that vanished or a network that stopped
+/// delivering is noticed within idle + interval × count seconds.
+pub fn connection_config(cfg: &SourceConfig) -> Result<tokio_postgres::Config, SourceError> {
     let mut pg = parse_url(&cfg.url)?;
     if pg.get_application_name().is_none() {
         pg.application_name("walden");
     }
     pg.connect_timeout(Duration::from_secs(cfg.connect_timeout_s));
+    let idle = Duration::from_secs(cfg.keepalive_idle_s.max(1));
+    let interval = Duration::from_secs(cfg.keepalive_interval_s.max(1));
+    pg.keepalives(true)
+        .keepalives_idle(idle)
+        .keepalives_interval(interval)
+        .keepalives_retries(cfg.keepalive_count.max(1))
+        .tcp_user_timeout(idle + interval * cfg.keepalive_count.max(1));
+    Ok(pg)
+}
+
+/// An ordinary SQL connection (its driver task runs in the background).
+pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, SourceError> {
+    let pg = connection_config(cfg)?;
     let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
         Ok(c) => c,
         Err(e) => return Err(classify_connect_error(e, &pg, &cfg.url)),

@@ -105,12 +105,13 @@ impl ReplicationConn {
     /// The walsender session gets fixed output settings (UTC, ISO dates, hex bytea, exact floats) so
     /// that pgoutput's text values parse the same whatever the server's defaults are.
     /// `receive_buffer`: `source.receive_buffer_bytes` (see [`TcpTuning::receive_buffer_for`]).
+    /// Connects with `config` (see [`super::connection_config`]: its connect timeout and TCP
+    /// keepalives apply).
     pub async fn connect(
         config: &tokio_postgres::Config,
-        timeout: Duration,
         receive_buffer: Option<u32>,
     ) -> Result<Self, SourceError> {
-        let (io, tcp) = open_socket(config, timeout, receive_buffer).await?;
+        let (io, tcp) = open_socket(config, receive_buffer).await?;
         let user = config
             .get_user()
             .map(str::to_string)
@@ -432,12 +433,35 @@ async fn connect_tcp(
     }))
 }
 
+/// Keepalive probes and the user timeout `config` asks for, on a TCP socket.
+fn set_keepalive(
+    s: &tokio::net::TcpStream,
+    config: &tokio_postgres::Config,
+) -> std::io::Result<()> {
+    if !config.get_keepalives() {
+        return Ok(());
+    }
+    let mut ka = socket2::TcpKeepalive::new().with_time(config.get_keepalives_idle());
+    if let Some(i) = config.get_keepalives_interval() {
+        ka = ka.with_interval(i);
+    }
+    if let Some(n) = config.get_keepalives_retries() {
+        ka = ka.with_retries(n);
+    }
+    let sock = socket2::SockRef::from(s);
+    sock.set_tcp_keepalive(&ka)?;
+    sock.set_tcp_user_timeout(config.get_tcp_user_timeout().copied())
+}
+
 async fn open_socket(
     config: &tokio_postgres::Config,
-    timeout: Duration,
     receive_buffer: Option<u32>,
 ) -> Result<Socket, SourceError> {
     use tokio_postgres::config::Host;
+    let timeout = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
     let hosts = config.get_hosts();
     let ports = config.get_ports();
     let mut last_err = None;
@@ -455,6 +479,7 @@ async fn open_socket(
                     Box::pin(async move {
                         let (s, receive_buffer) = connect_tcp(&a, receive_buffer).await?;
                         s.set_nodelay(true)?;
+                        set_keepalive(&s, config)?;
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                         Ok((
                             Box::new(s) as Box<dyn Io>,
@@ -538,15 +563,24 @@ impl ReplicationStream {
     }
 
     /// Sends a last status update and ends the replication session cleanly.
-    pub async fn close(self) -> Result<(), SourceError> {
+    pub async fn close(mut self) -> Result<(), SourceError> {
         self.feedback.closing.store(1, Ordering::SeqCst);
         self.feedback.wake.notify_one();
-        drop(self.rx);
-        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+        self.rx.close();
+        match tokio::time::timeout(Duration::from_secs(5), &mut self.task).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(SourceError::Protocol(format!("I/O task failed: {join}"))),
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// A stream given up without [`ReplicationStream::close`] (the session failed) stops its I/O
+/// task, which closes the connection: the walsender exits and the slot is free for the next
+/// session at once, even on a quiet server where the task would not notice anything for long.
+impl Drop for ReplicationStream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -732,11 +766,7 @@ async fn io_task(
     }
     .await;
     if let Err(e) = &result {
-        let msg = match e {
-            SourceError::Server(s) => SourceError::Server(s.clone()),
-            other => SourceError::Protocol(other.to_string()),
-        };
-        let _ = tx.send(Err(msg)).await;
+        let _ = tx.send(Err(e.relay())).await;
     }
     result
 }

@@ -44,10 +44,9 @@ async fn capture() -> Vec<bytes::Bytes> {
         )
         .await
         .unwrap();
-    let pg = walden::source::parse_url(&db.url).unwrap();
-    let mut repl = ReplicationConn::connect(&pg, Duration::from_secs(5), None)
-        .await
-        .unwrap();
+    let mut pg = walden::source::parse_url(&db.url).unwrap();
+    pg.connect_timeout(Duration::from_secs(5));
+    let mut repl = ReplicationConn::connect(&pg, None).await.unwrap();
     let slot = repl.create_slot("fixtures", false, false).await.unwrap();
     for sql in WORKLOAD {
         db.client.batch_execute(sql).await.unwrap();

@@ -4,6 +4,7 @@ mod adopt;
 mod crash;
 mod differential;
 mod errors;
+mod faults;
 mod fixtures;
 mod identity;
 mod large;

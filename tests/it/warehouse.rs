@@ -166,8 +166,11 @@ impl Streaming {
 
     /// Asks it to flush, confirm and end; panics when the run failed.
     pub async fn stop(self) {
-        self.stop.send(true).unwrap();
-        self.run.await.unwrap().unwrap();
+        // The run may have ended already (with the error this shows).
+        let _ = self.stop.send(true);
+        if let Err(e) = self.run.await.unwrap() {
+            panic!("walden run failed: {e}");
+        }
     }
 }
 
