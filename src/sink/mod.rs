@@ -63,25 +63,75 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
             SinkError::Delta { source, .. } => delta_is_transient(source),
-            SinkError::Store(e) => !matches!(
-                **e,
-                object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ),
+            SinkError::Store(e) => store_is_transient(e),
             _ => false,
         }
     }
 }
 
-/// Object-store hiccups and lost commit races are worth a retry; anything else is not.
-pub fn delta_is_transient(e: &DeltaTableError) -> bool {
-    matches!(
+/// Object-store failures worth a retry: network trouble, throttling, server errors, lost races
+/// (`Generic` carries the HTTP client's errors, retried by object_store itself first). Missing
+/// or refused credentials, a bad path or configuration, an operation the store does not support
+/// stay the same on every attempt.
+pub fn store_is_transient(e: &object_store::Error) -> bool {
+    !matches!(
         e,
-        DeltaTableError::ObjectStore { .. }
-            | DeltaTableError::Io { .. }
-            | DeltaTableError::VersionAlreadyExists(_)
-            | DeltaTableError::Transaction { .. }
+        object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::UnknownConfigurationKey { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented { .. }
     )
+}
+
+/// Object-store hiccups and lost commit races are worth a retry; a table the writer cannot
+/// handle (unsupported features, append-only, corrupt log, schema mismatch) is not.
+pub fn delta_is_transient(e: &DeltaTableError) -> bool {
+    use deltalake::kernel::transaction::TransactionError as T;
+    match e {
+        DeltaTableError::ObjectStore { source } => store_is_transient(source),
+        DeltaTableError::Io { .. } | DeltaTableError::VersionAlreadyExists(_) => true,
+        DeltaTableError::Transaction { source } => match source {
+            T::VersionAlreadyExists(_) | T::CommitConflict(_) | T::MaxCommitAttempts(_) => true,
+            T::ObjectStore { source } => store_is_transient(source),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+    use deltalake::kernel::transaction::TransactionError as T;
+
+    #[test]
+    fn lost_races_and_store_trouble_are_retried_unusable_tables_are_not() {
+        let race = DeltaTableError::Transaction {
+            source: T::VersionAlreadyExists(7),
+        };
+        let throttled = DeltaTableError::ObjectStore {
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "503 Slow Down".into(),
+            },
+        };
+        let denied = DeltaTableError::ObjectStore {
+            source: object_store::Error::PermissionDenied {
+                path: "wh/_delta_log".into(),
+                source: "403".into(),
+            },
+        };
+        let append_only = DeltaTableError::Transaction {
+            source: T::DeltaTableAppendOnly,
+        };
+        assert!(delta_is_transient(&race));
+        assert!(delta_is_transient(&throttled));
+        assert!(!delta_is_transient(&denied));
+        assert!(!delta_is_transient(&append_only));
+        assert!(!delta_is_transient(&DeltaTableError::NotATable("x".into())));
+    }
 }
 
 /// Which of a source table's two Delta tables.
