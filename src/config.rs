@@ -159,6 +159,11 @@ pub struct SourceConfig {
     /// Unanswered probes before the connection counts as lost.
     #[serde(default = "default_keepalive_count")]
     pub keepalive_count: u32,
+    /// Seconds without any message from the server on the replication connection before it
+    /// counts as lost and walden reconnects (after half of it, walden asks the server for a
+    /// reply). Catches a server or path that stopped without closing the connection. 0: never.
+    #[serde(default = "default_receive_timeout_s")]
+    pub receive_timeout_s: u64,
 }
 
 /// How walden waits between attempts after a transient error (connection lost, server
@@ -245,6 +250,9 @@ fn default_keepalive_interval_s() -> u64 {
 }
 fn default_keepalive_count() -> u32 {
     3
+}
+fn default_receive_timeout_s() -> u64 {
+    60
 }
 fn default_retry_initial_ms() -> u64 {
     500
@@ -431,6 +439,7 @@ impl fmt::Debug for SourceConfig {
             .field("keepalive_idle_s", &self.keepalive_idle_s)
             .field("keepalive_interval_s", &self.keepalive_interval_s)
             .field("keepalive_count", &self.keepalive_count)
+            .field("receive_timeout_s", &self.receive_timeout_s)
             .finish()
     }
 }

@@ -84,6 +84,13 @@ impl From<SinkError> for PipelineError {
 }
 
 impl PipelineError {
+    /// The slot is held by another connection: at start another consumer (definite), but on a
+    /// reconnect most likely walden's own previous walsender, which the server ends once it
+    /// notices the old connection is gone (`wal_sender_timeout` at the latest).
+    fn is_slot_in_use(&self) -> bool {
+        matches!(self, PipelineError::Source(SourceError::SlotInUse { .. }))
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             PipelineError::Source(e) => e.is_transient(),
@@ -141,7 +148,11 @@ pub async fn run(
         }
         match result {
             Ok(()) => return Ok(total),
-            Err(e) if e.is_transient() && ever_streamed && !*shutdown.borrow() => {
+            Err(e)
+                if (e.is_transient() || e.is_slot_in_use())
+                    && ever_streamed
+                    && !*shutdown.borrow() =>
+            {
                 let Some(wait) = backoff.next() else {
                     METRICS.errors_total.with_label_values(&["definite"]).inc();
                     tracing::error!(error = %e, give_up_after_s = cfg.retry.give_up_after_s,
@@ -331,7 +342,11 @@ impl<'a> Session<'a> {
                 &src.slot,
                 &src.publication,
                 Lsn(0),
-                Duration::from_millis(src.status_interval_ms.max(100)),
+                source::StreamTiming {
+                    status_interval: Duration::from_millis(src.status_interval_ms.max(100)),
+                    receive_timeout: (src.receive_timeout_s > 0)
+                        .then(|| Duration::from_secs(src.receive_timeout_s)),
+                },
             )
             .await?;
         self.streamed = true;

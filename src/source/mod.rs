@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use error::{ServerError, SourceError};
-pub use replication::{ReplicationConn, ReplicationStream, WalMessage};
+pub use replication::{ReplicationConn, ReplicationStream, StreamTiming, WalMessage};
 
 use crate::checkpoint::Lsn;
 use crate::config::SourceConfig;

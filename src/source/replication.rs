@@ -351,7 +351,7 @@ impl ReplicationConn {
         slot: &str,
         publication: &str,
         start: Lsn,
-        status_interval: Duration,
+        timing: StreamTiming,
     ) -> Result<ReplicationStream, SourceError> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '2', streaming 'on', publication_names {}, messages 'true')",
@@ -397,7 +397,7 @@ impl ReplicationConn {
             buf,
             tx,
             feedback.clone(),
-            status_interval,
+            timing,
         ));
         Ok(ReplicationStream { rx, feedback, task })
     }
@@ -653,16 +653,53 @@ const HANDOFF_WAIT: Duration = Duration::from_millis(2);
 /// Reads the socket, hands batches to the consumer, and keeps the server informed. While the
 /// consumer is busy (channel full and [`HANDOFF_MAX`] messages waiting) it stops reading, but
 /// still sends status updates on the timer so the walsender never times out.
+/// When the I/O task talks to the server unasked, and how long it listens to silence.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    /// A standby status update goes out at least this often.
+    pub status_interval: Duration,
+    /// With nothing from the server for half of this, a status update asks it for a reply (a
+    /// keepalive); with nothing for all of it, the connection counts as lost (transient): the
+    /// server or the path to it stopped without closing the connection. `None`: never.
+    pub receive_timeout: Option<Duration>,
+}
+
+/// The connection is silent for too long (see [`StreamTiming::receive_timeout`]).
+fn silent(heard: tokio::time::Instant, timing: StreamTiming) -> Silence {
+    match timing.receive_timeout {
+        Some(t) if heard.elapsed() >= t => Silence::Lost(t),
+        Some(t) if heard.elapsed() >= t / 2 => Silence::Ask,
+        _ => Silence::Fine,
+    }
+}
+
+enum Silence {
+    Fine,
+    Ask,
+    Lost(Duration),
+}
+
 async fn io_task(
     io: Box<dyn Io>,
     mut coalescer: Coalescer,
     mut buf: BytesMut,
     tx: mpsc::Sender<Result<Vec<WalMessage>, SourceError>>,
     feedback: Arc<Feedback>,
-    status_interval: Duration,
+    timing: StreamTiming,
 ) -> Result<(), SourceError> {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let mut ticker = tokio::time::interval(status_interval);
+    let tick = match timing.receive_timeout {
+        Some(t) => timing
+            .status_interval
+            .min(t / 4)
+            .max(Duration::from_millis(50)),
+        None => timing.status_interval,
+    };
+    let mut ticker = tokio::time::interval(tick);
+    let mut status_due = tokio::time::Instant::now();
+    // When the server was last heard from (or walden last stopped reading: a consumer that
+    // holds the stream back is not a silent server).
+    let mut heard = tokio::time::Instant::now();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: Vec<WalMessage> = Vec::new();
     let mut pending_since = tokio::time::Instant::now();
@@ -722,10 +759,26 @@ async fn io_task(
                     }
                 }
                 _ = ticker.tick() => {
-                    let f = feedback.flushed.load(Ordering::SeqCst);
-                    wr.write_all(&status_update(f, false)).await?;
-                    wr.flush().await?;
-                    sent_flushed = f;
+                    if pending.len() >= HANDOFF_MAX {
+                        heard = tokio::time::Instant::now();
+                    }
+                    let ask = match silent(heard, timing) {
+                        Silence::Lost(t) => {
+                            return Err(SourceError::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("nothing from the server for {} s (source.receive_timeout_s)", t.as_secs_f64()),
+                            )));
+                        }
+                        Silence::Ask => true,
+                        Silence::Fine => false,
+                    };
+                    if ask || status_due.elapsed() >= timing.status_interval {
+                        let f = feedback.flushed.load(Ordering::SeqCst);
+                        wr.write_all(&status_update(f, ask)).await?;
+                        wr.flush().await?;
+                        sent_flushed = f;
+                        status_due = tokio::time::Instant::now();
+                    }
                 }
                 permit = async {
                     if hold {
@@ -751,6 +804,7 @@ async fn io_task(
                             "server closed the replication connection",
                         )));
                     }
+                    heard = tokio::time::Instant::now();
                     coalescer.on_read();
                 }
                 _ = async {

@@ -56,7 +56,10 @@ async fn capture() -> Vec<bytes::Bytes> {
             "fixtures",
             "walden",
             slot.consistent_point,
-            Duration::from_secs(1),
+            walden::source::StreamTiming {
+                status_interval: Duration::from_secs(1),
+                receive_timeout: None,
+            },
         )
         .await
         .unwrap();

@@ -164,6 +164,11 @@ impl Streaming {
         Streaming { stop, run }
     }
 
+    /// The run ended by itself (an error, or a definite stop).
+    pub fn ended(&self) -> bool {
+        self.run.is_finished()
+    }
+
     /// Asks it to flush, confirm and end; panics when the run failed.
     pub async fn stop(self) {
         // The run may have ended already (with the error this shows).
