@@ -39,6 +39,18 @@ pub enum SinkError {
         #[source]
         source: DeltaTableError,
     },
+    #[error(
+        "the Delta table at {table} cannot be read ({source}): it is damaged, or something \
+        other than walden wrote there. Stop walden, move that directory aside (keep it if its \
+        history matters), then start walden again with snapshots enabled, or run \
+        `walden backfill --table {name}`, to copy {name} anew"
+    )]
+    Unreadable {
+        table: String,
+        name: String,
+        #[source]
+        source: DeltaTableError,
+    },
     #[error("warehouse object store: {0}")]
     Store(Box<object_store::Error>),
     #[error("Parquet file {file}: {source}")]
@@ -262,7 +274,17 @@ impl Warehouse {
             .map_err(delta)?;
         // Ask first, so a table that is not there yet is not reported as a load error.
         if table.verify_deltatable_existence().await.map_err(delta)? {
-            table.load().await.map_err(delta)?;
+            table.load().await.map_err(|source| {
+                if delta_is_transient(&source) {
+                    delta(source)
+                } else {
+                    SinkError::Unreadable {
+                        table: url.to_string(),
+                        name: name.to_string(),
+                        source,
+                    }
+                }
+            })?;
             return Ok(table);
         }
         let st: StructType = schema

@@ -196,9 +196,10 @@ pub async fn prepare(
                 .get(0);
             if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
                 return Err(SourceError::Setup(format!(
-                    "slot {:?} exists but is a {kind} slot with plugin {plugin:?}; walden needs a logical pgoutput slot. \
+                    "slot {:?} exists but is a {kind} slot with plugin {}; walden needs a logical pgoutput slot. \
                      Choose another source.slot, or drop this one",
-                    cfg.slot
+                    cfg.slot,
+                    plugin.as_deref().unwrap_or("none")
                 )));
             }
             if db.as_deref() != Some(here.as_str()) {

@@ -254,6 +254,13 @@ impl ReplicationConn {
                             user: user.into(),
                             message: e.message,
                         },
+                        "42501" => SourceError::Setup(format!(
+                            "role {user:?} may not replicate ({}). Grant it: `ALTER ROLE {} REPLICATION` \
+                             (on managed services: the provider's replication role or flag, e.g. \
+                             rds_replication on RDS), or use a role that has it in source.url",
+                            e.message,
+                            quote_ident(user)
+                        )),
                         _ => SourceError::Server(e),
                     });
                 }

@@ -155,3 +155,67 @@ async fn wal_level_replica_is_refused_with_the_fix() {
     assert_fails_with(&out, "wal_level = logical");
     other.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_bad_inputs_say_what_to_do() {
+    let db = test_db("errors_more").await;
+    let c = cluster();
+    db.client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');
+             CREATE PUBLICATION walden FOR ALL TABLES;
+             DROP ROLE IF EXISTS walden_norepl; CREATE ROLE walden_norepl LOGIN;",
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("SELECT pg_create_logical_replication_slot('s_errors_td', 'test_decoding')")
+        .await
+        .unwrap();
+    let wh = warehouse_dir("errors_more");
+    let run = |url: String, slot: &str, wh: &std::path::Path| {
+        walden_once(&[
+            ("WALDEN_SOURCE__URL", url),
+            ("WALDEN_SOURCE__SLOT", slot.to_string()),
+            ("WALDEN_WAREHOUSE__URL", wh.display().to_string()),
+        ])
+    };
+
+    // malformed URL
+    let out = run(
+        "postgres://postgres@127.0.0.1:notaport/x".into(),
+        "s_errors_m",
+        &wh,
+    );
+    assert_fails_with(&out, "invalid source.url");
+
+    // a role without REPLICATION: the fix names the ALTER ROLE
+    let out = run(
+        format!("postgres://walden_norepl@127.0.0.1:{}/errors_more", c.port),
+        "s_errors_m",
+        &wh,
+    );
+    assert_fails_with(&out, "ALTER ROLE \"walden_norepl\" REPLICATION");
+
+    // a slot of another output plugin
+    let out = run(c.url("errors_more"), "s_errors_td", &wh);
+    assert_fails_with(
+        &out,
+        "plugin test_decoding; walden needs a logical pgoutput slot",
+    );
+
+    // a damaged Delta table where the mirror goes
+    let log = wh.join("mirror/public/t/_delta_log");
+    std::fs::create_dir_all(&log).unwrap();
+    std::fs::write(log.join("00000000000000000000.json"), "garbage{").unwrap();
+    let out = run(c.url("errors_more"), "s_errors_m", &wh);
+    assert_fails_with(&out, "move that directory aside");
+    assert_fails_with(&out, "walden backfill --table public.t");
+    db.client
+        .batch_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name IN ('s_errors_td', 's_errors_m')",
+        )
+        .await
+        .unwrap();
+}
