@@ -49,7 +49,7 @@ pub enum SinkError {
         table: String,
         name: String,
         #[source]
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
     #[error("warehouse object store: {0}")]
     Store(Box<object_store::Error>),
@@ -281,7 +281,7 @@ impl Warehouse {
                     SinkError::Unreadable {
                         table: url.to_string(),
                         name: name.to_string(),
-                        source,
+                        source: Box::new(source),
                     }
                 }
             })?;
