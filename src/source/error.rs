@@ -41,6 +41,14 @@ pub enum SourceError {
     Auth { user: String, message: String },
     #[error("replication slot {slot:?} is in use by another process{pid}. Stop the other consumer (or `SELECT pg_terminate_backend(pid)`), or give walden its own slot")]
     SlotInUse { slot: String, pid: String },
+    #[error("replication slot {slot:?} was invalidated by the server (wal_status = lost: it held back \
+        more WAL than max_slot_wal_keep_size allows), so the changes since walden last confirmed \
+        are gone from the server and cannot be replicated. To start over: \
+        `SELECT pg_drop_replication_slot('{slot}')`, then start walden with snapshot.enabled = true: \
+        it creates the slot again and copies every table anew (the changelog will not have the \
+        changes in between). To keep it from happening again, raise max_slot_wal_keep_size or keep \
+        walden running")]
+    SlotInvalidated { slot: String },
     #[error("Postgres refused: {0}")]
     Server(ServerError),
     #[error("connection to Postgres lost: {0}")]

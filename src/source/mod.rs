@@ -170,8 +170,8 @@ pub async fn prepare(
     let slot = loop {
         let slot = sql
             .query_opt(
-                "SELECT plugin, slot_type, database, active, active_pid, confirmed_flush_lsn::text \
-                 FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT plugin, slot_type, database, active, active_pid, confirmed_flush_lsn::text, \
+                 wal_status FROM pg_replication_slots WHERE slot_name = $1",
                 &[&cfg.slot],
             )
             .await?;
@@ -207,6 +207,11 @@ pub async fn prepare(
                     "slot {:?} belongs to database {db:?}, but source.url connects to {here:?}",
                     cfg.slot
                 )));
+            }
+            if row.get::<_, Option<String>>(6).as_deref() == Some("lost") {
+                return Err(SourceError::SlotInvalidated {
+                    slot: cfg.slot.clone(),
+                });
             }
             if active {
                 return Err(SourceError::SlotInUse {

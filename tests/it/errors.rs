@@ -219,3 +219,55 @@ async fn more_bad_inputs_say_what_to_do() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_refused_with_the_way_back() {
+    let other = crate::pg::Cluster::start_with("logical");
+    let admin = crate::pg::connect(&other.url("postgres")).await;
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+        "CREATE TABLE junk (x text)",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let envs = [
+        ("WALDEN_SOURCE__URL", other.url("postgres")),
+        ("WALDEN_SOURCE__SLOT", "s_lost".to_string()),
+        ("WALDEN_SOURCE__CREATE_PUBLICATION", "true".into()),
+        (
+            "WALDEN_WAREHOUSE__URL",
+            warehouse_dir("lost").display().to_string(),
+        ),
+    ];
+    let out = walden_once(&envs);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // More WAL than the slot may hold back, then a checkpoint invalidates it.
+    for _ in 0..4 {
+        admin
+            .batch_execute(
+                "INSERT INTO junk SELECT repeat('x', 1000) FROM generate_series(1, 3000); \
+                 SELECT pg_switch_wal();",
+            )
+            .await
+            .unwrap();
+    }
+    admin.batch_execute("CHECKPOINT").await.unwrap();
+    let status: String = admin
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost");
+    let out = walden_once(&envs);
+    assert_fails_with(&out, "was invalidated by the server");
+    assert_fails_with(&out, "pg_drop_replication_slot('s_lost')");
+    other.stop();
+}
