@@ -133,9 +133,11 @@ pub async fn run(
     let warehouse = Warehouse::new(&cfg.warehouse)?;
     let mut backoff = Backoff::new(&cfg.retry);
     let mut total = Summary::default();
-    // Until the first session got as far as streaming, errors stop the run: a wrong URL or a
-    // server that is not there should say so at once, not retry forever.
+    // Until a session got as far as an open connection, errors stop the run: a wrong URL or a
+    // server that is not there should say so at once, not retry forever. A server that was
+    // reached once and then went away (restarting, say) is waited for.
     let mut ever_streamed = false;
+    let mut ever_connected = false;
     loop {
         let mut session = Session::new(cfg, warehouse.clone(), mode);
         let result = session.run(shutdown.clone()).await;
@@ -143,14 +145,15 @@ pub async fn run(
         total.changes += session.summary.changes;
         total.confirmed = total.confirmed.max(session.summary.confirmed);
         ever_streamed |= session.streamed;
+        ever_connected |= session.sql.is_some();
         if session.streamed {
             backoff.progressed();
         }
         match result {
             Ok(()) => return Ok(total),
             Err(e)
-                if (e.is_transient() || e.is_slot_in_use())
-                    && ever_streamed
+                if ((e.is_transient() && ever_connected)
+                    || (e.is_slot_in_use() && ever_streamed))
                     && !*shutdown.borrow() =>
             {
                 let Some(wait) = backoff.next() else {

@@ -3,6 +3,8 @@
 //! ends equal to the source with every change in the changelog once.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use walden::sink::TableKind;
@@ -134,72 +136,82 @@ async fn streaming_goes_on_across_server_restarts() {
     c.stop();
 }
 
-/// A TCP proxy on loopback that can stall every connection it carries: they stay open but
-/// nothing passes any more, as when a network stops delivering without closing anything.
-/// Connections made after a stall pass again.
-struct Proxy {
-    port: u16,
-    stalls: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>>,
+/// A TCP proxy on loopback that can stall every connection it carries (they stay open but
+/// nothing passes any more, as when a network stops delivering without closing anything) or cut
+/// them (both sides closed, as by a reset). Connections made afterwards pass again.
+pub struct Proxy {
+    pub port: u16,
+    links: Arc<Mutex<Vec<Arc<AtomicU8>>>>,
 }
 
+const PASS: u8 = 0;
+const STALL: u8 = 1;
+const CUT: u8 = 2;
+
 impl Proxy {
-    async fn start(to: u16) -> Proxy {
+    pub async fn start(to: u16) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let stalls: std::sync::Arc<std::sync::Mutex<Vec<_>>> = Default::default();
-        let all = stalls.clone();
+        let links: Arc<Mutex<Vec<Arc<AtomicU8>>>> = Default::default();
+        let all = links.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
                     continue;
                 };
-                let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                all.lock().unwrap().push(stalled.clone());
+                let state = Arc::new(AtomicU8::new(PASS));
+                all.lock().unwrap().push(state.clone());
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pass(cr, sw, stalled.clone()));
-                tokio::spawn(pass(sr, cw, stalled));
+                tokio::spawn(pass(cr, sw, state.clone()));
+                tokio::spawn(pass(sr, cw, state));
             }
         });
-        Proxy { port, stalls }
+        Proxy { port, links }
     }
 
-    fn stall(&self) {
-        for s in self.stalls.lock().unwrap().drain(..) {
-            s.store(true, std::sync::atomic::Ordering::SeqCst);
+    fn set_all(&self, to: u8) {
+        for s in self.links.lock().unwrap().drain(..) {
+            s.store(to, Ordering::SeqCst);
         }
+    }
+
+    pub fn stall(&self) {
+        self.set_all(STALL);
+    }
+
+    pub fn cut(&self) {
+        self.set_all(CUT);
     }
 }
 
-/// Copies `from` to `to` until either side closes; once `stalled`, holds both open forever.
+/// Copies `from` to `to` until either side closes or the link is cut; once stalled, holds both
+/// open and passes nothing.
 async fn pass(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<AtomicU8>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
-    let stall = async {
-        while !stalled.load(std::sync::atomic::Ordering::SeqCst) {
+    let changed = async {
+        while state.load(Ordering::SeqCst) == PASS {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    tokio::pin!(stall);
+    tokio::pin!(changed);
     loop {
         let read = tokio::select! {
             n = from.read(&mut buf) => Some(n),
-            _ = &mut stall => None,
+            _ = &mut changed => None,
         };
+        if state.load(Ordering::SeqCst) == STALL {
+            std::future::pending::<()>().await;
+        }
         match read {
-            None => {
-                // Hold both halves open, pass nothing.
-                std::future::pending::<()>().await;
-            }
-            Some(Ok(0)) | Some(Err(_)) => return,
+            None | Some(Ok(0)) | Some(Err(_)) => return,
+            Some(Ok(_)) if state.load(Ordering::SeqCst) == CUT => return,
             Some(Ok(n)) => {
-                if stalled.load(std::sync::atomic::Ordering::SeqCst) {
-                    std::future::pending::<()>().await;
-                }
                 if to.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -247,5 +259,214 @@ async fn a_connection_that_stops_delivering_is_given_up_and_replaced() {
     run.stop().await;
     assert_id_v_mirror(&db.client, &wh, "t", "t").await;
     assert_changelog_unique(&wh, "t", "after a stall: ").await;
+    c.stop();
+}
+
+/// Keeps committing small transactions of inserts, updates and deletes on `items` (and inserts
+/// on `log`) until `stop`, reconnecting whenever the server goes away.
+async fn restless_workload(url: String, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut i: i32 = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::SeqCst) {
+            let sql = format!(
+                "BEGIN; INSERT INTO items VALUES ({i}, 0, 'new') ON CONFLICT DO NOTHING; \
+                 UPDATE items SET qty = qty + 1, note = 'upd' WHERE id = {}; \
+                 DELETE FROM items WHERE id = {}; \
+                 INSERT INTO log (item, delta) VALUES ({i}, 1); COMMIT;",
+                i / 2,
+                i - 20
+            );
+            if client.batch_execute(&sql).await.is_err() {
+                break;
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn spawn_walden(url: &str, wh: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+        .arg("run")
+        .env("WALDEN_SOURCE__URL", url)
+        .env("WALDEN_SOURCE__SLOT", "s_mixed")
+        .env("WALDEN_SOURCE__CREATE_PUBLICATION", "true")
+        .env("WALDEN_SOURCE__STATUS_INTERVAL_MS", "200")
+        .env("WALDEN_SOURCE__RECEIVE_TIMEOUT_S", "2")
+        .env("WALDEN_SOURCE__CONNECT_TIMEOUT_S", "5")
+        .env("WALDEN_RETRY__INITIAL_MS", "100")
+        .env("WALDEN_RETRY__MAX_MS", "1000")
+        .env("WALDEN_WAREHOUSE__URL", wh)
+        .env("WALDEN_BATCH__MAX_ROWS", "50")
+        .env("WALDEN_BATCH__MAX_DELAY_MS", "100")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until walden holds its slot (a session is streaming), so the next fault finds it past
+/// its start, where a server it cannot reach is a configuration error, not a fault to ride out.
+async fn slot_active(url: &str, child: &mut std::process::Child, what: &str) {
+    let started = Instant::now();
+    loop {
+        if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            if let Ok(row) = client
+                .query_one(
+                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 's_mixed'",
+                    &[],
+                )
+                .await
+            {
+                if row.get::<_, bool>(0) {
+                    return;
+                }
+            }
+        }
+        still_running(child, what);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: walden never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// walden must still be running: one that stopped by itself is a failure, with its stderr.
+fn still_running(child: &mut std::process::Child, what: &str) {
+    if let Some(status) = child.try_wait().unwrap() {
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        panic!("{what}: walden exited by itself ({status}):\n{err}");
+    }
+}
+
+/// A continuous workload on two tables while, at random moments, walden is SIGKILLed, Postgres
+/// restarts (fast or immediate), and the TCP path between them is cut or stalls: walden never
+/// gives up, and afterwards the mirror equals the source and every changelog is unique.
+/// `WALDEN_FAULTS=N` (default 50) faults; `WALDEN_FAULT_SEED=S` replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_faults_lose_and_duplicate_nothing() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("WALDEN_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
+    let faults: u32 = std::env::var("WALDEN_FAULTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    eprintln!("mixed faults: WALDEN_FAULT_SEED={seed} WALDEN_FAULTS={faults}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let c = Cluster::start_with("logical");
+    let admin = connect(&c.url("postgres")).await;
+    for sql in [
+        "CREATE DATABASE mixed",
+        "ALTER SYSTEM SET wal_sender_timeout = '3s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    drop(admin);
+    let url = c.url("mixed");
+    connect(&url)
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
+             CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
+        )
+        .await
+        .unwrap();
+    let proxy = Proxy::start(c.port).await;
+    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/mixed", proxy.port);
+    let wh = warehouse_dir("mixed");
+    let mut walden = spawn_walden(&via_proxy, &wh);
+    slot_active(&url, &mut walden, "first start").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
+
+    let log = c.dir.join("log");
+    let mut kinds = [0u32; 5];
+    for n in 0..faults {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
+        let kind = rng.random_range(0..5);
+        kinds[kind] += 1;
+        let what = format!("seed {seed}, fault {n}");
+        match kind {
+            0 => {
+                still_running(&mut walden, &what);
+                walden.kill().unwrap();
+                walden.wait().unwrap();
+                walden = spawn_walden(&via_proxy, &wh);
+                slot_active(&url, &mut walden, &what).await;
+            }
+            1 | 2 => {
+                let mode = if kind == 1 { "fast" } else { "immediate" };
+                let out = c.ctl(&[
+                    "-m",
+                    mode,
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    log.to_str().unwrap(),
+                    "restart",
+                ]);
+                assert!(out.status.success(), "{what}: restart -m {mode}");
+            }
+            3 => proxy.cut(),
+            _ => proxy.stall(),
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    eprintln!("faults by kind (kill, fast, immediate, cut, stall): {kinds:?}");
+    still_running(&mut walden, &format!("seed {seed}, after the faults"));
+
+    // The running walden catches up by itself: the mirror comes to equal the source.
+    let client = connect(&url).await;
+    let src = crate::warehouse::pg_rows(
+        &client,
+        "SELECT concat_ws('|', id, qty, note) FROM items ORDER BY id",
+    )
+    .await;
+    let started = Instant::now();
+    loop {
+        let mir = delta_rows(
+            &wh,
+            TableKind::Mirror,
+            "items",
+            "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(qty AS VARCHAR), note) FROM t ORDER BY id",
+        )
+        .await;
+        if mir == src {
+            break;
+        }
+        still_running(&mut walden, &format!("seed {seed}, catching up"));
+        if started.elapsed() > Duration::from_secs(90) {
+            crate::warehouse::assert_same(&format!("seed {seed}: items after 90 s"), &src, &mir);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    walden.kill().unwrap();
+    walden.wait().unwrap();
+    for t in ["items", "log"] {
+        assert_changelog_unique(&wh, t, &format!("seed {seed}: ")).await;
+    }
     c.stop();
 }
