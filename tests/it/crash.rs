@@ -36,6 +36,26 @@ pub fn walden(
     c
 }
 
+/// The `items (id, qty, note)` table at the source, one string per row in id order.
+pub async fn items_source(client: &tokio_postgres::Client) -> Vec<String> {
+    pg_rows(
+        client,
+        "SELECT concat_ws('|', id, qty, note) FROM items ORDER BY id",
+    )
+    .await
+}
+
+/// The mirror of `items`, as [`items_source`] shows the source.
+pub async fn items_mirror(wh: &std::path::Path) -> Vec<String> {
+    delta_rows(
+        wh,
+        TableKind::Mirror,
+        "items",
+        "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(qty AS VARCHAR), note) FROM t ORDER BY id",
+    )
+    .await
+}
+
 #[derive(Default, Debug, Clone, Copy)]
 struct Counts {
     items: u64,
@@ -169,18 +189,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         "items changes"
     );
 
-    let src = pg_rows(
-        &db.client,
-        "SELECT concat_ws('|', id, qty, note) FROM items ORDER BY id",
-    )
-    .await;
-    let mir = delta_rows(
-        &wh,
-        TableKind::Mirror,
-        "items",
-        "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(qty AS VARCHAR), note) FROM t ORDER BY id",
-    )
-    .await;
+    let src = items_source(&db.client).await;
+    let mir = items_mirror(&wh).await;
     assert_same("items", &src, &mir);
     let src = pg_rows(
         &db.client,

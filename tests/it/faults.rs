@@ -96,24 +96,7 @@ async fn streaming_goes_on_across_server_restarts() {
     let mut run = mirror_reaches(&wh, 100, run, "before any restart").await;
 
     for (i, mode) in ["fast", "immediate", "fast"].into_iter().enumerate() {
-        // With its log file named again: without one the new postmaster would hold pg_ctl's
-        // output pipe open.
-        let log = c.dir.join("log");
-        let out = c.ctl(&[
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            log.to_str().unwrap(),
-            "restart",
-        ]);
-        assert!(
-            out.status.success(),
-            "pg_ctl restart -m {mode}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        c.restart(mode);
         let from = 100 * (i as i32 + 1);
         let client = insert(&url, from, from + 100).await;
         client
@@ -400,7 +383,6 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
 
-    let log = c.dir.join("log");
     let mut kinds = [0u32; 5];
     for n in 0..faults {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
@@ -416,18 +398,7 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
                 slot_active(&url, &mut walden, &what).await;
             }
             1 | 2 => {
-                let mode = if kind == 1 { "fast" } else { "immediate" };
-                let out = c.ctl(&[
-                    "-m",
-                    mode,
-                    "-w",
-                    "-t",
-                    "60",
-                    "-l",
-                    log.to_str().unwrap(),
-                    "restart",
-                ]);
-                assert!(out.status.success(), "{what}: restart -m {mode}");
+                c.restart(if kind == 1 { "fast" } else { "immediate" });
             }
             3 => proxy.cut(),
             _ => proxy.stall(),
@@ -440,20 +411,10 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
 
     // The running walden catches up by itself: the mirror comes to equal the source.
     let client = connect(&url).await;
-    let src = crate::warehouse::pg_rows(
-        &client,
-        "SELECT concat_ws('|', id, qty, note) FROM items ORDER BY id",
-    )
-    .await;
+    let src = crate::crash::items_source(&client).await;
     let started = Instant::now();
     loop {
-        let mir = delta_rows(
-            &wh,
-            TableKind::Mirror,
-            "items",
-            "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(qty AS VARCHAR), note) FROM t ORDER BY id",
-        )
-        .await;
+        let mir = crate::crash::items_mirror(&wh).await;
         if mir == src {
             break;
         }

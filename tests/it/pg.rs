@@ -186,6 +186,27 @@ impl Cluster {
         self.dir.join("data")
     }
 
+    /// Restarts the server (`mode`: fast, immediate) and waits until it takes connections. The log
+    /// file is named again: without one the new postmaster would hold pg_ctl's output pipe open.
+    pub fn restart(&self, mode: &str) {
+        let log = self.dir.join("log");
+        let out = self.ctl(&[
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            log.to_str().unwrap(),
+            "restart",
+        ]);
+        assert!(
+            out.status.success(),
+            "pg_ctl restart -m {mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         self.command("pg_ctl")
             .arg("-D")
