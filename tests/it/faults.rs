@@ -287,37 +287,59 @@ fn spawn_walden(url: &str, wh: &Path) -> std::process::Child {
         .env("WALDEN_WAREHOUSE__URL", wh)
         .env("WALDEN_BATCH__MAX_ROWS", "50")
         .env("WALDEN_BATCH__MAX_DELAY_MS", "100")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("WALDEN_FAULT_LOG").unwrap_or("warn".into()),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(match std::env::var("WALDEN_FAULT_LOG_FILE") {
+            Ok(f) => std::process::Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(f)
+                    .unwrap(),
+            ),
+            Err(_) => std::process::Stdio::piped(),
+        })
         .spawn()
         .unwrap()
 }
 
-/// Waits until walden holds its slot (a session is streaming), so the next fault finds it past
-/// its start, where a server it cannot reach is a configuration error, not a fault to ride out.
-async fn slot_active(url: &str, child: &mut std::process::Child, what: &str) {
+/// The walsender serving walden's slot, when one is streaming.
+async fn walsender(url: &str) -> Option<i32> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    client
+        .query_opt(
+            "SELECT s.active_pid FROM pg_replication_slots s JOIN pg_stat_replication r \
+             ON r.pid = s.active_pid WHERE s.slot_name = 's_mixed' AND r.state = 'streaming'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get(0))
+}
+
+/// Waits until a walsender other than `old` streams walden's slot: walden is past the fault and
+/// past its start (where a server it cannot reach is a configuration error, not a fault to ride
+/// out, and where catalog queries have no stream to notice a stuck path for them).
+async fn streaming_again(url: &str, old: Option<i32>, child: &mut std::process::Child, what: &str) {
     let started = Instant::now();
     loop {
-        if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-            tokio::spawn(conn);
-            if let Ok(row) = client
-                .query_one(
-                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 's_mixed'",
-                    &[],
-                )
-                .await
-            {
-                if row.get::<_, bool>(0) {
-                    return;
-                }
+        if let Some(pid) = walsender(url).await {
+            if Some(pid) != old {
+                return;
             }
         }
         still_running(child, what);
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "{what}: walden never streamed"
+            "{what}: walden did not stream again within 60 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -379,7 +401,7 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/mixed", proxy.port);
     let wh = warehouse_dir("mixed");
     let mut walden = spawn_walden(&via_proxy, &wh);
-    slot_active(&url, &mut walden, "first start").await;
+    streaming_again(&url, None, &mut walden, "first start").await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
 
@@ -389,13 +411,13 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
         let kind = rng.random_range(0..5);
         kinds[kind] += 1;
         let what = format!("seed {seed}, fault {n}");
+        let old = walsender(&url).await;
         match kind {
             0 => {
                 still_running(&mut walden, &what);
                 walden.kill().unwrap();
                 walden.wait().unwrap();
                 walden = spawn_walden(&via_proxy, &wh);
-                slot_active(&url, &mut walden, &what).await;
             }
             1 | 2 => {
                 c.restart(if kind == 1 { "fast" } else { "immediate" });
@@ -403,6 +425,7 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
             3 => proxy.cut(),
             _ => proxy.stall(),
         }
+        streaming_again(&url, old, &mut walden, &what).await;
     }
     stop.store(true, Ordering::SeqCst);
     load.await.unwrap();
