@@ -588,14 +588,10 @@ impl<'a> Session<'a> {
 
     /// Waits for the flush under way, if any, and confirms what it made durable.
     async fn finish_flush(&mut self, stream: &ReplicationStream) -> Result<(), PipelineError> {
-        // Awaited in place: a session stopped here (see `run`) still holds the flush, which
-        // `run` then waits for, so no flush outlives its session.
-        let Some(h) = self.in_flight.as_mut() else {
-            return Ok(());
-        };
-        let done = h.await;
-        self.in_flight = None;
-        self.complete(join(done)?, stream)
+        match self.in_flight.take() {
+            Some(h) => self.complete(join(h.await)?, stream),
+            None => Ok(()),
+        }
     }
 
     /// Books a finished flush: marks its tables durable, then confirms what the frontier allows.

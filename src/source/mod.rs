@@ -5,6 +5,7 @@
 
 pub mod coalesce;
 pub mod error;
+mod liveness;
 pub mod replication;
 pub mod snapshot;
 pub mod types;
@@ -13,7 +14,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use error::{ServerError, SourceError};
-pub use replication::{ReplicationConn, ReplicationStream, StreamTiming, WalMessage};
+pub use liveness::StreamTiming;
+pub use replication::{ReplicationConn, ReplicationStream, WalMessage};
 
 use crate::checkpoint::Lsn;
 use crate::config::SourceConfig;

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::coalesce::{Coalescer, TcpTuning};
 use super::error::{ServerError, SourceError};
+use super::liveness::{Silence, StreamTiming};
 use crate::checkpoint::Lsn;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -440,26 +441,6 @@ async fn connect_tcp(
     }))
 }
 
-/// Keepalive probes and the user timeout `config` asks for, on a TCP socket.
-fn set_keepalive(
-    s: &tokio::net::TcpStream,
-    config: &tokio_postgres::Config,
-) -> std::io::Result<()> {
-    if !config.get_keepalives() {
-        return Ok(());
-    }
-    let mut ka = socket2::TcpKeepalive::new().with_time(config.get_keepalives_idle());
-    if let Some(i) = config.get_keepalives_interval() {
-        ka = ka.with_interval(i);
-    }
-    if let Some(n) = config.get_keepalives_retries() {
-        ka = ka.with_retries(n);
-    }
-    let sock = socket2::SockRef::from(s);
-    sock.set_tcp_keepalive(&ka)?;
-    sock.set_tcp_user_timeout(config.get_tcp_user_timeout().copied())
-}
-
 async fn open_socket(
     config: &tokio_postgres::Config,
     receive_buffer: Option<u32>,
@@ -486,7 +467,7 @@ async fn open_socket(
                     Box::pin(async move {
                         let (s, receive_buffer) = connect_tcp(&a, receive_buffer).await?;
                         s.set_nodelay(true)?;
-                        set_keepalive(&s, config)?;
+                        super::liveness::set_keepalive(&s, config)?;
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                         Ok((
                             Box::new(s) as Box<dyn Io>,
@@ -660,32 +641,6 @@ const HANDOFF_WAIT: Duration = Duration::from_millis(2);
 /// Reads the socket, hands batches to the consumer, and keeps the server informed. While the
 /// consumer is busy (channel full and [`HANDOFF_MAX`] messages waiting) it stops reading, but
 /// still sends status updates on the timer so the walsender never times out.
-/// When the I/O task talks to the server unasked, and how long it listens to silence.
-#[derive(Debug, Clone, Copy)]
-pub struct StreamTiming {
-    /// A standby status update goes out at least this often.
-    pub status_interval: Duration,
-    /// With nothing from the server for half of this, a status update asks it for a reply (a
-    /// keepalive); with nothing for all of it, the connection counts as lost (transient): the
-    /// server or the path to it stopped without closing the connection. `None`: never.
-    pub receive_timeout: Option<Duration>,
-}
-
-/// The connection is silent for too long (see [`StreamTiming::receive_timeout`]).
-fn silent(heard: tokio::time::Instant, timing: StreamTiming) -> Silence {
-    match timing.receive_timeout {
-        Some(t) if heard.elapsed() >= t => Silence::Lost(t),
-        Some(t) if heard.elapsed() >= t / 2 => Silence::Ask,
-        _ => Silence::Fine,
-    }
-}
-
-enum Silence {
-    Fine,
-    Ask,
-    Lost(Duration),
-}
-
 async fn io_task(
     io: Box<dyn Io>,
     mut coalescer: Coalescer,
@@ -695,14 +650,7 @@ async fn io_task(
     timing: StreamTiming,
 ) -> Result<(), SourceError> {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let tick = match timing.receive_timeout {
-        Some(t) => timing
-            .status_interval
-            .min(t / 4)
-            .max(Duration::from_millis(50)),
-        None => timing.status_interval,
-    };
-    let mut ticker = tokio::time::interval(tick);
+    let mut ticker = tokio::time::interval(timing.tick());
     let mut status_due = tokio::time::Instant::now();
     // When the server was last heard from (or walden last stopped reading: a consumer that
     // holds the stream back is not a silent server).
@@ -769,7 +717,7 @@ async fn io_task(
                     if pending.len() >= HANDOFF_MAX {
                         heard = tokio::time::Instant::now();
                     }
-                    let ask = match silent(heard, timing) {
+                    let ask = match timing.silence(heard) {
                         Silence::Lost(t) => {
                             return Err(SourceError::Io(std::io::Error::new(
                                 std::io::ErrorKind::TimedOut,

@@ -39,6 +39,25 @@ async fn mirror_reaches(wh: &Path, n: usize, run: Streaming, what: &str) -> Stre
     }
 }
 
+/// A cluster of the test's own (it is restarted or cut off) with database `db` holding `tables`;
+/// the server ends a walsender that hears nothing for 3 s, so one left behind by a stalled path
+/// frees the slot soon. Returns the database's URL and a client to it.
+async fn own_cluster(db: &str, tables: &str) -> (Cluster, String, tokio_postgres::Client) {
+    let c = Cluster::start_with("logical");
+    let admin = connect(&c.url("postgres")).await;
+    for sql in [
+        &format!("CREATE DATABASE {db}"),
+        "ALTER SYSTEM SET wal_sender_timeout = '3s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let url = c.url(db);
+    let client = connect(&url).await;
+    client.batch_execute(tables).await.unwrap();
+    (c, url, client)
+}
+
 /// Inserts ids `from..to`, ten rows per transaction, connecting afresh (the server may just
 /// have restarted: a refused connection is tried again).
 async fn insert(url: &str, from: i32, to: i32) -> tokio_postgres::Client {
@@ -70,18 +89,8 @@ async fn insert(url: &str, from: i32, to: i32) -> tokio_postgres::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_goes_on_across_server_restarts() {
-    let c = Cluster::start_with("logical");
-    let admin = connect(&c.url("postgres")).await;
-    admin
-        .batch_execute("CREATE DATABASE restarts")
-        .await
-        .unwrap();
-    let url = c.url("restarts");
-    let client = connect(&url).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let (c, url, client) =
+        own_cluster("restarts", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let db = TestDb {
         name: "restarts".into(),
         url: url.clone(),
@@ -122,8 +131,8 @@ async fn streaming_goes_on_across_server_restarts() {
 /// A TCP proxy on loopback that can stall every connection it carries (they stay open but
 /// nothing passes any more, as when a network stops delivering without closing anything) or cut
 /// them (both sides closed, as by a reset). Connections made afterwards pass again.
-pub struct Proxy {
-    pub port: u16,
+struct Proxy {
+    port: u16,
     links: Arc<Mutex<Vec<Arc<AtomicU8>>>>,
 }
 
@@ -132,7 +141,7 @@ const STALL: u8 = 1;
 const CUT: u8 = 2;
 
 impl Proxy {
-    pub async fn start(to: u16) -> Proxy {
+    async fn start(to: u16) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let links: Arc<Mutex<Vec<Arc<AtomicU8>>>> = Default::default();
@@ -159,11 +168,11 @@ impl Proxy {
         }
     }
 
-    pub fn stall(&self) {
+    fn stall(&self) {
         self.set_all(STALL);
     }
 
-    pub fn cut(&self) {
+    fn cut(&self) {
         self.set_all(CUT);
     }
 }
@@ -205,22 +214,8 @@ async fn pass(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_stops_delivering_is_given_up_and_replaced() {
-    let c = Cluster::start_with("logical");
-    let admin = connect(&c.url("postgres")).await;
-    // The server ends a walsender that hears nothing for 3 s: the stalled one frees the slot.
-    for sql in [
-        "CREATE DATABASE stalls",
-        "ALTER SYSTEM SET wal_sender_timeout = '3s'",
-        "SELECT pg_reload_conf()",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
-    let url = c.url("stalls");
-    let client = connect(&url).await;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let (c, url, client) =
+        own_cluster("stalls", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let proxy = Proxy::start(c.port).await;
     let db = TestDb {
         name: "stalls".into(),
@@ -378,25 +373,12 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     eprintln!("mixed faults: WALDEN_FAULT_SEED={seed} WALDEN_FAULTS={faults}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let c = Cluster::start_with("logical");
-    let admin = connect(&c.url("postgres")).await;
-    for sql in [
-        "CREATE DATABASE mixed",
-        "ALTER SYSTEM SET wal_sender_timeout = '3s'",
-        "SELECT pg_reload_conf()",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
-    drop(admin);
-    let url = c.url("mixed");
-    connect(&url)
-        .await
-        .batch_execute(
-            "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
-             CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
-        )
-        .await
-        .unwrap();
+    let (c, url, _) = own_cluster(
+        "mixed",
+        "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
+         CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
+    )
+    .await;
     let proxy = Proxy::start(c.port).await;
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/mixed", proxy.port);
     let wh = warehouse_dir("mixed");
