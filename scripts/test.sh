@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-postgres.sh
 . scripts/ensure-python.sh
+. scripts/ensure-node.sh
 # Builds are reused across runs (and CI runs on this machine); a cold build works too.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/walden-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

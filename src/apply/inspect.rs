@@ -35,10 +35,9 @@ pub enum InspectError {
 
 /// `(schema, table)` of every source table that has a mirror in the warehouse.
 pub async fn list_tables(w: &Warehouse) -> Result<Vec<(String, String)>, InspectError> {
-    let (store, root) = object_store::parse_url(w.root())?;
-    let base = root.clone().join(TableKind::Mirror.dir());
+    let store = w.object_store(&format!("{}/", TableKind::Mirror.dir()))?;
     let mut out = Vec::new();
-    let schemas = store.list_with_delimiter(Some(&base)).await?;
+    let schemas = store.list_with_delimiter(None).await?;
     for s in schemas.common_prefixes {
         let tables = store.list_with_delimiter(Some(&s)).await?;
         for t in tables.common_prefixes {
@@ -58,23 +57,15 @@ fn last_segment(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Opens an existing Delta table.
-pub async fn open(url: &Url) -> Result<DeltaTable, InspectError> {
-    let mut t = deltalake::DeltaTableBuilder::from_url(url.clone())
+/// Opens a Delta table of `warehouse` (with its storage options); `None` when there is none.
+pub async fn open(warehouse: &Warehouse, url: &Url) -> Result<Option<DeltaTable>, InspectError> {
+    warehouse
+        .open(url)
+        .await
         .map_err(|source| InspectError::Delta {
             table: url.to_string(),
             source,
-        })?
-        .build()
-        .map_err(|source| InspectError::Delta {
-            table: url.to_string(),
-            source,
-        })?;
-    t.load().await.map_err(|source| InspectError::Delta {
-        table: url.to_string(),
-        source,
-    })?;
-    Ok(t)
+        })
 }
 
 /// Runs `sql` against `table` registered as `t`.
@@ -126,8 +117,13 @@ pub async fn describe(cfg: &Config, rows: usize) -> Result<String, InspectError>
         let _ = writeln!(out, "no tables in {} yet", w.root());
     }
     for (schema, table) in tables {
-        let m = open(&w.table_url(TableKind::Mirror, &schema, &table)).await?;
-        let c = open(&w.table_url(TableKind::Changes, &schema, &table)).await?;
+        let (Some(m), Some(c)) = (
+            open(&w, &w.table_url(TableKind::Mirror, &schema, &table)).await?,
+            open(&w, &w.table_url(TableKind::Changes, &schema, &table)).await?,
+        ) else {
+            let _ = writeln!(out, "{schema}.{table}: not created completely yet");
+            continue;
+        };
         let lsn = |t: &DeltaTable| {
             let t = t.clone();
             let app = app.clone();

@@ -49,6 +49,18 @@ pub struct Executed {
     pub unrepresentable: u64,
 }
 
+impl Executed {
+    /// A commit of `plan` that happened although its answer was lost: what it did, as far as the
+    /// plan says (the rows it found are not known any more).
+    pub fn landed(plan: &MirrorPlan) -> Self {
+        Executed {
+            rows_added: plan.upserts.len(),
+            rows_removed: plan.removes.len(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Applies `plan` (the changes of `rel`, the batch's relation) to the mirror `table`.
 pub async fn execute(
     table: &mut DeltaTable,

@@ -13,6 +13,7 @@ pub mod evolve;
 pub mod files;
 pub mod inspect;
 pub mod mirror;
+mod settle;
 pub mod snapshot;
 
 use std::collections::HashMap;
@@ -331,7 +332,8 @@ impl Applier {
                 name.to_string(),
                 pair.changes.clone(),
                 batch,
-                commit_props(&app_id, to),
+                app_id.clone(),
+                to,
             ));
             changelog = Some(PendingChangelog {
                 from: pair.changes_at,
@@ -360,7 +362,7 @@ impl Applier {
             {
                 let files = c.finish(pair, name).await?;
                 let adds = files::project_files(&pair.changes, &pair.mirror, &files, &want).await?;
-                files::commit_append(&mut pair.mirror, adds, commit_props(&app_id, mirror_to))
+                settle::append(&mut pair.mirror, name, &adds, &app_id, mirror_to)
                     .await
                     .map_err(delta)?;
                 stats.mirror_rows = stats.changelog_rows;
@@ -369,12 +371,12 @@ impl Applier {
             changelog => {
                 let mirrored = match mirror_plan(buf, mirror_from) {
                     Some(plan) => {
-                        let done = mirror::execute(
+                        let done = execute_settled(
                             &mut pair.mirror,
                             name,
                             &buf.relation,
                             &plan,
-                            commit_props(&app_id, mirror_to),
+                            (&app_id, mirror_to),
                             &storage,
                         )
                         .await;
@@ -562,18 +564,49 @@ impl PendingChangelog {
     }
 }
 
-/// Writes `batch` as files of the changelog `table` and commits them with `props`.
+/// Executes the mirror `plan`, recording `to` for `app_id`; a failed commit is settled (see
+/// [`settle`]) and the plan executed again on the table's new version when it did not happen.
+async fn execute_settled(
+    table: &mut DeltaTable,
+    name: &str,
+    rel: &crate::decode::pgoutput::Relation,
+    plan: &crate::plan::MirrorPlan,
+    (app_id, to): (&str, Applied),
+    storage: &HashMap<String, String>,
+) -> Result<mirror::Executed, ApplyError> {
+    let mut attempt = 1;
+    loop {
+        let props = commit_props(app_id, to);
+        match mirror::execute(table, name, rel, plan, props, storage).await {
+            Err(e) if e.is_transient() && attempt < settle::ATTEMPTS => {
+                if settle::landed(table, app_id, to)
+                    .await
+                    .map_err(|s| TableErr(name).delta(s))?
+                {
+                    tracing::info!(table = name, error = %e, "a mirror commit whose answer was lost had happened");
+                    return Ok(mirror::Executed::landed(plan));
+                }
+                tracing::warn!(table = name, error = %e, attempt, "mirror commit failed; executing the plan again on the table's newest version");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Writes `batch` as files of the changelog `table` and commits them, recording `to`.
 async fn append_changelog(
     name: String,
     mut table: DeltaTable,
     batch: RecordBatch,
-    props: CommitProperties,
+    app_id: String,
+    to: Applied,
 ) -> ChangelogDone {
     let err = TableErr(&name);
     let adds = files::write_files(&table, batch, writer_properties())
         .await
         .map_err(|e| err.delta(e))?;
-    files::commit_append(&mut table, adds.clone(), props)
+    settle::append(&mut table, &name, &adds, &app_id, to)
         .await
         .map_err(|e| err.delta(e))?;
     crate::checkpoint::failpoint("after-changelog-commit");

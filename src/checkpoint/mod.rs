@@ -55,6 +55,15 @@ impl Applied {
     pub fn covers(&self, lsn: Lsn, seq: i64) -> bool {
         lsn <= self.lsn || self.partial.is_some_and(|(l, s)| l == lsn && seq <= s)
     }
+
+    /// Everything `other` covers, this covers too.
+    pub fn includes(&self, other: Applied) -> bool {
+        other.lsn <= self.lsn
+            && other
+                .partial
+                .filter(|(l, _)| *l > other.lsn)
+                .is_none_or(|(l, s)| self.covers(l, s))
+    }
 }
 
 impl fmt::Display for Applied {

@@ -22,6 +22,7 @@ use crate::source::snapshot::published_tables;
 pub async fn run(cfg: &Config, table: &str) -> anyhow::Result<SnapshotStats> {
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));
     let warehouse = Warehouse::new(&cfg.warehouse)?;
+    warehouse.check_store().await?;
     let sql = connect_sql(&cfg.source).await?;
     let published = published_tables(&sql, &cfg.source.publication).await?;
     let Some(table) = published.into_iter().find(|p| p.is(schema, name)) else {

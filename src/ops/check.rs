@@ -75,6 +75,7 @@ pub async fn run(cfg: &Config) -> Report {
         ok: true,
         findings: Vec::new(),
     };
+    check_warehouse(cfg, &mut r).await;
     let sql = match connect_sql(&cfg.source).await {
         Ok(c) => c,
         Err(e) => {
@@ -91,6 +92,26 @@ pub async fn run(cfg: &Config) -> Report {
         );
     }
     r
+}
+
+/// The warehouse is reachable with its credentials and keeps commits safe.
+async fn check_warehouse(cfg: &Config, r: &mut Report) {
+    let checked = match crate::sink::Warehouse::new(&cfg.warehouse) {
+        Ok(w) => w.check_store().await.map(|()| w),
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(w) => r.push(
+            "warehouse",
+            Level::Ok,
+            format!(
+                "{} is writable and refuses a second create of one object",
+                w.root()
+            ),
+            None,
+        ),
+        Err(e) => r.push("warehouse", Level::Error, e.to_string(), None),
+    }
 }
 
 async fn setting(sql: &tokio_postgres::Client, name: &str) -> Result<String, SourceError> {

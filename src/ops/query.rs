@@ -38,7 +38,7 @@ pub async fn run(cfg: &Config, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
                 changes.clone() as Arc<dyn CatalogProvider>,
             ),
         ] {
-            let Ok(t) = inspect::open(&w.table_url(kind, &schema, &table)).await else {
+            let Some(t) = inspect::open(&w, &w.table_url(kind, &schema, &table)).await? else {
                 continue;
             };
             t.update_datafusion_session(&ctx.state())?;

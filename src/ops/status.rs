@@ -36,7 +36,10 @@ pub async fn run(cfg: &Config, sql: &tokio_postgres::Client) -> Result<Status, a
     let mut tables = Vec::new();
     let mut newest: Option<i64> = None;
     for (schema, table) in inspect::list_tables(&w).await? {
-        let m = inspect::open(&w.table_url(TableKind::Mirror, &schema, &table)).await?;
+        let Some(m) = inspect::open(&w, &w.table_url(TableKind::Mirror, &schema, &table)).await?
+        else {
+            continue;
+        };
         let lsn = applied_lsn(&m, &app)
             .await
             .map_err(|source| InspectError::Delta {

@@ -117,7 +117,7 @@ async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Res
 /// The mirror's rows rendered in Postgres's text form by `canon` (independent of the decoder).
 async fn mirror_digest(w: &Warehouse, rel: &Relation) -> anyhow::Result<Option<Digest>> {
     let url = w.table_url(TableKind::Mirror, &rel.schema, &rel.name);
-    let Ok(table) = inspect::open(&url).await else {
+    let Some(table) = inspect::open(w, &url).await? else {
         return Ok(None);
     };
     let mut cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();

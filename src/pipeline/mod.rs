@@ -131,6 +131,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, PipelineError> {
     let warehouse = Warehouse::new(&cfg.warehouse)?;
+    warehouse.check_store().await?;
     let mut backoff = Backoff::new(&cfg.retry);
     let mut total = Summary::default();
     // Until a session got as far as an open connection, errors stop the run: a wrong URL or a

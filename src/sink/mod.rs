@@ -3,7 +3,8 @@
 //! Owns the layout `{warehouse}/changes/{schema}/{table}` (append-only changelog) and
 //! `{warehouse}/mirror/{schema}/{table}` (current state), opening or creating the Delta tables
 //! there, and the Parquet writer settings. A local directory or `file://` URL is the default;
-//! other schemes go through `object_store` with `storage_options`.
+//! S3, GCS and Azure go through `object_store` with `storage_options` ([`store`] says which
+//! guarantees walden needs from them and checks them).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use crate::config::WarehouseConfig;
 
 pub mod project;
 pub mod schemas;
+pub mod store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -53,6 +55,19 @@ pub enum SinkError {
     },
     #[error("warehouse object store: {0}")]
     Store(Box<object_store::Error>),
+    #[error(
+        "warehouse {url} cannot keep commits safe: {reason}. walden commits a Delta version by \
+        creating its log file only if it does not exist yet; without that guarantee a racing \
+        writer can silently replace a commit"
+    )]
+    UnsafeStore { url: String, reason: String },
+    #[error("warehouse {url}: {hint} ({source})")]
+    StoreCheck {
+        url: String,
+        hint: &'static str,
+        #[source]
+        source: Box<object_store::Error>,
+    },
     #[error("Parquet file {file}: {source}")]
     Parquet {
         file: String,
@@ -76,6 +91,10 @@ impl SinkError {
         match self {
             SinkError::Delta { source, .. } => delta_is_transient(source),
             SinkError::Store(e) => store_is_transient(e),
+            SinkError::StoreCheck { source, .. } => {
+                store_is_transient(source)
+                    && !matches!(**source, object_store::Error::NotFound { .. })
+            }
             _ => false,
         }
     }
@@ -206,14 +225,24 @@ impl Warehouse {
             let p = format!("{}/", root.path());
             root.set_path(&p);
         }
+        let storage_options = cfg
+            .storage_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        store::register_backends();
+        store::check_location(&root, &storage_options)?;
         Ok(Warehouse {
             root,
-            storage_options: cfg
-                .storage_options
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            storage_options,
         })
+    }
+
+    /// Checks, before anything is written, that the store can be reached with the configured
+    /// credentials and refuses to create an object twice (see [`store`]).
+    pub async fn check_store(&self) -> Result<(), SinkError> {
+        let store = self.object_store("_walden/")?;
+        store::check_put_if_absent(&store, &self.root).await
     }
 
     pub fn root(&self) -> &Url {
@@ -255,6 +284,22 @@ impl Warehouse {
             .expect("segments are percent-encoded")
     }
 
+    /// Opens the Delta table at `url`; `None` when there is none (a store that cannot be
+    /// reached or refuses the credentials is an error, not a missing table).
+    pub async fn open(&self, url: &Url) -> Result<Option<DeltaTable>, DeltaTableError> {
+        let mut table = self.builder(url)?.build()?;
+        if !table.verify_deltatable_existence().await? {
+            return Ok(None);
+        }
+        table.load().await?;
+        Ok(Some(table))
+    }
+
+    fn builder(&self, url: &Url) -> Result<deltalake::DeltaTableBuilder, DeltaTableError> {
+        Ok(deltalake::DeltaTableBuilder::from_url(url.clone())?
+            .with_storage_options(self.storage_options.clone()))
+    }
+
     /// Opens the Delta table at `url`, or creates it with `schema` when there is none.
     pub async fn open_or_create(
         &self,
@@ -267,11 +312,7 @@ impl Warehouse {
             source,
         };
         ensure_local_dir(url)?;
-        let mut table = deltalake::DeltaTableBuilder::from_url(url.clone())
-            .map_err(delta)?
-            .with_storage_options(self.storage_options.clone())
-            .build()
-            .map_err(delta)?;
+        let mut table = self.builder(url).map_err(delta)?.build().map_err(delta)?;
         // Ask first, so a table that is not there yet is not reported as a load error.
         if table.verify_deltatable_existence().await.map_err(delta)? {
             table.load().await.map_err(|source| {

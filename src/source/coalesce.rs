@@ -16,7 +16,8 @@
 //! (`bench/RESULTS.md`); a remote connection keeps the kernel's autotuned buffer.
 //!
 //! Plain TCP only: [`Coalescer::quiet`] reads the socket directly, which under TLS would bypass
-//! the TLS layer. With TLS, keep the socket options and let the quiet read go through the stream.
+//! the TLS layer (and corrupt its records), so an encrypted connection gets no [`TcpTuning`]: it
+//! keeps the receive buffer chosen at connect time and is read through the TLS stream alone.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, RawFd};

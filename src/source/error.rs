@@ -37,6 +37,19 @@ pub enum SourceError {
     },
     #[error("timed out connecting to Postgres at {0}")]
     ConnectTimeout(String),
+    #[error("TLS settings of source.url: {0}")]
+    TlsSetup(String),
+    #[error(
+        "TLS with Postgres at {addr} failed: {reason}. Check sslmode, sslrootcert (the CA that \
+        signed the server's certificate) and the host name in source.url; verify-full needs the \
+        certificate to name that host"
+    )]
+    Tls { addr: String, reason: String },
+    #[error(
+        "Postgres at {0} does not offer TLS, and source.url's sslmode requires it. Enable ssl on \
+        the server, or lower sslmode to prefer"
+    )]
+    TlsRefused(String),
     #[error("authentication failed for user {user:?}: {message}. Check the user and password in source.url")]
     Auth { user: String, message: String },
     #[error("replication slot {slot:?} is in use by another process{pid}. Stop the other consumer (or `SELECT pg_terminate_backend(pid)`), or give walden its own slot")]

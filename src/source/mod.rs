@@ -8,6 +8,7 @@ pub mod error;
 mod liveness;
 pub mod replication;
 pub mod snapshot;
+pub mod tls;
 pub mod types;
 
 use std::str::FromStr;
@@ -45,12 +46,24 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
     tokio_postgres::Config::from_str(url).map_err(|e| SourceError::BadUrl(e.to_string()))
 }
 
+/// How walden reaches the source: tokio-postgres' settings and the TLS ones (see [`tls`]).
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    pub pg: tokio_postgres::Config,
+    pub tls: tls::Tls,
+}
+
 /// The connection settings of every connection walden opens to the source, replication and SQL:
-/// the URL's, with walden's application name unless the URL names one, the connect timeout, and
+/// the URL's, with walden's application name unless the URL names one, the connect timeout,
 /// TCP keepalives plus a user timeout, so a peer that vanished or a network that stopped
-/// delivering is noticed within idle + interval × count seconds.
-pub fn connection_config(cfg: &SourceConfig) -> Result<tokio_postgres::Config, SourceError> {
-    let mut pg = parse_url(&cfg.url)?;
+/// delivering is noticed within idle + interval × count seconds, and TLS as libpq would use it.
+pub fn connection_config(cfg: &SourceConfig) -> Result<ConnectionConfig, SourceError> {
+    let (url, tls) = tls::split(&cfg.url)?;
+    let home = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".postgresql"));
+    let tls = tls
+        .with_env(|k| std::env::var(k).ok())
+        .build(home.as_deref())?;
+    let mut pg = parse_url(&url)?;
     if pg.get_application_name().is_none() {
         pg.application_name("walden");
     }
@@ -62,13 +75,19 @@ pub fn connection_config(cfg: &SourceConfig) -> Result<tokio_postgres::Config, S
         .keepalives_interval(interval)
         .keepalives_retries(cfg.keepalive_count.max(1))
         .tcp_user_timeout(idle + interval * cfg.keepalive_count.max(1));
-    Ok(pg)
+    pg.ssl_mode(match tls.mode {
+        tls::SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        tls::SslMode::Allow | tls::SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    Ok(ConnectionConfig { pg, tls })
 }
 
 /// An ordinary SQL connection (its driver task runs in the background).
 pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, SourceError> {
-    let pg = connection_config(cfg)?;
-    let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
+    let ConnectionConfig { pg, tls } = connection_config(cfg)?;
+    let make_tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls.client_config()).clone());
+    let (client, conn) = match pg.connect(make_tls).await {
         Ok(c) => c,
         Err(e) => return Err(classify_connect_error(e, &pg, &cfg.url)),
     };
@@ -102,11 +121,20 @@ fn classify_connect_error(
             hint: db.hint().map(str::to_string),
         });
     }
-    let io = std::io::Error::other(e.to_string());
-    SourceError::Connect {
-        addr: crate::config::redact_url(url),
-        source: io,
+    let addr = crate::config::redact_url(url);
+    if let Some(reason) = tls::tls_failure(&e) {
+        return SourceError::Tls { addr, reason };
     }
+    // tokio-postgres' Display leaves out the cause: look for it in the chain.
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        if c.to_string().contains("server does not support TLS") {
+            return SourceError::TlsRefused(addr);
+        }
+        cause = c.source();
+    }
+    let io = std::io::Error::other(e.to_string());
+    SourceError::Connect { addr, source: io }
 }
 
 /// Where streaming starts, found by [`prepare`].

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use super::coalesce::{Coalescer, TcpTuning};
@@ -22,8 +22,7 @@ use super::error::{ServerError, SourceError};
 use super::liveness::{Silence, StreamTiming};
 use crate::checkpoint::Lsn;
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+use super::tls::Stream as Io;
 
 /// One backend message: its tag and body (without the length word).
 #[derive(Debug)]
@@ -109,10 +108,11 @@ impl ReplicationConn {
     /// Connects with `config` (see [`super::connection_config`]: its connect timeout and TCP
     /// keepalives apply).
     pub async fn connect(
-        config: &tokio_postgres::Config,
+        connection: &super::ConnectionConfig,
         receive_buffer: Option<u32>,
     ) -> Result<Self, SourceError> {
-        let (io, tcp) = open_socket(config, receive_buffer).await?;
+        let config = &connection.pg;
+        let (io, tcp) = open_socket(connection, receive_buffer).await?;
         let user = config
             .get_user()
             .map(str::to_string)
@@ -138,7 +138,7 @@ impl ReplicationConn {
             params.iter().chain(super::SESSION_SETTINGS).copied(),
             &mut out,
         )?;
-        conn.io.write_all(&out).await?;
+        conn.send(&out).await?;
         conn.authenticate(&user, config.get_password()).await?;
         Ok(conn)
     }
@@ -442,10 +442,11 @@ async fn connect_tcp(
 }
 
 async fn open_socket(
-    config: &tokio_postgres::Config,
+    connection: &super::ConnectionConfig,
     receive_buffer: Option<u32>,
 ) -> Result<Socket, SourceError> {
     use tokio_postgres::config::Host;
+    let config = &connection.pg;
     let timeout = config
         .get_connect_timeout()
         .copied()
@@ -457,7 +458,7 @@ async fn open_socket(
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let (addr, fut): (
             String,
-            futures::future::BoxFuture<'_, std::io::Result<Socket>>,
+            futures::future::BoxFuture<'_, Result<Socket, SourceError>>,
         ) = match host {
             Host::Tcp(h) => {
                 let addr = format!("{h}:{port}");
@@ -465,23 +466,33 @@ async fn open_socket(
                 (
                     addr,
                     Box::pin(async move {
-                        let (s, receive_buffer) = connect_tcp(&a, receive_buffer).await?;
-                        s.set_nodelay(true)?;
-                        super::liveness::set_keepalive(&s, config)?;
+                        let connect_err = |source| SourceError::Connect {
+                            addr: a.clone(),
+                            source,
+                        };
+                        let (s, receive_buffer) =
+                            connect_tcp(&a, receive_buffer).await.map_err(connect_err)?;
+                        s.set_nodelay(true).map_err(connect_err)?;
+                        super::liveness::set_keepalive(&s, config).map_err(connect_err)?;
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-                        Ok((
-                            Box::new(s) as Box<dyn Io>,
-                            Some(TcpTuning { fd, receive_buffer }),
-                        ))
+                        let (io, encrypted) =
+                            super::tls::negotiate(s, &connection.tls, h, &a).await?;
+                        // The coalescer reads the socket itself: plain TCP only.
+                        let tuning = (!encrypted).then_some(TcpTuning { fd, receive_buffer });
+                        Ok((io, tuning))
                     }),
                 )
             }
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
+                let addr = path.display().to_string();
+                let a = addr.clone();
                 (
-                    path.display().to_string(),
+                    addr,
                     Box::pin(async move {
-                        let s = tokio::net::UnixStream::connect(path).await?;
+                        let s = tokio::net::UnixStream::connect(path)
+                            .await
+                            .map_err(|source| SourceError::Connect { addr: a, source })?;
                         Ok((Box::new(s) as Box<dyn Io>, None))
                     }),
                 )
@@ -489,7 +500,9 @@ async fn open_socket(
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(io)) => return Ok(io),
-            Ok(Err(source)) => last_err = Some(SourceError::Connect { addr, source }),
+            Ok(Err(e)) if e.is_transient() => last_err = Some(e),
+            // A refused certificate or a TLS policy holds for every host: say so at once.
+            Ok(Err(e)) => return Err(e),
             Err(_) => last_err = Some(SourceError::ConnectTimeout(addr)),
         }
     }

@@ -46,7 +46,11 @@ async fn capture() -> Vec<bytes::Bytes> {
         .unwrap();
     let mut pg = walden::source::parse_url(&db.url).unwrap();
     pg.connect_timeout(Duration::from_secs(5));
-    let mut repl = ReplicationConn::connect(&pg, None).await.unwrap();
+    let tls = walden::source::tls::TlsParams::default()
+        .build(None)
+        .unwrap();
+    let conn = walden::source::ConnectionConfig { pg, tls };
+    let mut repl = ReplicationConn::connect(&conn, None).await.unwrap();
     let slot = repl.create_slot("fixtures", false, false).await.unwrap();
     for sql in WORKLOAD {
         db.client.batch_execute(sql).await.unwrap();

@@ -42,9 +42,10 @@ async fn delete_from_mirror(wh: &std::path::Path, table: &str, predicate: &str) 
         storage_options: Default::default(),
     })
     .unwrap();
-    let t = walden::apply::inspect::open(&w.table_url(TableKind::Mirror, "public", table))
+    let t = walden::apply::inspect::open(&w, &w.table_url(TableKind::Mirror, "public", table))
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the mirror exists");
     let _ = t.delete().with_predicate(predicate).await.unwrap();
 }
 

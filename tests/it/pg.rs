@@ -83,6 +83,22 @@ impl Cluster {
 
     /// A cluster of its own (not the shared one) with the given `wal_level`.
     pub fn start_with(wal_level: &str) -> Cluster {
+        let hba = "local all all trust\n\
+                   host all walden_pw 127.0.0.1/32 scram-sha-256\n\
+                   host replication walden_pw 127.0.0.1/32 scram-sha-256\n\
+                   host all all 127.0.0.1/32 trust\n\
+                   host replication all 127.0.0.1/32 trust\n";
+        Self::start_custom(wal_level, hba, "", &[])
+    }
+
+    /// A cluster with its own `pg_hba.conf`, extra server options (`-c name=value …`) and files
+    /// written into its data directory before it starts (owned by the server's user, mode 0600).
+    pub fn start_custom(
+        wal_level: &str,
+        hba: &str,
+        extra_opts: &str,
+        files: &[(&str, &[u8])],
+    ) -> Cluster {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let bin = pg_bin();
@@ -128,17 +144,21 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&st.stderr)
         );
-        let hba = "local all all trust\n\
-                   host all walden_pw 127.0.0.1/32 scram-sha-256\n\
-                   host replication walden_pw 127.0.0.1/32 scram-sha-256\n\
-                   host all all 127.0.0.1/32 trust\n\
-                   host replication all 127.0.0.1/32 trust\n";
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        for (name, bytes) in files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level={wal_level} \
              -c max_replication_slots=64 -c max_wal_senders=64 -c max_connections=300 \
              -c fsync=off -c synchronous_commit=on -c logical_decoding_work_mem=64kB \
-             -c shared_buffers=64MB",
+             -c shared_buffers=64MB {extra_opts}",
             dir.display()
         );
         let st = c

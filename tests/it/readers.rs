@@ -2,46 +2,11 @@
 //! test makes, from PyPI) compared cell by cell with the source read by psycopg, for tables of edge
 //! values per type group, copied by the snapshot and changed by the stream.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use crate::pg::{config, test_db, warehouse_dir};
+use crate::python::python;
 use crate::warehouse::run_once;
-
-/// A virtualenv with the readers, made once per machine and reused.
-fn python() -> PathBuf {
-    let base = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir());
-    let env = base.join("walden-pyenv");
-    let py = env.join("bin/python");
-    let ready = env.join(".ready");
-    if !ready.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&env)
-            .status()
-            .expect("python3 (scripts/ensure-python.sh installs it)")
-            .success();
-        assert!(ok, "python3 -m venv failed");
-        let ok = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "deltalake",
-                "pyarrow",
-                "psycopg[binary]",
-            ])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip install deltalake pyarrow psycopg failed");
-        std::fs::write(&ready, b"").unwrap();
-    }
-    py
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_readers_see_every_value_postgres_has() {

@@ -115,9 +115,10 @@ async fn verify_agrees_with_postgres_text_for_edge_values() {
         storage_options: Default::default(),
     })
     .unwrap();
-    let t = walden::apply::inspect::open(&w.table_url(TableKind::Mirror, "public", "e"))
+    let t = walden::apply::inspect::open(&w, &w.table_url(TableKind::Mirror, "public", "e"))
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the mirror exists");
     let _ = t
         .update()
         .with_predicate("id = 7")

@@ -17,9 +17,10 @@ async fn open_table(wh: &Path, kind: TableKind, table: &str) -> deltalake::Delta
         storage_options: Default::default(),
     })
     .unwrap();
-    inspect::open(&w.table_url(kind, "public", table))
+    inspect::open(&w, &w.table_url(kind, "public", table))
         .await
         .unwrap_or_else(|e| panic!("open {table}: {e}"))
+        .unwrap_or_else(|| panic!("{table} has no Delta table"))
 }
 
 /// The column names of a Delta table of the warehouse.

@@ -1,6 +1,6 @@
 """Reads a walden mirror with independent readers and compares it, cell by cell, with Postgres.
 
-    roundtrip.py DSN WAREHOUSE SCHEMA TABLE KEY
+    roundtrip.py DSN WAREHOUSE SCHEMA TABLE KEY [STORAGE_OPTIONS_JSON]
 
 The mirror is read with the `deltalake` package into pyarrow; the source with psycopg. Columns
 walden maps to a native Arrow type are compared as values (floats bit for bit in their width, NaN
@@ -42,7 +42,9 @@ def innermost(kind):
 
 def main():
     dsn, warehouse, schema, table, key = sys.argv[1:6]
-    mirror = deltalake.DeltaTable(f"{warehouse}/mirror/{schema}/{table}").to_pyarrow_table()
+    options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+    uri = f"{warehouse.rstrip('/')}/mirror/{schema}/{table}"
+    mirror = deltalake.DeltaTable(uri, storage_options=options).to_pyarrow_table()
     fields = [f for f in mirror.schema if not f.name.startswith("_walden_")]
     with psycopg.connect(dsn) as conn:
         # Arrays of domains: psycopg reads them as text; read them as arrays of the base type.

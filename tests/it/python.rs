@@ -1,0 +1,72 @@
+//! The tests' Python: one virtualenv per machine (under the build directory, reused across runs)
+//! with the independent readers (`deltalake`, `pyarrow`, psycopg) and the cloud emulators'
+//! tooling (moto's S3 server, the Azure Blob SDK), all from PyPI.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+/// What the virtualenv holds; changing the list makes a new one.
+const PACKAGES: &[&str] = &[
+    "deltalake",
+    "pyarrow",
+    "psycopg[binary]",
+    "moto[server]",
+    "azure-storage-blob",
+];
+
+fn build_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir())
+}
+
+/// The virtualenv's `python`, made on first use (tests running at once wait for one install).
+pub fn python() -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let env = build_dir().join("walden-pyenv");
+    let py = env.join("bin/python");
+    let ready = env.join(".ready");
+    let wanted = PACKAGES.join("\n");
+    if std::fs::read_to_string(&ready).ok().as_deref() != Some(wanted.as_str()) {
+        let _ = std::fs::remove_dir_all(&env);
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&env)
+            .status()
+            .expect("python3 (scripts/ensure-python.sh installs it)")
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(&py)
+            .args(["-m", "pip", "install", "-q"])
+            .args(PACKAGES)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install {PACKAGES:?} failed");
+        std::fs::write(&ready, wanted).unwrap();
+    }
+    py
+}
+
+/// `node_modules/.bin` of an npm install of `package` under the build directory, made once.
+pub fn npm_bin(package: &str) -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = build_dir().join("walden-node");
+    let ready = dir.join(format!(".ready-{package}"));
+    if !ready.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(package)
+            .status()
+            .expect("npm (scripts/ensure-node.sh installs it)")
+            .success();
+        assert!(ok, "npm install {package} failed");
+        std::fs::write(&ready, b"").unwrap();
+    }
+    dir.join("node_modules/.bin")
+}
