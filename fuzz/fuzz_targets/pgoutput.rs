@@ -1,12 +1,22 @@
-//! Feeds arbitrary bytes to the pgoutput decoder and the transaction assembler: they must return
-//! errors, never panic. Run: `cargo +nightly fuzz run pgoutput`.
+//! pgoutput messages, as the replication stream hands them over, through the decoder and the
+//! transaction assembler. The input is a sequence of messages, each behind a two-byte big-endian
+//! length (0, or more than is left: the rest of the input).
 #![no_main]
+
 use libfuzzer_sys::fuzz_target;
+use walden::decode::txn::Assembler;
 
 fuzz_target!(|data: &[u8]| {
-    // Split the input into messages at 0xFF bytes so sequences (Relation then Insert…) are explored.
-    let mut assembler = walden::decode::txn::Assembler::new();
-    for chunk in data.split(|b| *b == 0xff) {
-        let _ = assembler.push_data(bytes::Bytes::copy_from_slice(chunk));
+    let mut assembler = Assembler::new();
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let n = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        rest = &rest[2..];
+        let n = if n == 0 || n > rest.len() { rest.len() } else { n };
+        let (message, tail) = rest.split_at(n);
+        if assembler.push_data(bytes::Bytes::copy_from_slice(message)).is_err() {
+            return;
+        }
+        rest = tail;
     }
 });

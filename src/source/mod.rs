@@ -8,6 +8,7 @@ pub mod error;
 mod liveness;
 pub mod replication;
 pub mod snapshot;
+mod socket;
 pub mod tls;
 pub mod types;
 
@@ -51,6 +52,9 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
 pub struct ConnectionConfig {
     pub pg: tokio_postgres::Config,
     pub tls: tls::Tls,
+    /// A request not answered within this ends the connection (`source.receive_timeout_s`;
+    /// see [`socket::Answering`]).
+    pub answer_within: Option<Duration>,
 }
 
 /// The connection settings of every connection walden opens to the source, replication and SQL:
@@ -80,16 +84,50 @@ pub fn connection_config(cfg: &SourceConfig) -> Result<ConnectionConfig, SourceE
         tls::SslMode::Allow | tls::SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
         _ => tokio_postgres::config::SslMode::Require,
     });
-    Ok(ConnectionConfig { pg, tls })
+    let answer_within =
+        (cfg.receive_timeout_s > 0).then(|| Duration::from_secs(cfg.receive_timeout_s));
+    Ok(ConnectionConfig {
+        pg,
+        tls,
+        answer_within,
+    })
 }
 
-/// An ordinary SQL connection (its driver task runs in the background).
+/// An ordinary SQL connection (its driver task runs in the background), on a socket that fails
+/// when a request is not answered within `source.receive_timeout_s` (see [`socket::Answering`]),
+/// so a query over a stuck path ends instead of waiting forever.
 pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, SourceError> {
-    let ConnectionConfig { pg, tls } = connection_config(cfg)?;
-    let make_tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls.client_config()).clone());
-    let (client, conn) = match pg.connect(make_tls).await {
-        Ok(c) => c,
-        Err(e) => return Err(classify_connect_error(e, &pg, &cfg.url)),
+    use tokio_postgres::tls::MakeTlsConnect;
+    let ConnectionConfig {
+        pg,
+        tls,
+        answer_within,
+    } = connection_config(cfg)?;
+    let opened = socket::open(&pg, None).await?;
+    let stream: Box<dyn tls::Stream> = match opened.stream {
+        socket::Raw::Tcp(s, _) => Box::new(s),
+        socket::Raw::Unix(s) => Box::new(s),
+    };
+    let stream = socket::Answering::new(stream, answer_within);
+    let mut make_tls =
+        tokio_postgres_rustls::MakeRustlsConnect::new((*tls.client_config()).clone());
+    let host = opened.host.as_deref().unwrap_or("localhost");
+    let tls_connect = MakeTlsConnect::<socket::Answering<Box<dyn tls::Stream>>>::make_tls_connect(
+        &mut make_tls,
+        host,
+    )
+    .map_err(|e| SourceError::TlsSetup(e.to_string()))?;
+    // Boxed, so the caller's future stays `Send` (see `socket::open`).
+    let connecting: futures::future::BoxFuture<'_, _> =
+        Box::pin(pg.connect_raw(stream, tls_connect));
+    let timeout = pg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
+    let (client, conn) = match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(classify_connect_error(e, &pg, &cfg.url)),
+        Err(_) => return Err(SourceError::ConnectTimeout(opened.addr)),
     };
     tokio::spawn(async move {
         if let Err(e) = conn.await {

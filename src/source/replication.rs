@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, Notify};
 use super::coalesce::{Coalescer, TcpTuning};
 use super::error::{ServerError, SourceError};
 use super::liveness::{Silence, StreamTiming};
+use super::socket;
 use crate::checkpoint::Lsn;
 
 use super::tls::Stream as Io;
@@ -93,7 +94,9 @@ pub type Rows = Vec<Vec<Option<String>>>;
 
 /// An authenticated replication connection, before streaming.
 pub struct ReplicationConn {
-    io: Box<dyn Io>,
+    /// Watched until the stream starts (a command the server does not answer ends the
+    /// connection); the stream's I/O task watches it itself (see [`super::liveness`]).
+    io: socket::Answering<Box<dyn Io>>,
     /// The TCP socket under `io` (None for a Unix socket), for [`Coalescer`].
     tcp: Option<TcpTuning>,
     buf: BytesMut,
@@ -112,7 +115,7 @@ impl ReplicationConn {
         receive_buffer: Option<u32>,
     ) -> Result<Self, SourceError> {
         let config = &connection.pg;
-        let (io, tcp) = open_socket(connection, receive_buffer).await?;
+        let (io, tcp) = open_negotiated(connection, receive_buffer).await?;
         let user = config
             .get_user()
             .map(str::to_string)
@@ -120,7 +123,7 @@ impl ReplicationConn {
             .ok_or_else(|| SourceError::BadUrl("no user in source.url".into()))?;
         let db = config.get_dbname().unwrap_or(&user).to_string();
         let mut conn = ReplicationConn {
-            io,
+            io: socket::Answering::new(io, connection.answer_within),
             tcp,
             buf: BytesMut::with_capacity(256 * 1024),
         };
@@ -400,7 +403,7 @@ impl ReplicationConn {
         let (tx, rx) = mpsc::channel(16);
         let buf = std::mem::take(&mut self.buf);
         let task = tokio::spawn(io_task(
-            self.io,
+            self.io.into_inner(),
             Coalescer::new(self.tcp),
             buf,
             tx,
@@ -411,102 +414,22 @@ impl ReplicationConn {
     }
 }
 
-/// A connected socket, and its TCP handle when it is one.
-type Socket = (Box<dyn Io>, Option<TcpTuning>);
-
-/// Connects to the first address of `addr` that answers, with the receive buffer chosen by
-/// [`TcpTuning::receive_buffer_for`] (see [`super::coalesce`]).
-async fn connect_tcp(
-    addr: &str,
-    configured: Option<u32>,
-) -> std::io::Result<(tokio::net::TcpStream, Option<u32>)> {
-    let mut last = None;
-    for sa in tokio::net::lookup_host(addr).await? {
-        let sock = if sa.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        let receive_buffer = TcpTuning::receive_buffer_for(configured, sa.ip().is_loopback());
-        if let Some(n) = receive_buffer {
-            sock.set_recv_buffer_size(n)?;
-        }
-        match sock.connect(sa).await {
-            Ok(s) => return Ok((s, receive_buffer)),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, "the host name has no address")
-    }))
-}
-
-async fn open_socket(
+/// A socket to the source for replication, TLS negotiated as the URL says, with its TCP handle
+/// for the coalescer when it is plain TCP (the coalescer reads the socket itself).
+async fn open_negotiated(
     connection: &super::ConnectionConfig,
     receive_buffer: Option<u32>,
-) -> Result<Socket, SourceError> {
-    use tokio_postgres::config::Host;
-    let config = &connection.pg;
-    let timeout = config
-        .get_connect_timeout()
-        .copied()
-        .unwrap_or(Duration::from_secs(10));
-    let hosts = config.get_hosts();
-    let ports = config.get_ports();
-    let mut last_err = None;
-    for (i, host) in hosts.iter().enumerate() {
-        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let (addr, fut): (
-            String,
-            futures::future::BoxFuture<'_, Result<Socket, SourceError>>,
-        ) = match host {
-            Host::Tcp(h) => {
-                let addr = format!("{h}:{port}");
-                let a = addr.clone();
-                (
-                    addr,
-                    Box::pin(async move {
-                        let connect_err = |source| SourceError::Connect {
-                            addr: a.clone(),
-                            source,
-                        };
-                        let (s, receive_buffer) =
-                            connect_tcp(&a, receive_buffer).await.map_err(connect_err)?;
-                        s.set_nodelay(true).map_err(connect_err)?;
-                        super::liveness::set_keepalive(&s, config).map_err(connect_err)?;
-                        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-                        let (io, encrypted) =
-                            super::tls::negotiate(s, &connection.tls, h, &a).await?;
-                        // The coalescer reads the socket itself: plain TCP only.
-                        let tuning = (!encrypted).then_some(TcpTuning { fd, receive_buffer });
-                        Ok((io, tuning))
-                    }),
-                )
-            }
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let addr = path.display().to_string();
-                let a = addr.clone();
-                (
-                    addr,
-                    Box::pin(async move {
-                        let s = tokio::net::UnixStream::connect(path)
-                            .await
-                            .map_err(|source| SourceError::Connect { addr: a, source })?;
-                        Ok((Box::new(s) as Box<dyn Io>, None))
-                    }),
-                )
-            }
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(io)) => return Ok(io),
-            Ok(Err(e)) if e.is_transient() => last_err = Some(e),
-            // A refused certificate or a TLS policy holds for every host: say so at once.
-            Ok(Err(e)) => return Err(e),
-            Err(_) => last_err = Some(SourceError::ConnectTimeout(addr)),
+) -> Result<(Box<dyn Io>, Option<TcpTuning>), SourceError> {
+    let opened = socket::open(&connection.pg, receive_buffer).await?;
+    match opened.stream {
+        socket::Raw::Tcp(tcp, tuning) => {
+            let host = opened.host.as_deref().unwrap_or_default();
+            let (io, encrypted) =
+                super::tls::negotiate(tcp, &connection.tls, host, &opened.addr).await?;
+            Ok((io, (!encrypted).then_some(tuning)))
         }
+        socket::Raw::Unix(s) => Ok((Box::new(s), None)),
     }
-    Err(last_err.unwrap_or_else(|| SourceError::BadUrl("source.url names no host".into())))
 }
 
 pub fn quote_ident(s: &str) -> String {

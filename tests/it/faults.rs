@@ -240,6 +240,35 @@ async fn a_connection_that_stops_delivering_is_given_up_and_replaced() {
     c.stop();
 }
 
+/// A SQL query (the catalog queries of a session, `walden status`) over a path that stops
+/// delivering ends with a transient error within `source.receive_timeout_s` instead of waiting
+/// forever (the path's keepalives are answered, so TCP alone never gives up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_a_stalled_path_fails_instead_of_waiting_forever() {
+    let (c, _url, client) = own_cluster("stalled_sql", "CREATE TABLE t (id int)").await;
+    let proxy = Proxy::start(c.port).await;
+    let db = TestDb {
+        name: "stalled_sql".into(),
+        url: format!("postgres://postgres@127.0.0.1:{}/stalled_sql", proxy.port),
+        client,
+    };
+    let mut cfg = config(&db, &warehouse_dir("stalled_sql"));
+    cfg.source.receive_timeout_s = 2;
+    let sql = walden::source::connect_sql(&cfg.source).await.unwrap();
+    sql.query_one("SELECT 1", &[]).await.unwrap();
+    // Idle longer than the limit: an idle connection is not given up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sql.query_one("SELECT 1", &[]).await.unwrap();
+    proxy.stall();
+    let e = tokio::time::timeout(Duration::from_secs(30), sql.query_one("SELECT 1", &[]))
+        .await
+        .expect("the query waited on a stalled path")
+        .unwrap_err();
+    let e = walden::source::SourceError::from(e);
+    assert!(e.is_transient(), "{e}");
+    c.stop();
+}
+
 /// Keeps committing small transactions of inserts, updates and deletes on `items` (and inserts
 /// on `log`) until `stop`, reconnecting whenever the server goes away.
 async fn restless_workload(url: String, stop: Arc<std::sync::atomic::AtomicBool>) {

@@ -49,7 +49,11 @@ async fn capture() -> Vec<bytes::Bytes> {
     let tls = walden::source::tls::TlsParams::default()
         .build(None)
         .unwrap();
-    let conn = walden::source::ConnectionConfig { pg, tls };
+    let conn = walden::source::ConnectionConfig {
+        pg,
+        tls,
+        answer_within: None,
+    };
     let mut repl = ReplicationConn::connect(&conn, None).await.unwrap();
     let slot = repl.create_slot("fixtures", false, false).await.unwrap();
     for sql in WORKLOAD {

@@ -281,34 +281,151 @@ async fn an_azure_warehouse_takes_snapshot_stream_backfill_and_ops() {
     replicate_into(db, "az://lake/warehouse", azure_options(AZURITE_KEY), py).await;
 }
 
-/// A relay in front of moto that drops `If-None-Match`, as an S3-compatible store that ignores
-/// conditional requests would.
-const FORGETFUL_RELAY: &str = r#"
-import http.client, sys
-from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
-listen, target = int(sys.argv[1]), int(sys.argv[2])
-class Relay(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def relay(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else None
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("if-none-match", "host")}
-        upstream = http.client.HTTPConnection("127.0.0.1", target)
-        upstream.request(self.command, self.path, body=body, headers=headers)
-        r = upstream.getresponse()
-        data = r.read()
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = relay
-    def log_message(self, *args):
-        pass
-ThreadingHTTPServer(("127.0.0.1", listen), Relay).serve_forever()
-"#;
+/// `tests/py/s3_relay.py` in front of `s3`: faults on request; with `forget`, it drops
+/// `If-None-Match`, as an S3-compatible store that ignores conditional requests would.
+fn relay(py: &Path, s3: &Emulator, forget: bool) -> Emulator {
+    let port = free_port();
+    let mut cmd = Command::new(py);
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/s3_relay.py"))
+        .args([port.to_string(), s3.port.to_string()]);
+    if forget {
+        cmd.arg("--forget-conditions");
+    }
+    Emulator::start(cmd, port, tempfile::tempdir().unwrap())
+}
+
+/// Asks the relay for faults (`query`, e.g. `lose_commits=3`; empty: only asks how many are
+/// pending) and returns its answer.
+fn faults(relay: &Emulator, query: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    write!(
+        s,
+        "POST /__faults__?{query} HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// The answer to a Delta commit is lost on its way back (the log entry is in the store): walden
+/// reads the table again, sees its own commit, and goes on in the same session (the walsender
+/// serving its slot stays the same), applying nothing twice. Requests answered `503 SlowDown`
+/// meanwhile are retried by the store client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_settled_without_restarting_the_stream() {
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+    let s3 = moto(&py);
+    make_bucket(&py, Some(&s3), None, "lake");
+    let relay = relay(&py, &s3, false);
+    let db = test_db("store_lost").await;
+    db.client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let cfg = store_config(&db, "s3://lake/lost", &s3_options(&relay.endpoint()));
+    let walsender = || async {
+        let row = db
+            .client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 's_store_lost'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<i32>>(0)
+    };
+    let run = crate::warehouse::Streaming::start(&cfg);
+    db.client
+        .batch_execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
+    wait_for_rows(&cfg, &run, 50).await;
+    // The walsender serving the stream, once walden streams (after its snapshot).
+    let started = Instant::now();
+    let before = loop {
+        if let Some(pid) = walsender().await {
+            break Some(pid);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "walden never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    faults(&relay, "lose_commits=4&fail=6");
+    for i in 0..8 {
+        db.client
+            .batch_execute(&format!(
+                "INSERT INTO t SELECT g, 'b' FROM generate_series({0} * 10 + 51, {0} * 10 + 60) g;
+                 UPDATE t SET v = v || '{0}' WHERE id % 8 = {0}; DELETE FROM t WHERE id = {0} * 5 + 1",
+                i
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for_rows(&cfg, &run, rows).await;
+    let state = faults(&relay, "");
+    assert!(state.contains("pending={'lose_commits': 0,"), "{state}");
+    assert!(
+        state.contains("injected={'lose_commits': 4, 'fail': 6}"),
+        "{state}"
+    );
+    assert_eq!(walsender().await, before, "the stream was restarted");
+    run.stop().await;
+    assert_verified(&cfg).await;
+    let dup = walden::ops::query::run(
+        &cfg,
+        "SELECT count(*) FROM (SELECT _walden_lsn, _walden_seq FROM changes.public.t \
+         GROUP BY 1, 2 HAVING count(*) > 1)",
+    )
+    .await
+    .unwrap();
+    let dup = dup[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(dup, 0, "changes applied twice in the changelog");
+}
+
+/// Rows in the mirror of `public.t`, read through the ops query (as an operator would).
+async fn mirror_rows(cfg: &Config) -> Option<i64> {
+    let b = walden::ops::query::run(cfg, "SELECT count(*) FROM public.t").await;
+    b.ok().and_then(|b| {
+        b.first().map(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .value(0)
+        })
+    })
+}
+
+async fn wait_for_rows(cfg: &Config, run: &crate::warehouse::Streaming, n: i64) {
+    let started = Instant::now();
+    while mirror_rows(cfg).await != Some(n) {
+        assert!(
+            !run.ended(),
+            "walden stopped before the mirror reached {n} rows"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the mirror did not reach {n} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_that_would_lose_commits_or_cannot_be_used_are_refused_with_the_fix() {
@@ -325,15 +442,7 @@ async fn stores_that_would_lose_commits_or_cannot_be_used_are_refused_with_the_f
     };
 
     // The same bucket, reached through a store that ignores If-None-Match.
-    let port = free_port();
-    let mut relay = Command::new(&py);
-    relay.args([
-        "-c",
-        FORGETFUL_RELAY,
-        &port.to_string(),
-        &s3.port.to_string(),
-    ]);
-    let relay = Emulator::start(relay, port, tempfile::tempdir().unwrap());
+    let relay = relay(&py, &s3, true);
     let e = check(s3_options(&relay.endpoint()), "s3://lake/wh")
         .await
         .unwrap_err();

@@ -241,6 +241,12 @@ async fn tls_modes_certificates_and_client_certificates_work_as_libpq_says() {
     ))
     .await;
     run_once(&tls_config(&url("127.0.0.1", "postgres", ""), "tls_prefer")).await;
+    // allow: walden asks for TLS first (as prefer), which this server insists on.
+    run_once(&tls_config(
+        &url("127.0.0.1", "postgres", "sslmode=allow"),
+        "tls_allow",
+    ))
+    .await;
     let e = run_err(&tls_config(
         &url(
             "localhost",
@@ -258,8 +264,8 @@ fn ca_pem_of_another_ca() -> String {
     ca("some other CA").pem
 }
 
-/// The shared test cluster runs without TLS: `require` refuses it, `prefer` (the default) uses it
-/// in the clear.
+/// The shared test cluster runs without TLS: `require` refuses it; `prefer` (the default),
+/// `allow` and `disable` use it in the clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_tls_is_refused_when_the_mode_requires_it() {
     let db = crate::pg::test_db("tls_off").await;
@@ -279,4 +285,8 @@ async fn a_server_without_tls_is_refused_when_the_mode_requires_it() {
         "tls_off_prefer",
     ))
     .await;
+    for mode in ["disable", "allow"] {
+        let url = format!("{}?sslmode={mode}", db.url);
+        run_once(&tls_config(&url, &format!("tls_off_{mode}"))).await;
+    }
 }

@@ -148,6 +148,30 @@ pub async fn run_once(cfg: &Config) -> walden::pipeline::Summary {
     .unwrap_or_else(|e| panic!("run --once failed: {e}"))
 }
 
+/// With `WALDEN_TEST_LOG=filter` (and `WALDEN_TEST_LOG_FILE`, default `walden-test.log` in the
+/// temporary directory), the in-process walden runs log there (for chasing a failing test).
+fn log_to_file() {
+    let Ok(filter) = std::env::var("WALDEN_TEST_LOG") else {
+        return;
+    };
+    let path = std::env::var("WALDEN_TEST_LOG_FILE").unwrap_or_else(|_| {
+        std::env::temp_dir()
+            .join("walden-test.log")
+            .display()
+            .to_string()
+    });
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+}
+
 /// A `walden run` streaming in the background until [`Streaming::stop`].
 pub struct Streaming {
     stop: tokio::sync::watch::Sender<bool>,
@@ -157,6 +181,7 @@ pub struct Streaming {
 
 impl Streaming {
     pub fn start(cfg: &Config) -> Self {
+        log_to_file();
         let (stop, rx) = tokio::sync::watch::channel(false);
         let cfg = cfg.clone();
         let run = tokio::spawn(async move {
