@@ -198,8 +198,10 @@ impl Default for RetryConfig {
 pub struct WarehouseConfig {
     /// A local directory, a `file://` URL, or an object-store URL.
     pub url: String,
-    /// Passed to object_store (credentials, endpoints); never logged.
-    #[serde(default)]
+    /// Passed to object_store (credentials, endpoints); never logged. Values may be written as
+    /// TOML strings, booleans or numbers (`aws_allow_http = true`, or the same from the
+    /// environment); object_store takes them as text.
+    #[serde(default, deserialize_with = "options_as_text")]
     pub storage_options: BTreeMap<String, String>,
 }
 
@@ -362,6 +364,26 @@ impl Config {
 }
 
 /// An environment value as TOML would read it: integers, floats and booleans keep their type.
+/// A map of scalars, each as its text (`true` → "true").
+fn options_as_text<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    use serde::de::Error as _;
+    let raw: BTreeMap<String, toml::Value> = serde::Deserialize::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            toml::Value::String(s) => Ok((k, s)),
+            toml::Value::Boolean(b) => Ok((k, b.to_string())),
+            toml::Value::Integer(i) => Ok((k, i.to_string())),
+            toml::Value::Float(f) => Ok((k, f.to_string())),
+            other => Err(D::Error::custom(format!(
+                "warehouse.storage_options.{k}: expected text, a boolean or a number, found {}",
+                other.type_str()
+            ))),
+        })
+        .collect()
+}
+
 fn scalar(raw: &str) -> toml::Value {
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
@@ -465,6 +487,19 @@ mod tests {
         url = "/tmp/wh"
         storage_options = { aws_secret_access_key = "topsecret" }
     "#;
+
+    #[test]
+    fn storage_options_take_booleans_and_numbers_as_text() {
+        let text = "[source]\nurl = \"postgres://h/db\"\n[warehouse]\nurl = \"s3://b/p\"\n\
+                    [warehouse.storage_options]\naws_allow_http = true\n";
+        let env = vec![(
+            "WALDEN_WAREHOUSE__STORAGE_OPTIONS__AWS_MAX_RETRIES".to_string(),
+            "3".to_string(),
+        )];
+        let cfg = Config::from_toml_and_env(text, "t", env).unwrap();
+        assert_eq!(cfg.warehouse.storage_options["aws_allow_http"], "true");
+        assert_eq!(cfg.warehouse.storage_options["aws_max_retries"], "3");
+    }
 
     #[test]
     fn env_overrides_nested_keys_with_types() {

@@ -15,9 +15,9 @@ use crate::python::{npm_bin, python};
 use crate::warehouse::{assert_verified, run_once};
 
 /// An emulator process on a loopback port, stopped when dropped.
-struct Emulator {
+pub struct Emulator {
     child: Child,
-    port: u16,
+    pub port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -57,7 +57,7 @@ impl Emulator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn endpoint(&self) -> String {
+    pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 }
@@ -70,7 +70,7 @@ impl Drop for Emulator {
 }
 
 /// moto's S3 server.
-fn moto(py: &Path) -> Emulator {
+pub fn moto(py: &Path) -> Emulator {
     let port = free_port();
     let mut cmd = Command::new(py.with_file_name("moto_server"));
     cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
@@ -118,7 +118,7 @@ const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-fn s3_options(endpoint: &str) -> Vec<(&'static str, String)> {
+pub fn s3_options(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
         ("aws_endpoint", endpoint.to_string()),
         ("aws_access_key_id", "walden-test".into()),
@@ -137,7 +137,7 @@ fn azure_options(key: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Makes a bucket (moto checks no signatures) or a container (with the Azure SDK).
-fn make_bucket(py: &Path, s3: Option<&Emulator>, azure: Option<&Emulator>, name: &str) {
+pub fn make_bucket(py: &Path, s3: Option<&Emulator>, azure: Option<&Emulator>, name: &str) {
     let script = if let Some(em) = s3 {
         format!(
             "import boto3\nboto3.client('s3', endpoint_url='{}', aws_access_key_id='a', \
@@ -283,7 +283,7 @@ async fn an_azure_warehouse_takes_snapshot_stream_backfill_and_ops() {
 
 /// `tests/py/s3_relay.py` in front of `s3`: faults on request; with `forget`, it drops
 /// `If-None-Match`, as an S3-compatible store that ignores conditional requests would.
-fn relay(py: &Path, s3: &Emulator, forget: bool) -> Emulator {
+pub fn relay(py: &Path, s3: &Emulator, forget: bool) -> Emulator {
     let port = free_port();
     let mut cmd = Command::new(py);
     cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/s3_relay.py"))
@@ -296,7 +296,7 @@ fn relay(py: &Path, s3: &Emulator, forget: bool) -> Emulator {
 
 /// Asks the relay for faults (`query`, e.g. `lose_commits=3`; empty: only asks how many are
 /// pending) and returns its answer.
-fn faults(relay: &Emulator, query: &str) -> String {
+pub fn faults(relay: &Emulator, query: &str) -> String {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
     write!(
