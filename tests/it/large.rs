@@ -125,3 +125,112 @@ async fn a_large_transaction_spills_and_lands_exactly_once_across_a_crash() {
     .await;
     assert_eq!(aborted, vec!["0"]);
 }
+
+/// The spill disk fills up under a large transaction (here: a file-size limit on the walden
+/// process, so writes past 2 MiB fail as on a full disk): walden says where and what to do,
+/// keeps running and retrying, and once space is back it lands the transaction exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spill_disk_is_waited_out_and_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let db = test_db("spill_full").await;
+    let wh = warehouse_dir("spill_full");
+    let spill = wh.with_file_name("spill-full");
+    let log = wh.with_file_name("spill-full.log");
+    db.client
+        .batch_execute("CREATE TABLE big_t (id int PRIMARY KEY, payload text, big text)")
+        .await
+        .unwrap();
+    let mut cmd = walden(&db, &wh, &["run"], None);
+    cmd.env("WALDEN_SPILL__DIR", &spill)
+        .env("WALDEN_SPILL__MEMORY_BYTES", "1048576")
+        .env("WALDEN_BATCH__MAX_ROWS", "5000")
+        .env("WALDEN_RETRY__INITIAL_MS", "100")
+        .env("WALDEN_RETRY__MAX_MS", "500")
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: async-signal-safe calls only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 2 << 20,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    // Wait for the snapshot (an empty table) and the stream.
+    let started = std::time::Instant::now();
+    while !wh.join("mirror/public/big_t/_delta_log").exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    db.client
+        .batch_execute(
+            "INSERT INTO big_t SELECT g, repeat(md5(g::text), 3), NULL FROM generate_series(1, 60000) g",
+        )
+        .await
+        .unwrap();
+    // The spill file cannot grow past 2 MiB: walden reports it and keeps trying.
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Free space there or point spill.dir elsewhere") {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "walden gave up:\n{text}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no spill error reported:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(child.try_wait().unwrap().is_none(), "walden gave up");
+    // Space comes back.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall on the child's pid.
+    let ok = unsafe {
+        libc::prlimit(
+            child.id() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(ok, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let started = std::time::Instant::now();
+    loop {
+        let n = delta_rows(
+            &wh,
+            TableKind::Mirror,
+            "big_t",
+            "SELECT CAST(count(*) AS VARCHAR) FROM t",
+        )
+        .await;
+        if n == ["60000"] {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "walden gave up");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the transaction did not land after space came back ({n:?})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let src = pg_rows(&db.client, PG).await;
+    let mir = delta_rows(&wh, TableKind::Mirror, "big_t", DF).await;
+    assert_same("after a full spill disk", &src, &mir);
+    assert_changelog_unique(&wh, "big_t", "after a full spill disk: ").await;
+}
