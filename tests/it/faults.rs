@@ -297,9 +297,18 @@ async fn restless_workload(url: String, stop: Arc<std::sync::atomic::AtomicBool>
     }
 }
 
-fn spawn_walden(url: &str, wh: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
-        .arg("run")
+/// `walden run` as a process of its own, streaming from `url` into the warehouse `wh` (a path or
+/// an object-store URL, with its storage options).
+fn spawn_walden(url: &str, wh: &str, options: &[(&str, String)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walden"));
+    for (k, v) in options {
+        let key = format!(
+            "WALDEN_WAREHOUSE__STORAGE_OPTIONS__{}",
+            k.to_ascii_uppercase()
+        );
+        cmd.env(key, v);
+    }
+    cmd.arg("run")
         .env("WALDEN_SOURCE__URL", url)
         .env("WALDEN_SOURCE__SLOT", "s_mixed")
         .env("WALDEN_SOURCE__CREATE_PUBLICATION", "true")
@@ -313,7 +322,7 @@ fn spawn_walden(url: &str, wh: &Path) -> std::process::Child {
         .env("WALDEN_BATCH__MAX_DELAY_MS", "100")
         .env(
             "RUST_LOG",
-            std::env::var("WALDEN_FAULT_LOG").unwrap_or("warn".into()),
+            std::env::var("WALDEN_FAULT_LOG").unwrap_or("walden=warn".into()),
         )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -340,7 +349,8 @@ async fn walsender(url: &str) -> Option<i32> {
     client
         .query_opt(
             "SELECT s.active_pid FROM pg_replication_slots s JOIN pg_stat_replication r \
-             ON r.pid = s.active_pid WHERE s.slot_name = 's_mixed' AND r.state = 'streaming'",
+             ON r.pid = s.active_pid WHERE s.slot_name = 's_mixed' \
+             AND r.state IN ('streaming', 'catchup')",
             &[],
         )
         .await
@@ -411,7 +421,8 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     let proxy = Proxy::start(c.port).await;
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/mixed", proxy.port);
     let wh = warehouse_dir("mixed");
-    let mut walden = spawn_walden(&via_proxy, &wh);
+    let wh_url = wh.display().to_string();
+    let mut walden = spawn_walden(&via_proxy, &wh_url, &[]);
     streaming_again(&url, None, &mut walden, "first start").await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
@@ -428,7 +439,7 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
                 still_running(&mut walden, &what);
                 walden.kill().unwrap();
                 walden.wait().unwrap();
-                walden = spawn_walden(&via_proxy, &wh);
+                walden = spawn_walden(&via_proxy, &wh_url, &[]);
             }
             1 | 2 => {
                 c.restart(if kind == 1 { "fast" } else { "immediate" });
@@ -464,4 +475,165 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
         assert_changelog_unique(&wh, t, &format!("seed {seed}: ")).await;
     }
     c.stop();
+}
+
+/// The warehouse on S3 (moto behind a relay that injects faults) while a continuous workload
+/// runs and, at random moments, walden is SIGKILLed, its Postgres path is cut, or the store loses
+/// the answers to commits or answers `503 SlowDown`: walden never gives up, the mirror ends equal
+/// to the source and the changelog unique. `WALDEN_STORE_FAULTS=N` (default 15) faults;
+/// `WALDEN_FAULT_SEED=S` replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not passing yet: after some faults walden starts sessions every ~2 s without a logged \
+            error and the test sees no walsender streaming within 60 s (seed 708742); run with \
+            --ignored while fixing it"]
+async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("WALDEN_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
+    let faults: u32 = std::env::var("WALDEN_STORE_FAULTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    eprintln!("store faults: WALDEN_FAULT_SEED={seed} WALDEN_STORE_FAULTS={faults}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (c, url, _) = own_cluster(
+        "storefaults",
+        "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
+         CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
+    )
+    .await;
+    let proxy = Proxy::start(c.port).await;
+    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/storefaults", proxy.port);
+    let py = tokio::task::spawn_blocking(crate::python::python)
+        .await
+        .unwrap();
+    let s3 = crate::storage::moto(&py);
+    crate::storage::make_bucket(&py, Some(&s3), None, "lake");
+    let store = crate::storage::relay(&py, &s3, false);
+    let wh = "s3://lake/storefaults";
+    let options = crate::storage::s3_options(&store.endpoint());
+    let mut walden = spawn_walden(&via_proxy, wh, &options);
+    streaming_again(&url, None, &mut walden, "first start").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
+    let mut kinds = [0u32; 3];
+    for n in 0..faults {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
+        let kind = rng.random_range(0..3);
+        kinds[kind] += 1;
+        let what = format!("seed {seed}, store fault {n}");
+        let old = walsender(&url).await;
+        match kind {
+            0 => {
+                still_running(&mut walden, &what);
+                walden.kill().unwrap();
+                walden.wait().unwrap();
+                walden = spawn_walden(&via_proxy, wh, &options);
+            }
+            1 => proxy.cut(),
+            _ => {
+                // Settled in place: the stream goes on; wait until the faults are used up.
+                let ask = if rng.random_bool(0.5) {
+                    format!("lose_commits={}", rng.random_range(1..=3))
+                } else {
+                    format!("fail={}", rng.random_range(2..=8))
+                };
+                crate::storage::faults(&store, &ask);
+                store_faults_used(&store, &mut walden, &what).await;
+                continue;
+            }
+        }
+        streaming_again(&url, old, &mut walden, &what).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    eprintln!("faults by kind (kill, cut, store): {kinds:?}");
+    let client = connect(&url).await;
+    let src = crate::crash::items_source(&client).await;
+    let reader = s3_reader(&s3, wh);
+    let started = Instant::now();
+    loop {
+        let mir = query_rows(
+            &reader,
+            "SELECT concat_ws('|', CAST(id AS VARCHAR), CAST(qty AS VARCHAR), note) \
+             FROM public.items ORDER BY id",
+        )
+        .await;
+        if mir == src {
+            break;
+        }
+        still_running(&mut walden, &format!("seed {seed}, catching up"));
+        if started.elapsed() > Duration::from_secs(120) {
+            crate::warehouse::assert_same(&format!("seed {seed}: items after 120 s"), &src, &mir);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    walden.kill().unwrap();
+    walden.wait().unwrap();
+    for t in ["items", "log"] {
+        let dup = query_rows(
+            &reader,
+            &format!(
+                "SELECT CAST(count(*) AS VARCHAR) FROM (SELECT _walden_lsn, _walden_seq \
+                 FROM changes.public.{t} GROUP BY 1, 2 HAVING count(*) > 1)"
+            ),
+        )
+        .await;
+        assert_eq!(
+            dup,
+            ["0"],
+            "seed {seed}: {t}: duplicated changes in the changelog"
+        );
+    }
+    c.stop();
+}
+
+/// Waits until the relay has injected every fault asked for (the workload keeps walden
+/// committing).
+async fn store_faults_used(
+    store: &crate::storage::Emulator,
+    child: &mut std::process::Child,
+    what: &str,
+) {
+    let started = Instant::now();
+    while !crate::storage::faults(store, "").contains("pending={'lose_commits': 0, 'fail': 0}") {
+        still_running(child, what);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: the store faults were not used within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A config that reads the warehouse `wh` straight from moto (not through the relay).
+fn s3_reader(s3: &crate::storage::Emulator, wh: &str) -> walden::config::Config {
+    let mut text = format!(
+        "[source]\nurl = \"postgres://unused@127.0.0.1/x\"\nslot = \"unused\"\n\
+         publication = \"walden\"\n[warehouse]\nurl = \"{wh}\"\n[warehouse.storage_options]\n"
+    );
+    for (k, v) in crate::storage::s3_options(&s3.endpoint()) {
+        text.push_str(&format!("{k} = \"{v}\"\n"));
+    }
+    walden::config::Config::from_toml_and_env(&text, "test", Vec::new()).unwrap()
+}
+
+/// One string per row of `sql` (one column) over the warehouse of `cfg`; a table that is not
+/// there yet reads as no rows.
+async fn query_rows(cfg: &walden::config::Config, sql: &str) -> Vec<String> {
+    let Ok(batches) = walden::ops::query::run(cfg, sql).await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for b in &batches {
+        let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let col = col
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        out.extend(col.iter().map(|v| v.unwrap_or_default().to_string()));
+    }
+    out
 }
