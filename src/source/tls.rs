@@ -548,27 +548,20 @@ mod tests {
         .with_env(env);
         assert_eq!(p.mode.as_deref(), Some("require"));
         assert_eq!(p.root_cert.as_deref(), Some("system"));
-        let e = TlsParams {
-            mode: Some("verify-full".into()),
+        let refused = |p: TlsParams| p.build(None).unwrap_err().to_string();
+        let mode = |m: &str| TlsParams {
+            mode: Some(m.into()),
             ..Default::default()
-        }
-        .build(None)
-        .unwrap_err();
-        assert!(e.to_string().contains("sslrootcert"), "{e}");
-        let e = TlsParams {
-            mode: Some("strict".into()),
-            ..Default::default()
-        }
-        .build(None)
-        .unwrap_err();
-        assert!(e.to_string().contains("verify-full"), "{e}");
-        let e = TlsParams {
+        };
+        let e = refused(mode("verify-full"));
+        assert!(e.contains("sslrootcert"), "{e}");
+        let e = refused(mode("strict"));
+        assert!(e.contains("verify-full"), "{e}");
+        let e = refused(TlsParams {
             cert: Some("/c".into()),
             ..Default::default()
-        }
-        .build(None)
-        .unwrap_err();
-        assert!(e.to_string().contains("together"), "{e}");
+        });
+        assert!(e.contains("together"), "{e}");
         let t = TlsParams::default().build(None).unwrap();
         assert_eq!(t.mode, SslMode::Prefer);
     }

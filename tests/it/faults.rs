@@ -400,17 +400,8 @@ fn still_running(child: &mut std::process::Child, what: &str) {
 /// `WALDEN_FAULTS=N` (default 50) faults; `WALDEN_FAULT_SEED=S` replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_faults_lose_and_duplicate_nothing() {
-    use rand::{Rng, SeedableRng};
-    let seed: u64 = std::env::var("WALDEN_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
-    let faults: u32 = std::env::var("WALDEN_FAULTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
-    eprintln!("mixed faults: WALDEN_FAULT_SEED={seed} WALDEN_FAULTS={faults}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    use rand::Rng;
+    let (seed, faults, mut rng) = seeded("WALDEN_FAULTS", 50);
 
     let (c, url, _) = own_cluster(
         "mixed",
@@ -487,17 +478,8 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
             error and the test sees no walsender streaming within 60 s (seed 708742); run with \
             --ignored while fixing it"]
 async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() {
-    use rand::{Rng, SeedableRng};
-    let seed: u64 = std::env::var("WALDEN_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
-    let faults: u32 = std::env::var("WALDEN_STORE_FAULTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
-    eprintln!("store faults: WALDEN_FAULT_SEED={seed} WALDEN_STORE_FAULTS={faults}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    use rand::Rng;
+    let (seed, faults, mut rng) = seeded("WALDEN_STORE_FAULTS", 15);
     let (c, url, _) = own_cluster(
         "storefaults",
         "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
@@ -588,6 +570,22 @@ async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() 
         );
     }
     c.stop();
+}
+
+/// The seed (`WALDEN_FAULT_SEED`, else a random one, printed) and the number of faults (`count`
+/// variable, else `default`) of a randomized fault test, and its random source.
+fn seeded(count: &str, default: u32) -> (u64, u32, rand::rngs::StdRng) {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("WALDEN_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
+    let faults: u32 = std::env::var(count)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("faults: WALDEN_FAULT_SEED={seed} {count}={faults}");
+    (seed, faults, rand::rngs::StdRng::seed_from_u64(seed))
 }
 
 /// Waits until the relay has injected every fault asked for (the workload keeps walden

@@ -70,3 +70,23 @@ pub fn npm_bin(package: &str) -> PathBuf {
     }
     dir.join("node_modules/.bin")
 }
+
+/// Runs `tests/py/roundtrip.py` (the mirror read by Python's `deltalake`, compared cell by cell
+/// with Postgres) with `args`, asserts it passed and compared `rows` rows.
+pub fn assert_roundtrip(py: &std::path::Path, args: &[&str], rows: i64) {
+    let out = Command::new(py)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/roundtrip.py"
+        ))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("compared {rows} rows")), "{text}");
+}

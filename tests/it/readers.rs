@@ -2,8 +2,6 @@
 //! test makes, from PyPI) compared cell by cell with the source read by psycopg, for tables of edge
 //! values per type group, copied by the snapshot and changed by the stream.
 
-use std::process::Command;
-
 use crate::pg::{config, test_db, warehouse_dir};
 use crate::python::python;
 use crate::warehouse::run_once;
@@ -59,25 +57,6 @@ async fn python_readers_see_every_value_postgres_has() {
         .await
         .unwrap();
     run_once(&cfg).await; // the stream
-    let out = Command::new(&py)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/py/roundtrip.py"
-        ))
-        .args([
-            db.url.as_str(),
-            &wh.display().to_string(),
-            "public",
-            "r",
-            "id",
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("compared 608 rows"), "{text}");
+    let wh = wh.display().to_string();
+    crate::python::assert_roundtrip(&py, &[db.url.as_str(), &wh, "public", "r", "id"], 608);
 }

@@ -245,22 +245,12 @@ async fn replicate_into(db: TestDb, url: &str, options: Vec<(&'static str, Strin
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
-    let out = Command::new(&py)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/py/roundtrip.py"
-        ))
-        .args([db.url.as_str(), url, "public", "items", "id"])
-        .arg(serde_json::Value::Object(options).to_string())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let options = serde_json::Value::Object(options).to_string();
+    crate::python::assert_roundtrip(
+        &py,
+        &[db.url.as_str(), url, "public", "items", "id", &options],
+        rows,
     );
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains(&format!("compared {rows} rows")), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
