@@ -474,9 +474,8 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
 /// to the source and the changelog unique. `WALDEN_STORE_FAULTS=N` (default 15) faults;
 /// `WALDEN_FAULT_SEED=S` replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not passing yet: after some faults walden starts sessions every ~2 s without a logged \
-            error and the test sees no walsender streaming within 60 s (seed 708742); run with \
-            --ignored while fixing it"]
+#[ignore = "not passing yet: after 8-15 faults every S3 request stops being answered (moto or \
+            the relay wedged?) and walden waits in object_store's retries (seeds 708742, 172463)"]
 async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() {
     use rand::Rng;
     let (seed, faults, mut rng) = seeded("WALDEN_STORE_FAULTS", 15);
