@@ -371,7 +371,7 @@ impl Applier {
             changelog => {
                 let mirrored = match mirror_plan(buf, mirror_from) {
                     Some(plan) => {
-                        let done = execute_settled(
+                        let done = settle::execute(
                             &mut pair.mirror,
                             name,
                             &buf.relation,
@@ -561,36 +561,6 @@ impl PendingChangelog {
         pair.changes = table;
         pair.changes_at = self.to;
         Ok(files)
-    }
-}
-
-/// Executes the mirror `plan`, recording `to` for `app_id`; a failed commit is settled (see
-/// [`settle`]) and the plan executed again on the table's new version when it did not happen.
-async fn execute_settled(
-    table: &mut DeltaTable,
-    name: &str,
-    rel: &crate::decode::pgoutput::Relation,
-    plan: &crate::plan::MirrorPlan,
-    (app_id, to): (&str, Applied),
-    storage: &HashMap<String, String>,
-) -> Result<mirror::Executed, ApplyError> {
-    let mut attempt = 1;
-    loop {
-        let props = commit_props(app_id, to);
-        match mirror::execute(table, name, rel, plan, props, storage).await {
-            Err(e) if e.is_transient() && attempt < settle::ATTEMPTS => {
-                if settle::landed(table, app_id, to)
-                    .await
-                    .map_err(|s| TableErr(name).delta(s))?
-                {
-                    tracing::info!(table = name, error = %e, "a mirror commit whose answer was lost had happened");
-                    return Ok(mirror::Executed::landed(plan));
-                }
-                tracing::warn!(table = name, error = %e, attempt, "mirror commit failed; executing the plan again on the table's newest version");
-                attempt += 1;
-            }
-            done => return done,
-        }
     }
 }
 

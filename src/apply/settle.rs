@@ -8,11 +8,15 @@
 //! on the new version, at most [`ATTEMPTS`] times, before the error goes to the session (which
 //! reconnects). Only transient errors are settled: a definite one stops at once.
 
+use std::collections::HashMap;
+
 use deltalake::kernel::Add;
 use deltalake::{DeltaTable, DeltaTableError};
 
-use super::{applied, commit_props, files};
+use super::{applied, commit_props, files, mirror, ApplyError, TableErr};
 use crate::checkpoint::Applied;
+use crate::decode::pgoutput::Relation;
+use crate::plan::MirrorPlan;
 use crate::sink::delta_is_transient;
 
 /// Commits tried per piece of work before the error goes to the session.
@@ -46,6 +50,36 @@ pub async fn append(
                     return Ok(());
                 }
                 tracing::warn!(table = name, error = %e, attempt, "commit failed; trying again on the table's newest version");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Executes the mirror `plan`, recording `to` for `app_id`; a failed commit is settled by
+/// [`landed`] and the plan executed again on the table's new version when it did not happen.
+pub async fn execute(
+    table: &mut DeltaTable,
+    name: &str,
+    rel: &Relation,
+    plan: &MirrorPlan,
+    (app_id, to): (&str, Applied),
+    storage: &HashMap<String, String>,
+) -> Result<mirror::Executed, ApplyError> {
+    let mut attempt = 1;
+    loop {
+        let props = commit_props(app_id, to);
+        match mirror::execute(table, name, rel, plan, props, storage).await {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                if landed(table, app_id, to)
+                    .await
+                    .map_err(|s| TableErr(name).delta(s))?
+                {
+                    tracing::info!(table = name, error = %e, "a mirror commit whose answer was lost had happened");
+                    return Ok(mirror::Executed::landed(plan));
+                }
+                tracing::warn!(table = name, error = %e, attempt, "mirror commit failed; executing the plan again on the table's newest version");
                 attempt += 1;
             }
             done => return done,

@@ -37,17 +37,7 @@ pub struct Opened {
 }
 
 /// Connects to the first host of `config` that answers within its connect timeout.
-///
-/// Boxed: the compiler cannot prove a plain `async fn` borrowing the config `Send` for every
-/// lifetime inside the callers' futures.
-pub fn open(
-    config: &tokio_postgres::Config,
-    receive_buffer: Option<u32>,
-) -> futures::future::BoxFuture<'_, Result<Opened, SourceError>> {
-    Box::pin(open_first(config, receive_buffer))
-}
-
-async fn open_first(
+pub async fn open(
     config: &tokio_postgres::Config,
     receive_buffer: Option<u32>,
 ) -> Result<Opened, SourceError> {
@@ -115,8 +105,7 @@ async fn connect_one(
 /// [`TcpTuning::receive_buffer_for`] (see [`super::coalesce`]).
 async fn connect_tcp(addr: &str, configured: Option<u32>) -> io::Result<(TcpStream, Option<u32>)> {
     let mut last = None;
-    // An owned name: a future holding `&str` across the lookup is not `Send` for every lifetime.
-    for sa in tokio::net::lookup_host(addr.to_string()).await? {
+    for sa in tokio::net::lookup_host(addr).await? {
         let sock = if sa.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {
