@@ -128,6 +128,25 @@ pub fn delta_is_transient(e: &DeltaTableError) -> bool {
             T::ObjectStore { source } => store_is_transient(source),
             _ => false,
         },
+        DeltaTableError::KernelError(k) => kernel_is_transient(k),
+        DeltaTableError::Kernel { source } => match source {
+            deltalake::kernel::Error::ObjectStore(s) => store_is_transient(s),
+            _ => false,
+        },
+        DeltaTableError::GenericError { source } => source
+            .downcast_ref::<object_store::Error>()
+            .is_some_and(store_is_transient),
+        _ => false,
+    }
+}
+
+/// The Delta kernel reads the log for deltalake: its store and I/O failures are the store's.
+fn kernel_is_transient(e: &delta_kernel::Error) -> bool {
+    use delta_kernel::Error as K;
+    match e {
+        K::Backtraced { source, .. } => kernel_is_transient(source),
+        K::ObjectStore(s) => store_is_transient(s),
+        K::IOError(_) | K::Reqwest(_) => true,
         _ => false,
     }
 }
@@ -157,6 +176,16 @@ mod class_tests {
         let append_only = DeltaTableError::Transaction {
             source: T::DeltaTableAppendOnly,
         };
+        // The kernel reading the log meets the store's failures too.
+        let unreachable = DeltaTableError::KernelError(delta_kernel::Error::from(
+            object_store::Error::Generic {
+                store: "S3",
+                source: "error sending request".into(),
+            },
+        ));
+        let bad_log = DeltaTableError::KernelError(delta_kernel::Error::generic("bad log"));
+        assert!(delta_is_transient(&unreachable));
+        assert!(!delta_is_transient(&bad_log));
         assert!(delta_is_transient(&race));
         assert!(delta_is_transient(&throttled));
         assert!(!delta_is_transient(&denied));

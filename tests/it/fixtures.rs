@@ -115,11 +115,7 @@ fn kinds(msgs: &[bytes::Bytes]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_fixture_matches_the_server() {
     let captured = capture().await;
-    // Cargo sets CARGO_MANIFEST_DIR when it runs the test too; prefer that over the compile-time
-    // value, which is stale when a shared target directory was built from another checkout.
-    let root =
-        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
-    let path = std::path::Path::new(&root).join(FIXTURE);
+    let path = crate::project_file(FIXTURE);
     if std::env::var("WALDEN_UPDATE_FIXTURES").is_ok() {
         let mut buf = Vec::new();
         for m in &captured {

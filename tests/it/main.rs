@@ -20,3 +20,12 @@ mod stream;
 mod tls;
 mod types;
 mod warehouse;
+
+/// A file of this checkout, `rel` from its root. Cargo sets `CARGO_MANIFEST_DIR` when it runs the
+/// tests too; that value wins over the compile-time one, which is stale when a shared target
+/// directory was built from another checkout (as CI's cache is).
+pub fn project_file(rel: &str) -> std::path::PathBuf {
+    let root =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    std::path::Path::new(&root).join(rel)
+}

@@ -75,10 +75,7 @@ pub fn npm_bin(package: &str) -> PathBuf {
 /// with Postgres) with `args`, asserts it passed and compared `rows` rows.
 pub fn assert_roundtrip(py: &std::path::Path, args: &[&str], rows: i64) {
     let out = Command::new(py)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/py/roundtrip.py"
-        ))
+        .arg(crate::project_file("tests/py/roundtrip.py"))
         .args(args)
         .output()
         .unwrap();

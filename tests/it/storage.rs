@@ -276,7 +276,7 @@ async fn an_azure_warehouse_takes_snapshot_stream_backfill_and_ops() {
 pub fn relay(py: &Path, s3: &Emulator, forget: bool) -> Emulator {
     let port = free_port();
     let mut cmd = Command::new(py);
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/s3_relay.py"))
+    cmd.arg(crate::project_file("tests/py/s3_relay.py"))
         .args([port.to_string(), s3.port.to_string()]);
     if forget {
         cmd.arg("--forget-conditions");
