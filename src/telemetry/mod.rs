@@ -154,12 +154,17 @@ pub fn render() -> String {
     String::from_utf8(out).expect("prometheus text is UTF-8")
 }
 
+/// What is logged without `RUST_LOG`: walden's own progress, every library's warnings, and each
+/// retry of an object-store request (otherwise a store in trouble would leave walden silent
+/// for as long as the store client keeps retrying one request).
+const DEFAULT_LOG_FILTER: &str =
+    "warn,walden=info,object_store::client::retry=info,deltalake_core::operations::merge=error";
+
 /// Installs the log subscriber; `RUST_LOG` filters, `WALDEN_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("warn,walden=info,deltalake_core::operations::merge=error")
-    });
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let json = std::env::var("WALDEN_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

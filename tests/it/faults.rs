@@ -298,16 +298,9 @@ async fn restless_workload(url: String, stop: Arc<std::sync::atomic::AtomicBool>
 }
 
 /// `walden run` as a process of its own, streaming from `url` into the warehouse `wh` (a path or
-/// an object-store URL, with its storage options).
-fn spawn_walden(url: &str, wh: &str, options: &[(&str, String)]) -> std::process::Child {
+/// an object-store URL), with more `WALDEN_…` variables `env` (they win over the defaults here).
+fn spawn_walden(url: &str, wh: &str, env: &[(String, String)]) -> Walden {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walden"));
-    for (k, v) in options {
-        let key = format!(
-            "WALDEN_WAREHOUSE__STORAGE_OPTIONS__{}",
-            k.to_ascii_uppercase()
-        );
-        cmd.env(key, v);
-    }
     cmd.arg("run")
         .env("WALDEN_SOURCE__URL", url)
         .env("WALDEN_SOURCE__SLOT", "s_mixed")
@@ -320,6 +313,7 @@ fn spawn_walden(url: &str, wh: &str, options: &[(&str, String)]) -> std::process
         .env("WALDEN_WAREHOUSE__URL", wh)
         .env("WALDEN_BATCH__MAX_ROWS", "50")
         .env("WALDEN_BATCH__MAX_DELAY_MS", "100")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env(
             "RUST_LOG",
             std::env::var("WALDEN_FAULT_LOG").unwrap_or("walden=warn".into()),
@@ -337,7 +331,31 @@ fn spawn_walden(url: &str, wh: &str, options: &[(&str, String)]) -> std::process
             Err(_) => std::process::Stdio::piped(),
         })
         .spawn()
+        .map(Walden)
         .unwrap()
+}
+
+/// A `walden run` process, killed when dropped: a failed test leaves none running.
+struct Walden(std::process::Child);
+
+impl std::ops::Deref for Walden {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Walden {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Walden {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The walsender serving walden's slot, when one is streaming.
@@ -424,6 +442,8 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
         let kind = rng.random_range(0..5);
         kinds[kind] += 1;
         let what = format!("seed {seed}, fault {n}");
+        let names = ["kill", "fast restart", "immediate restart", "cut", "stall"];
+        eprintln!("{what}: {}", names[kind]);
         let old = walsender(&url).await;
         match kind {
             0 => {
@@ -474,8 +494,6 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
 /// to the source and the changelog unique. `WALDEN_STORE_FAULTS=N` (default 15) faults;
 /// `WALDEN_FAULT_SEED=S` replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not passing yet: after 8-15 faults every S3 request stops being answered (moto or \
-            the relay wedged?) and walden waits in object_store's retries (seeds 708742, 172463)"]
 async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() {
     use rand::Rng;
     let (seed, faults, mut rng) = seeded("WALDEN_STORE_FAULTS", 15);
@@ -494,8 +512,17 @@ async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() 
     crate::storage::make_bucket(&py, Some(&s3), None, "lake");
     let store = crate::storage::relay(&py, &s3, false);
     let wh = "s3://lake/storefaults";
-    let options = crate::storage::s3_options(&store.endpoint());
-    let mut walden = spawn_walden(&via_proxy, wh, &options);
+    // Larger batches than the local test's: each commit costs many requests to the emulator.
+    let mut env: Vec<(String, String)> = crate::storage::s3_options(&store.endpoint())
+        .into_iter()
+        .map(|(k, v)| {
+            let key = format!("WALDEN_WAREHOUSE__STORAGE_OPTIONS__{}", k.to_uppercase());
+            (key, v)
+        })
+        .collect();
+    env.push(("WALDEN_BATCH__MAX_ROWS".into(), "1000".into()));
+    env.push(("WALDEN_BATCH__MAX_DELAY_MS".into(), "300".into()));
+    let mut walden = spawn_walden(&via_proxy, wh, &env);
     streaming_again(&url, None, &mut walden, "first start").await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
@@ -505,13 +532,14 @@ async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() 
         let kind = rng.random_range(0..3);
         kinds[kind] += 1;
         let what = format!("seed {seed}, store fault {n}");
+        eprintln!("{what}: {}", ["kill", "cut", "store"][kind]);
         let old = walsender(&url).await;
         match kind {
             0 => {
                 still_running(&mut walden, &what);
                 walden.kill().unwrap();
                 walden.wait().unwrap();
-                walden = spawn_walden(&via_proxy, wh, &options);
+                walden = spawn_walden(&via_proxy, wh, &env);
             }
             1 => proxy.cut(),
             _ => {
