@@ -22,6 +22,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
+use super::settle::ATTEMPTS;
 use super::{files, ApplyError, TableErr};
 use crate::batch::{UNCHANGED, UNREPRESENTABLE};
 use crate::sink::writer_properties;
@@ -32,6 +33,65 @@ use crate::sink::writer_properties;
 /// the source dropped stay, NULL from then on. A type change the warehouse cannot follow exactly
 /// stops with what to do.
 pub async fn evolve(
+    table: &mut DeltaTable,
+    name: &str,
+    want: &Schema,
+    storage: &HashMap<String, String>,
+) -> Result<(), ApplyError> {
+    settled(table, name, Change::Follow(want), storage).await
+}
+
+/// Renames columns the source renamed (`(old, new)` in the order they happened), where the table
+/// still has the old name and not yet the new one, by rewriting its files under the new names
+/// (one commit). The names inside walden's own columns (`_walden_unchanged`,
+/// `_walden_unrepresentable`) are renamed with them. Idempotent: after a crash the renames that
+/// committed are skipped.
+pub async fn rename(
+    table: &mut DeltaTable,
+    name: &str,
+    renames: &[(String, String)],
+    storage: &HashMap<String, String>,
+) -> Result<(), ApplyError> {
+    settled(table, name, Change::Rename(renames), storage).await
+}
+
+/// A change of a table's schema.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Follow(&'a Schema),
+    Rename(&'a [(String, String)]),
+}
+
+/// Makes `change`. Each change reads the table's schema first and does only what is still
+/// missing, so a failed commit is settled by reading the table again and making the change
+/// again: when the commit happened after all (its answer was lost), nothing is left to do.
+async fn settled(
+    table: &mut DeltaTable,
+    name: &str,
+    change: Change<'_>,
+    storage: &HashMap<String, String>,
+) -> Result<(), ApplyError> {
+    let mut attempt = 1;
+    loop {
+        let done = match change {
+            Change::Follow(want) => follow(table, name, want, storage).await,
+            Change::Rename(renames) => rename_columns(table, name, renames, storage).await,
+        };
+        match done {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                tracing::warn!(table = name, error = %e, attempt, "schema change failed; reading the table again");
+                table
+                    .update_state()
+                    .await
+                    .map_err(|e| TableErr(name).delta(e))?;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn follow(
     table: &mut DeltaTable,
     name: &str,
     want: &Schema,
@@ -89,12 +149,7 @@ pub async fn evolve(
     Ok(())
 }
 
-/// Renames columns the source renamed (`(old, new)` in the order they happened), where the table
-/// still has the old name and not yet the new one, by rewriting its files under the new names
-/// (one commit). The names inside walden's own columns (`_walden_unchanged`,
-/// `_walden_unrepresentable`) are renamed with them. Idempotent: after a crash the renames that
-/// committed are skipped.
-pub async fn rename(
+async fn rename_columns(
     table: &mut DeltaTable,
     name: &str,
     renames: &[(String, String)],

@@ -10,7 +10,9 @@
 
 use std::collections::HashMap;
 
-use deltalake::kernel::Add;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add};
+use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
 
 use super::{applied, commit_props, files, mirror, ApplyError, TableErr};
@@ -83,6 +85,82 @@ pub async fn execute(
                 attempt += 1;
             }
             done => return done,
+        }
+    }
+}
+
+/// What shows, after a failed commit, that it happened all the same.
+pub enum Proof<'a> {
+    /// The commit records this position for this application id.
+    Records(&'a str, Applied),
+    /// The commit adds this file (a file name is unique to the commit that adds it).
+    Adds(&'a str),
+    /// Nothing: the commit changes no data (adds no file), so making it twice is harmless.
+    Harmless,
+}
+
+impl Proof<'_> {
+    /// The commit whose proof this is is in `table` (read again).
+    async fn shown(&self, table: &mut DeltaTable) -> Result<bool, DeltaTableError> {
+        table.update_state().await?;
+        match self {
+            Proof::Records(app_id, to) => Ok(applied(table, app_id).await?.includes(*to)),
+            Proof::Adds(path) => Ok(table
+                .snapshot()?
+                .log_data()
+                .iter()
+                .any(|f| f.path().as_ref() == *path)),
+            Proof::Harmless => Ok(false),
+        }
+    }
+}
+
+/// Commits `actions` on `table`'s newest version as `operation` with `props`; a failed commit is
+/// settled by `proof`. One that did not happen is made again on the table's new version when it
+/// is an append (appends commute); any other (an overwrite replaces what the version it was
+/// built on held) goes back to the caller. deltalake's own conflict retries are off: they would
+/// make a commit whose answer was lost a second time when nothing in it conflicts with itself.
+pub async fn commit(
+    table: &mut DeltaTable,
+    name: &str,
+    actions: Vec<Action>,
+    (operation, props): (DeltaOperation, impl Fn() -> CommitProperties),
+    proof: Proof<'_>,
+) -> Result<(), DeltaTableError> {
+    let appends = matches!(
+        operation,
+        DeltaOperation::Write {
+            mode: SaveMode::Append,
+            ..
+        }
+    );
+    let mut attempt = 1;
+    loop {
+        let done = CommitBuilder::from(props().with_max_retries(0))
+            .with_actions(actions.clone())
+            .build(
+                Some(table.snapshot()?),
+                table.log_store(),
+                operation.clone(),
+            )
+            .await;
+        match done {
+            Ok(commit) => {
+                table.state = Some(commit.snapshot());
+                return Ok(());
+            }
+            Err(e) if delta_is_transient(&e) && attempt < ATTEMPTS => {
+                if proof.shown(table).await? {
+                    tracing::info!(table = name, error = %e, "a commit whose answer was lost had happened");
+                    return Ok(());
+                }
+                if !appends {
+                    return Err(e);
+                }
+                tracing::warn!(table = name, error = %e, attempt, "commit failed; trying again on the table's newest version");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{Action, Add, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
@@ -19,9 +19,10 @@ use deltalake::DeltaTable;
 
 use super::evolve::{align, evolve, table_schema};
 use super::files::project_files;
+use super::settle::{self, Proof};
 use super::{ApplyError, TableErr};
 use crate::batch::{changelog_schema, finish_columns, mirror_schema, Finished};
-use crate::checkpoint::Lsn;
+use crate::checkpoint::{Applied, Lsn};
 use crate::decode::pgoutput::Relation;
 use crate::decode::types::ColumnBuilder;
 use crate::sink::schemas::{SchemaHistory, SchemaVersion};
@@ -224,45 +225,46 @@ pub async fn commit_table(
             Lsn(target.lsn.0 + 1)
         )));
     }
-    let state = changes_table.snapshot().map_err(delta)?;
-    let changelog_props = if initial {
-        props()
-    } else {
-        CommitProperties::default()
+    let to = Applied::at(target.lsn);
+    // A file a commit adds shows it happened (a backfill's changelog commit records no
+    // position; the stream may have recorded one past the copy's in the mirror meanwhile).
+    let (changes_file, mirror_file) = (first_path(&changes), first_path(&mirror));
+    let proof = match (initial, &changes_file) {
+        (true, _) => Proof::Records(app_id, to),
+        (false, Some(path)) => Proof::Adds(path),
+        (false, None) => Proof::Harmless,
     };
-    CommitBuilder::from(changelog_props)
-        .with_actions(changes.into_iter().map(Action::Add).collect())
-        .build(
-            Some(state),
-            changes_table.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: None,
-                predicate: None,
-            },
-        )
+    let write = |mode| DeltaOperation::Write {
+        mode,
+        partition_by: None,
+        predicate: None,
+    };
+    let changelog_props = || {
+        if initial {
+            props()
+        } else {
+            CommitProperties::default()
+        }
+    };
+    let adds = changes.into_iter().map(Action::Add).collect();
+    let name = &target.name;
+    let append = (write(SaveMode::Append), changelog_props);
+    settle::commit(&mut changes_table, name, adds, append, proof)
         .await
         .map_err(delta)?;
     crate::checkpoint::failpoint("after-snapshot-changelog-commit");
 
-    let state = mirror_table.snapshot().map_err(delta)?;
-    let mut actions: Vec<Action> = state
-        .log_data()
-        .iter()
-        .map(|f| Action::Remove(f.remove_action(true)))
-        .collect();
-    actions.extend(mirror.into_iter().map(Action::Add));
-    CommitBuilder::from(props())
-        .with_actions(actions)
-        .build(
-            Some(state),
-            mirror_table.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Overwrite,
-                partition_by: None,
-                predicate: None,
-            },
-        )
+    // The copy replaces what the mirror held; a commit that raced the stream is not made again
+    // (the stream may have gone past the copy meanwhile: the session checks again).
+    let files = mirror_table.snapshot().map_err(delta)?.log_data();
+    let removes = files.iter().map(|f| Action::Remove(f.remove_action(true)));
+    let actions = removes.chain(mirror.into_iter().map(Action::Add)).collect();
+    let proof = match &mirror_file {
+        Some(path) => Proof::Adds(path),
+        None => Proof::Records(app_id, to),
+    };
+    let overwrite = (write(SaveMode::Overwrite), props);
+    settle::commit(&mut mirror_table, name, actions, overwrite, proof)
         .await
         .map_err(delta)?;
     // Only now: a recorded version of this table's OID means its copy is in the mirror (a
@@ -272,4 +274,9 @@ pub async fn commit_table(
         .record(&SchemaVersion::of(&target.relation, Lsn(target.lsn.0 + 1)))
         .await?;
     Ok(())
+}
+
+/// The path of the first of `adds`.
+fn first_path(adds: &[Add]) -> Option<String> {
+    adds.first().map(|a| a.path.clone())
 }

@@ -129,10 +129,9 @@ pub fn delta_is_transient(e: &DeltaTableError) -> bool {
             _ => false,
         },
         DeltaTableError::KernelError(k) => kernel_is_transient(k),
-        DeltaTableError::Kernel { source } => match source {
-            deltalake::kernel::Error::ObjectStore(s) => store_is_transient(s),
-            _ => false,
-        },
+        DeltaTableError::Kernel {
+            source: deltalake::kernel::Error::ObjectStore(s),
+        } => store_is_transient(s),
         DeltaTableError::GenericError { source } => source
             .downcast_ref::<object_store::Error>()
             .is_some_and(store_is_transient),
@@ -177,12 +176,11 @@ mod class_tests {
             source: T::DeltaTableAppendOnly,
         };
         // The kernel reading the log meets the store's failures too.
-        let unreachable = DeltaTableError::KernelError(delta_kernel::Error::from(
-            object_store::Error::Generic {
+        let unreachable =
+            DeltaTableError::KernelError(delta_kernel::Error::from(object_store::Error::Generic {
                 store: "S3",
                 source: "error sending request".into(),
-            },
-        ));
+            }));
         let bad_log = DeltaTableError::KernelError(delta_kernel::Error::generic("bad log"));
         assert!(delta_is_transient(&unreachable));
         assert!(!delta_is_transient(&bad_log));

@@ -64,6 +64,14 @@ impl Emulator {
 
 impl Drop for Emulator {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("the emulator on port {} said (last lines):", self.port);
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -315,35 +323,13 @@ async fn a_commit_whose_answer_is_lost_is_settled_without_restarting_the_stream(
         .await
         .unwrap();
     let cfg = store_config(&db, "s3://lake/lost", &s3_options(&relay.endpoint()));
-    let walsender = || async {
-        let row = db
-            .client
-            .query_one(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 's_store_lost'",
-                &[],
-            )
-            .await
-            .unwrap();
-        row.get::<_, Option<i32>>(0)
-    };
     let run = crate::warehouse::Streaming::start(&cfg);
     db.client
         .batch_execute("INSERT INTO t SELECT g, 'a' FROM generate_series(1, 50) g")
         .await
         .unwrap();
     wait_for_rows(&cfg, &run, 50).await;
-    // The walsender serving the stream, once walden streams (after its snapshot).
-    let started = Instant::now();
-    let before = loop {
-        if let Some(pid) = walsender().await {
-            break Some(pid);
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "walden never streamed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let before = streaming_walsender(&db).await;
     faults(&relay, "lose_commits=4&fail=6");
     for i in 0..8 {
         db.client
@@ -354,6 +340,14 @@ async fn a_commit_whose_answer_is_lost_is_settled_without_restarting_the_stream(
             ))
             .await
             .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The last flush may have taken everything before every fault was used: more changes, then.
+    let started = Instant::now();
+    while !faults(&relay, "").contains("pending={'lose_commits': 0, 'fail': 0}") {
+        assert!(started.elapsed() < Duration::from_secs(60), "faults unused");
+        let sql = "UPDATE t SET v = v || '+' WHERE id = (SELECT min(id) FROM t)";
+        db.client.batch_execute(sql).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let rows: i64 = db
@@ -369,23 +363,112 @@ async fn a_commit_whose_answer_is_lost_is_settled_without_restarting_the_stream(
         state.contains("injected={'lose_commits': 4, 'fail': 6}"),
         "{state}"
     );
-    assert_eq!(walsender().await, before, "the stream was restarted");
+    assert_eq!(
+        streaming_walsender(&db).await,
+        before,
+        "the stream was restarted"
+    );
     run.stop().await;
     assert_verified(&cfg).await;
-    let dup = walden::ops::query::run(
-        &cfg,
+    assert_eq!(duplicated_changes(&cfg).await, 0, "changes applied twice");
+}
+
+/// Lost answers to the commits of an initial snapshot, of schema changes (an added column, a
+/// widened type: the table rewritten) and of a backfill are settled like the stream's: the
+/// snapshot is taken once, the stream goes through the ALTERs in the same session, and the
+/// backfill's copy lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_to_snapshot_schema_and_backfill_commits_are_settled() {
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+    let s3 = moto(&py);
+    make_bucket(&py, Some(&s3), None, "lake");
+    let relay = relay(&py, &s3, false);
+    let db = test_db("store_settle").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g",
+        )
+        .await
+        .unwrap();
+    let cfg = store_config(&db, "s3://lake/settle", &s3_options(&relay.endpoint()));
+    let used = |n: u32| {
+        let state = faults(&relay, "");
+        assert!(state.contains("pending={'lose_commits': 0,"), "{state}");
+        let injected = format!("injected={{'lose_commits': {n},");
+        assert!(state.contains(&injected), "{state}");
+    };
+    // The snapshot's changelog and mirror commits.
+    faults(&relay, "lose_commits=2");
+    let run = crate::warehouse::Streaming::start(&cfg);
+    wait_for_rows(&cfg, &run, 100).await;
+    used(2);
+    let before = streaming_walsender(&db).await;
+
+    faults(&relay, "lose_commits=4");
+    db.client
+        .batch_execute(
+            "ALTER TABLE t ADD COLUMN w int;
+             ALTER TABLE t ALTER COLUMN id TYPE bigint;
+             INSERT INTO t SELECT g, 'b', g FROM generate_series(101, 120) g",
+        )
+        .await
+        .unwrap();
+    wait_for_rows(&cfg, &run, 120).await;
+    used(6);
+    let now = streaming_walsender(&db).await;
+    assert_eq!(now, before, "a schema change restarted the stream");
+    run.stop().await;
+
+    faults(&relay, "lose_commits=2");
+    walden::ops::backfill::run(&cfg, "public.t").await.unwrap();
+    used(8);
+    assert_verified(&cfg).await;
+    let copied = "SELECT count(*) FROM changes.public.t WHERE _walden_op = 'snapshot'";
+    assert_eq!(
+        warehouse_count(&cfg, copied).await,
+        100 + 120,
+        "copies landed twice"
+    );
+    assert_eq!(duplicated_changes(&cfg).await, 0, "changes applied twice");
+}
+
+/// The walsender serving the test's slot, once walden streams (after its snapshot).
+async fn streaming_walsender(db: &TestDb) -> i32 {
+    let sql = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1";
+    let slot = format!("s_{}", db.name);
+    let started = Instant::now();
+    loop {
+        let row = db.client.query_one(sql, &[&slot]).await.unwrap();
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "walden never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Streamed changes (`_walden_lsn`, `_walden_seq`) in the changelog of `public.t` more than once.
+async fn duplicated_changes(cfg: &Config) -> i64 {
+    warehouse_count(
+        cfg,
         "SELECT count(*) FROM (SELECT _walden_lsn, _walden_seq FROM changes.public.t \
-         GROUP BY 1, 2 HAVING count(*) > 1)",
+         WHERE _walden_op <> 'snapshot' GROUP BY 1, 2 HAVING count(*) > 1)",
     )
     .await
-    .unwrap();
-    let dup = dup[0]
-        .column(0)
+}
+
+/// The one number `sql` (a `count(*)`) answers over the warehouse of `cfg`.
+async fn warehouse_count(cfg: &Config, sql: &str) -> i64 {
+    let b = walden::ops::query::run(cfg, sql).await.unwrap();
+    b[0].column(0)
         .as_any()
         .downcast_ref::<arrow::array::Int64Array>()
         .unwrap()
-        .value(0);
-    assert_eq!(dup, 0, "changes applied twice in the changelog");
+        .value(0)
 }
 
 /// Rows in the mirror of `public.t`, read through the ops query (as an operator would).
