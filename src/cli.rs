@@ -17,6 +17,15 @@ use crate::pipeline::{self, Mode};
     about = "Postgres change-data-capture into Delta Lake, exactly once"
 )]
 pub struct Cli {
+    /// Log lines for people (coloured on a terminal) or JSON lines for collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "WALDEN_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -145,7 +154,7 @@ fn keep_large_blocks_mapped() {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init_logging();
+    crate::telemetry::init_logging(cli.log_format);
     keep_large_blocks_mapped();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -371,6 +371,7 @@ impl Applier {
             changelog => {
                 let mirrored = match mirror_plan(buf, mirror_from) {
                     Some(plan) => {
+                        let started = std::time::Instant::now();
                         let done = settle::execute(
                             &mut pair.mirror,
                             name,
@@ -380,6 +381,9 @@ impl Applier {
                             &storage,
                         )
                         .await;
+                        crate::telemetry::METRICS
+                            .merge_duration_seconds
+                            .observe(started.elapsed().as_secs_f64());
                         done.map(|done| {
                             stats.mirror_rows = done.rows_added + done.rows_removed;
                             stats.unidentified = plan.unidentified;

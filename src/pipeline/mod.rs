@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod catalog;
+mod progress;
 mod retry;
 
+use progress::{book, operations, Freshness};
 use retry::Backoff;
 
 use crate::apply::inspect;
@@ -20,7 +22,7 @@ use crate::apply::{Applier, ApplyError, ApplyStats};
 use crate::batch::Batcher;
 use crate::checkpoint::marker::{MarkerStore, SnapshotMarker, SnapshotState};
 use crate::checkpoint::{Frontier, Lsn};
-use crate::config::Config;
+use crate::config::{Config, OnInvalidated};
 use crate::decode::pgoutput::DecodeError;
 use crate::decode::spill::{SpillError, SpillPolicy};
 use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
@@ -28,7 +30,7 @@ use crate::sink::{SinkError, Warehouse};
 use crate::source::snapshot::published_tables;
 use crate::source::types::TypeResolver;
 use crate::source::{self, ReplicationConn, ReplicationStream, SourceError};
-use crate::telemetry::METRICS;
+use crate::telemetry::{Phase, HEALTH, METRICS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -46,6 +48,14 @@ pub enum PipelineError {
     Snapshot(Box<crate::snapshot::SnapshotError>),
     #[error(transparent)]
     Inspect(Box<inspect::InspectError>),
+    #[error(
+        "cannot serve metrics on {address} ({source}); set metrics.listen to a free address, \
+         or leave it unset for no endpoint"
+    )]
+    Endpoint {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -103,7 +113,23 @@ impl PipelineError {
                 std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
             ),
             PipelineError::Inspect(e) => matches!(**e, inspect::InspectError::Store(_)),
-            PipelineError::Decode(_) | PipelineError::Internal(_) => false,
+            PipelineError::Decode(_)
+            | PipelineError::Internal(_)
+            | PipelineError::Endpoint { .. } => false,
+        }
+    }
+
+    /// Where the error arose, for `walden_errors_total{stage}` (a bounded set).
+    fn stage(&self) -> &'static str {
+        match self {
+            PipelineError::Source(_) => "source",
+            PipelineError::Decode(_) => "decode",
+            PipelineError::Apply(_) => "apply",
+            PipelineError::Sink(_) | PipelineError::Inspect(_) => "sink",
+            PipelineError::Spill(_) => "spill",
+            PipelineError::Snapshot(_) => "snapshot",
+            PipelineError::Endpoint { .. } => "metrics",
+            PipelineError::Internal(_) => "internal",
         }
     }
 }
@@ -130,6 +156,16 @@ pub async fn run(
     mode: Mode,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, PipelineError> {
+    METRICS.limit_table_labels(cfg.metrics.table_labels);
+    if let Some(address) = &cfg.metrics.listen {
+        crate::telemetry::serve(address)
+            .await
+            .map_err(|source| PipelineError::Endpoint {
+                address: address.clone(),
+                source,
+            })?;
+    }
+    HEALTH.set(Phase::Starting);
     let warehouse = Warehouse::new(&cfg.warehouse)?;
     warehouse.check_store().await?;
     let mut backoff = Backoff::new(&cfg.retry);
@@ -151,19 +187,25 @@ pub async fn run(
             backoff.progressed();
         }
         match result {
-            Ok(()) => return Ok(total),
+            Ok(()) => {
+                HEALTH.set(Phase::Stopping);
+                return Ok(total);
+            }
             Err(e)
                 if ((e.is_transient() && ever_connected)
                     || (e.is_slot_in_use() && ever_streamed))
                     && !*shutdown.borrow() =>
             {
                 let Some(wait) = backoff.next() else {
-                    METRICS.errors_total.with_label_values(&["definite"]).inc();
+                    METRICS.error(e.stage(), false);
+                    HEALTH.set(Phase::Stopping);
                     tracing::error!(error = %e, give_up_after_s = cfg.retry.give_up_after_s,
                         "transient errors went on for longer than retry.give_up_after_s; stopping");
                     return Err(e);
                 };
-                METRICS.errors_total.with_label_values(&["transient"]).inc();
+                METRICS.error(e.stage(), true);
+                METRICS.reconnects_total.inc();
+                HEALTH.set(Phase::Reconnecting);
                 tracing::warn!(error = %e, retry_in = ?wait, "transient error; reconnecting");
                 let mut sd = shutdown.clone();
                 tokio::select! {
@@ -172,7 +214,8 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                METRICS.errors_total.with_label_values(&["definite"]).inc();
+                METRICS.error(e.stage(), false);
+                HEALTH.set(Phase::Stopping);
                 return Err(e);
             }
         }
@@ -182,7 +225,7 @@ pub async fn run(
 /// What a background flush hands back.
 struct FlushDone {
     applier: Applier,
-    durable: Vec<(String, ApplyStats)>,
+    durable: Vec<(String, ApplyStats, [u64; 4])>,
     error: Option<ApplyError>,
     rows: usize,
     started: Instant,
@@ -202,6 +245,7 @@ struct Session<'a> {
     batcher: Batcher,
     assembler: Assembler,
     frontier: Frontier,
+    freshness: Freshness,
     summary: Summary,
     /// The session got as far as START_REPLICATION.
     streamed: bool,
@@ -242,6 +286,7 @@ impl<'a> Session<'a> {
                 memory_bytes: cfg.spill.memory_bytes,
             }),
             frontier: Frontier::default(),
+            freshness: Freshness::default(),
             summary: Summary::default(),
             streamed: false,
             sql: None,
@@ -270,14 +315,23 @@ impl<'a> Session<'a> {
         let snapshots = self.cfg.snapshot.enabled;
         let markers = MarkerStore::new(&self.warehouse, &src.slot)?;
         let marker = markers.read().await?;
-        let slot_exists = sql
+        let wal_status: Option<Option<String>> = sql
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
                 &[&src.slot],
             )
             .await
             .map_err(SourceError::from)?
-            .is_some();
+            .map(|r| r.get(0));
+        let mut slot_exists = wal_status.is_some();
+        let recreate = self.cfg.slot.on_invalidated == OnInvalidated::Recreate && snapshots;
+        if wal_status.flatten().as_deref() == Some("lost") && recreate {
+            tracing::warn!(slot = %src.slot, "the server invalidated the slot (wal_status = lost) and \
+                slot.on_invalidated = recreate: dropping it, creating it again and copying every published \
+                table anew; the changelog misses the changes the server discarded");
+            source::drop_slot(sql, &src.slot).await?;
+            slot_exists = false;
+        }
         let interrupted = marker
             .as_ref()
             .is_some_and(|m| m.state == SnapshotState::Copying);
@@ -285,7 +339,7 @@ impl<'a> Session<'a> {
             tracing::warn!(slot = %src.slot, "the initial snapshot was interrupted; its exported snapshot is gone, \
                 so the slot is dropped and the snapshot starts over");
             // prepare() waits for a dying holder to let go and refuses a slot held by another process.
-            let _ = source::prepare(sql, repl, src, false).await?;
+            let _ = source::prepare(sql, repl, (src, &self.cfg.slot), false).await?;
             source::drop_slot(sql, &src.slot).await?;
         } else if slot_exists && interrupted {
             tracing::warn!(slot = %src.slot, "an initial snapshot was interrupted and snapshot.enabled = false: \
@@ -303,7 +357,7 @@ impl<'a> Session<'a> {
                 })
                 .await?;
         }
-        let mut prepared = source::prepare(sql, repl, src, snapshots).await?;
+        let mut prepared = source::prepare(sql, repl, (src, &self.cfg.slot), snapshots).await?;
         if let Some(name) = prepared.snapshot_name.take() {
             let tables = published_tables(sql, &src.publication).await?;
             let names: Vec<String> = tables.iter().map(|t| t.qualified()).collect();
@@ -314,6 +368,7 @@ impl<'a> Session<'a> {
                 tables: names,
             };
             markers.write(&m).await?;
+            HEALTH.set(Phase::Snapshotting);
             crate::snapshot::copy_tables(
                 self.cfg,
                 &self.warehouse,
@@ -354,6 +409,9 @@ impl<'a> Session<'a> {
             )
             .await?;
         self.streamed = true;
+        HEALTH.set(Phase::Streaming);
+        let _watch = source::watch::start(src, &self.cfg.slot);
+        self.freshness.confirmed(prepared.start);
         tracing::info!(slot = %src.slot, from = %prepared.start, target = ?target.map(|t| t.to_string()), "streaming");
         let marker = match target {
             Some(t) if t > prepared.start => source::emit_marker(self.sql()?, "drain").await,
@@ -394,6 +452,7 @@ impl<'a> Session<'a> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
+                    HEALTH.set(Phase::Stopping);
                     tracing::info!("shutdown requested: flushing and confirming");
                     return Ok(());
                 }
@@ -438,6 +497,7 @@ impl<'a> Session<'a> {
                                     self.batcher.push(&txn, changes, 0)
                                 };
                                 self.frontier.received(commit, end, touched.iter().map(String::as_str));
+                                self.freshness.received(end, txn.commit_ts_us);
                                 METRICS.received_lsn.set(end.0 as i64);
                                 if target.is_some_and(|t| end >= t) {
                                     *done = true;
@@ -449,20 +509,24 @@ impl<'a> Session<'a> {
                                 {
                                     self.start_flush(stream).await?;
                                 } else if !self.frontier.has_pending() {
-                                    stream.confirm(self.frontier.confirmable());
+                                    self.confirm(stream);
                                 }
                             }
                             Some(Event::Idle(lsn)) => {
                                 self.frontier.idle_at(lsn);
                                 if !self.frontier.has_pending() {
-                                    stream.confirm(self.frontier.confirmable());
+                                    self.confirm(stream);
                                 }
                                 if target.is_some_and(|t| lsn >= t) {
                                     *done = true;
                                 }
                             }
                             Some(Event::Marker { lsn, .. }) => {
+                                // A drain marker, or a heartbeat (slot.heartbeat_interval_s).
                                 self.frontier.idle_at(lsn);
+                                if !self.frontier.has_pending() {
+                                    self.confirm(stream);
+                                }
                                 if marker.is_some_and(|m| lsn >= m) {
                                     *done = true;
                                 }
@@ -526,11 +590,19 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Confirms to the server what the frontier allows; returns it.
+    fn confirm(&mut self, stream: &ReplicationStream) -> Lsn {
+        let lsn = self.frontier.confirmable();
+        stream.confirm(lsn);
+        self.freshness.confirmed(lsn);
+        lsn
+    }
+
     /// Hands everything buffered to a background flush, after waiting for the one under way.
     async fn start_flush(&mut self, stream: &ReplicationStream) -> Result<(), PipelineError> {
         if self.batcher.is_empty() {
             if !self.frontier.has_pending() {
-                stream.confirm(self.frontier.confirmable());
+                self.confirm(stream);
             }
             return Ok(());
         }
@@ -568,8 +640,9 @@ impl<'a> Session<'a> {
             let mut durable = Vec::with_capacity(tables.len());
             let mut error = None;
             for (name, buf) in tables {
+                let ops = operations(&buf);
                 match applier.apply(&name, buf).await {
-                    Ok(stats) => durable.push((name, stats)),
+                    Ok(stats) => durable.push((name, stats, ops)),
                     Err(e) => {
                         error = Some(e);
                         break;
@@ -602,17 +675,15 @@ impl<'a> Session<'a> {
         stream: &ReplicationStream,
     ) -> Result<(), PipelineError> {
         self.applier = Some(done.applier);
-        for (name, stats) in &done.durable {
+        for (name, stats, ops) in &done.durable {
             self.frontier.durable(name);
-            book(name, stats);
+            book(name, stats, ops);
         }
         if let Some(e) = done.error {
             return Err(e.into());
         }
         crate::checkpoint::failpoint("before-confirm");
-        let confirm = self.frontier.confirmable();
-        stream.confirm(confirm);
-        METRICS.confirmed_lsn.set(confirm.0 as i64);
+        let confirm = self.confirm(stream);
         METRICS.flushes_total.inc();
         METRICS
             .flush_duration_seconds
@@ -621,61 +692,6 @@ impl<'a> Session<'a> {
             elapsed = ?done.started.elapsed(), "flushed");
         Ok(())
     }
-}
-
-/// Counts what one table's flush did, and warns about what the mirror could not take.
-fn book(name: &str, stats: &ApplyStats) {
-    METRICS
-        .rows_written_total
-        .with_label_values(&["changes"])
-        .inc_by(stats.changelog_rows as u64);
-    METRICS
-        .rows_written_total
-        .with_label_values(&["mirror"])
-        .inc_by(stats.mirror_rows as u64);
-    METRICS
-        .skipped_changes_total
-        .inc_by(stats.skipped_rows as u64);
-    if stats.unrepresentable > 0 {
-        METRICS
-            .unrepresentable_values_total
-            .inc_by(stats.unrepresentable);
-        tracing::warn!(table = %name, values = stats.unrepresentable,
-            "values with no Arrow representation (numeric NaN, infinite dates) are NULL in their column, \
-            their exact text in _walden_unrepresentable");
-    }
-    unapplied(
-        name,
-        "no_identity",
-        stats.unidentified,
-        &format!(
-            "updates/deletes without a replica identity reach the changelog only; the mirror \
-             cannot apply them. Give the table one: `ALTER TABLE {name} REPLICA IDENTITY FULL` \
-             (or add a primary key), then `walden backfill --table {name}`"
-        ),
-    );
-    unapplied(
-        name,
-        "row_missing",
-        stats.missing,
-        &format!(
-            "changes named mirror rows that were not there: the mirror had diverged from the \
-             source. Repair it with `walden backfill --table {name}`"
-        ),
-    );
-}
-
-/// Counts changes the mirror could not apply (`reason`, a bounded label) and tells the operator
-/// what to do about them.
-fn unapplied(table: &str, reason: &str, changes: usize, what: &str) {
-    if changes == 0 {
-        return;
-    }
-    METRICS
-        .mirror_unapplied_changes_total
-        .with_label_values(&[reason])
-        .inc_by(changes as u64);
-    tracing::warn!(table, changes, "{what}");
 }
 
 fn no_sql() -> PipelineError {

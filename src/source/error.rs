@@ -52,14 +52,18 @@ pub enum SourceError {
     TlsRefused(String),
     #[error("authentication failed for user {user:?}: {message}. Check the user and password in source.url")]
     Auth { user: String, message: String },
-    #[error("replication slot {slot:?} is in use by another process{pid}. Stop the other consumer (or `SELECT pg_terminate_backend(pid)`), or give walden its own slot")]
+    #[error("replication slot {slot:?} is in use by another process{pid}, and it did not let go \
+        within source.slot_wait_s. Stop the other consumer, or give walden its own slot. When the \
+        holder is a consumer that died without closing its connection (a pod on a lost node), end it \
+        (`SELECT pg_terminate_backend(pid)`), or set slot.terminate_holder = true so walden does")]
     SlotInUse { slot: String, pid: String },
     #[error("replication slot {slot:?} was invalidated by the server (wal_status = lost: it held back \
         more WAL than max_slot_wal_keep_size allows), so the changes since walden last confirmed \
         are gone from the server and cannot be replicated. To start over: \
         `SELECT pg_drop_replication_slot('{slot}')`, then start walden with snapshot.enabled = true: \
         it creates the slot again and copies every table anew (the changelog will not have the \
-        changes in between). To keep it from happening again, raise max_slot_wal_keep_size or keep \
+        changes in between); or set slot.on_invalidated = \"recreate\" (with snapshots enabled) \
+        to have walden do this by itself. To keep it from happening again, raise max_slot_wal_keep_size or keep \
         walden running")]
     SlotInvalidated { slot: String },
     #[error("Postgres refused: {0}")]

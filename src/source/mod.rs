@@ -11,6 +11,7 @@ pub mod snapshot;
 mod socket;
 pub mod tls;
 pub mod types;
+pub mod watch;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -20,7 +21,7 @@ pub use liveness::StreamTiming;
 pub use replication::{ReplicationConn, ReplicationStream, WalMessage};
 
 use crate::checkpoint::Lsn;
-use crate::config::SourceConfig;
+use crate::config::{SlotConfig, SourceConfig};
 use replication::quote_ident;
 
 /// The session settings of every connection walden opens (replication and SQL alike), so every
@@ -191,7 +192,7 @@ pub struct Prepared {
 pub async fn prepare(
     sql: &tokio_postgres::Client,
     repl: &mut ReplicationConn,
-    cfg: &SourceConfig,
+    (cfg, policy): (&SourceConfig, &SlotConfig),
     export_snapshot: bool,
 ) -> Result<Prepared, SourceError> {
     let wal_level: String = sql.query_one("SHOW wal_level", &[]).await?.get(0);
@@ -234,7 +235,8 @@ pub async fn prepare(
             )));
         }
     }
-    let waited = std::time::Instant::now();
+    let mut waited = std::time::Instant::now();
+    let mut terminated = false;
     let slot = loop {
         let slot = sql
             .query_opt(
@@ -244,8 +246,20 @@ pub async fn prepare(
             )
             .await?;
         let busy = slot.as_ref().is_some_and(|r| r.get::<_, bool>(3));
-        if !busy || waited.elapsed() >= Duration::from_secs(cfg.slot_wait_s) {
-            break slot;
+        let patience_over = waited.elapsed() >= Duration::from_secs(cfg.slot_wait_s);
+        let holder: Option<i32> = slot.as_ref().and_then(|r| r.get(4));
+        match holder {
+            Some(pid) if busy && patience_over && policy.terminate_holder && !terminated => {
+                tracing::warn!(slot = %cfg.slot, pid, waited_s = cfg.slot_wait_s,
+                    "the slot is still held; terminating its holder (slot.terminate_holder = true)");
+                sql.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await?;
+                terminated = true;
+                waited = std::time::Instant::now();
+                continue;
+            }
+            _ if !busy || patience_over => break slot,
+            _ => {}
         }
         tracing::info!(slot = %cfg.slot, "slot is still active; waiting for its holder to let go");
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -22,6 +22,7 @@ use super::error::{ServerError, SourceError};
 use super::liveness::{Silence, StreamTiming};
 use super::socket;
 use crate::checkpoint::Lsn;
+use crate::telemetry::METRICS;
 
 use super::tls::Stream as Io;
 
@@ -461,6 +462,15 @@ pub enum WalMessage {
     Keepalive { wal_end: Lsn },
 }
 
+impl WalMessage {
+    /// The server's WAL end when it sent the message.
+    pub fn wal_end(&self) -> Lsn {
+        match self {
+            WalMessage::XLogData { wal_end, .. } | WalMessage::Keepalive { wal_end } => *wal_end,
+        }
+    }
+}
+
 /// The CopyBoth stream after `START_REPLICATION`: batches of messages from the I/O task.
 pub struct ReplicationStream {
     rx: mpsc::Receiver<Result<Vec<WalMessage>, SourceError>>,
@@ -610,10 +620,14 @@ async fn io_task(
             // Parse what is buffered into the pending batch.
             let mut reply_now = false;
             let was_empty = pending.is_empty();
+            let mut messages = 0;
             if pending.len() < HANDOFF_MAX {
                 while let Some(f) = take_frame(&mut buf)? {
                     match f.tag {
-                        b'd' => reply_now |= parse_copy_data(f.body, &mut pending)?,
+                        b'd' => {
+                            reply_now |= parse_copy_data(f.body, &mut pending)?;
+                            messages += 1;
+                        }
                         b'E' => return Err(SourceError::Server(parse_error(f.body))),
                         b'c' => {
                             if !pending.is_empty() {
@@ -626,6 +640,12 @@ async fn io_task(
                     if pending.len() >= HANDOFF_MAX {
                         break;
                     }
+                }
+            }
+            if messages > 0 {
+                METRICS.received_messages_total.inc_by(messages);
+                if let Some(m) = pending.last() {
+                    METRICS.server_wal_end_lsn.set(m.wal_end().0 as i64);
                 }
             }
             if was_empty && !pending.is_empty() {
@@ -689,12 +709,14 @@ async fn io_task(
                     if buf.capacity() - buf.len() < 64 * 1024 {
                         buf.reserve(256 * 1024);
                     }
-                    if n? == 0 {
+                    let n = n?;
+                    if n == 0 {
                         return Err(SourceError::Io(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
                             "server closed the replication connection",
                         )));
                     }
+                    METRICS.received_bytes_total.inc_by(n as u64);
                     heard = tokio::time::Instant::now();
                     coalescer.on_read();
                 }

@@ -11,6 +11,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+mod operations;
+pub use operations::{MetricsConfig, OnInvalidated, SlotConfig};
+
 /// Everything walden needs to run one pipeline (one slot, one publication, one warehouse).
 #[derive(Clone, Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +30,10 @@ pub struct Config {
     pub schema: SchemaConfig,
     #[serde(default)]
     pub retry: RetryConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub slot: SlotConfig,
 }
 
 /// How schema changes at the source reach the warehouse.
@@ -545,11 +552,11 @@ mod tests {
     #[test]
     fn example_config_parses() {
         let cfg =
-            Config::from_toml_and_env(include_str!("../walden.example.toml"), "example", vec![])
+            Config::from_toml_and_env(include_str!("../../walden.example.toml"), "example", vec![])
                 .unwrap();
         assert_eq!(cfg.source.slot, "walden");
         let schema: serde_json::Value =
-            serde_json::from_str(include_str!("../schemas/config.schema.json")).unwrap();
+            serde_json::from_str(include_str!("../../schemas/config.schema.json")).unwrap();
         for key in [
             "url",
             "slot",

@@ -1,0 +1,92 @@
+//! Settings of walden as a service: the metrics and health endpoint, and how it keeps its
+//! replication slot from endangering the primary.
+
+use serde::Deserialize;
+
+/// The HTTP endpoint for Prometheus and the orchestrator's probes.
+#[derive(Clone, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of `GET /metrics`, `/healthz` and `/readyz`, e.g. `0.0.0.0:9187`. Unset: no
+    /// endpoint.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Source tables that get a `table` label of their own on per-table metrics; changes of
+    /// tables past this many are counted under `table="_other"`. 0: no per-table labels (for
+    /// publications of thousands of tables).
+    #[serde(default = "default_table_labels")]
+    pub table_labels: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            table_labels: default_table_labels(),
+        }
+    }
+}
+
+/// What walden does about its replication slot beyond consuming it.
+#[derive(Clone, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct SlotConfig {
+    /// Seconds between looks at the slot (retained WAL, `wal_status`, `safe_wal_size`) and the
+    /// server's WAL position, for metrics and the retained-WAL warning.
+    #[serde(default = "default_check_interval_s")]
+    pub check_interval_s: u64,
+    /// Seconds between heartbeats: a logical message written into the source database's WAL
+    /// (`pg_logical_emit_message`), so the slot advances on a quiet database while other
+    /// databases of the server write WAL. 0: no heartbeat.
+    #[serde(default)]
+    pub heartbeat_interval_s: u64,
+    /// Retained WAL (bytes the slot keeps on the server's disk) past which walden warns (and
+    /// `walden_slot_retained_wal_over_threshold` is 1). 0: never.
+    #[serde(default = "default_retained_wal_warn_bytes")]
+    pub retained_wal_warn_bytes: u64,
+    /// When the server has invalidated the slot (`wal_status = lost`: it removed WAL the slot
+    /// still needed, past `max_slot_wal_keep_size`).
+    #[serde(default)]
+    pub on_invalidated: OnInvalidated,
+    /// A slot still held by another session (a consumer that died without closing its
+    /// connection, e.g. a pod on a lost node) is waited for `source.slot_wait_s`; then, when
+    /// this is true, walden terminates the holding backend (`pg_terminate_backend`) and takes
+    /// the slot. Off: walden stops and says which process holds it. Only safe when nothing
+    /// else is meant to consume the slot.
+    #[serde(default)]
+    pub terminate_holder: bool,
+}
+
+impl Default for SlotConfig {
+    fn default() -> Self {
+        SlotConfig {
+            check_interval_s: default_check_interval_s(),
+            heartbeat_interval_s: 0,
+            retained_wal_warn_bytes: default_retained_wal_warn_bytes(),
+            on_invalidated: OnInvalidated::default(),
+            terminate_holder: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Deserialize, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInvalidated {
+    /// Stop with what to do (the changes the server discarded are gone; the warehouse must be
+    /// copied anew).
+    #[default]
+    Fail,
+    /// Drop the slot, create it again and copy every published table anew (an initial
+    /// snapshot replaces each mirror); the changelog misses the changes the server discarded.
+    Recreate,
+}
+
+fn default_table_labels() -> usize {
+    100
+}
+fn default_check_interval_s() -> u64 {
+    10
+}
+fn default_retained_wal_warn_bytes() -> u64 {
+    8 * 1024 * 1024 * 1024
+}
