@@ -57,7 +57,7 @@ async fn watch(src: SourceConfig, cfg: SlotConfig) {
             check(sql, &src.slot, cfg.retained_wal_warn_bytes, &mut warned).await
         };
         if let Err(e) = result {
-            tracing::debug!(error = %e, "slot watch: query failed; reconnecting");
+            tracing::warn!(error = %e, "slot watch: query failed; reconnecting");
             client = None;
         }
     }
@@ -66,7 +66,7 @@ async fn watch(src: SourceConfig, cfg: SlotConfig) {
 /// Writes one heartbeat into the source database's WAL.
 async fn heartbeat(sql: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
     sql.execute(
-        "SELECT pg_logical_emit_message(false, 'walden', 'heartbeat')",
+        "SELECT pg_logical_emit_message(false, 'walden', 'heartbeat'::text)",
         &[],
     )
     .await?;

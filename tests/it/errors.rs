@@ -269,5 +269,35 @@ async fn an_invalidated_slot_is_refused_with_the_way_back() {
     let out = walden_once(&envs);
     assert_fails_with(&out, "was invalidated by the server");
     assert_fails_with(&out, "pg_drop_replication_slot('s_lost')");
+    assert_fails_with(&out, "slot.on_invalidated");
+
+    // slot.on_invalidated = recreate: the slot is made again and every table copied anew.
+    let mut envs = envs.to_vec();
+    envs.push(("WALDEN_SLOT__ON_INVALIDATED", "recreate".into()));
+    let out = walden_once(&envs);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("slot.on_invalidated = recreate"), "{err}");
+    let status: String = admin
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(status, "lost");
+    let mut verify = Command::new(env!("CARGO_BIN_EXE_walden"));
+    verify.arg("verify").env("RUST_LOG", "warn");
+    for (k, v) in &envs {
+        verify.env(k, v);
+    }
+    let out = verify.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     other.stop();
 }

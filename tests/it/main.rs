@@ -8,6 +8,7 @@ mod faults;
 mod fixtures;
 mod identity;
 mod large;
+mod operations;
 mod ops;
 mod pg;
 mod publication;
