@@ -2,6 +2,7 @@
 
 mod adopt;
 mod crash;
+mod deploy;
 mod differential;
 mod errors;
 mod faults;

