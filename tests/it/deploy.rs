@@ -64,7 +64,11 @@ async fn helm_chart_renders_and_lints_in_every_mode() {
         let cfg = walden::config::Config::from_toml_and_env(&text, &name, env)
             .unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
         let port = if name == "sidecar-b" { 9188 } else { 9187 };
-        assert_eq!(cfg.metrics.listen, Some(format!("0.0.0.0:{port}")), "{name}");
+        assert_eq!(
+            cfg.metrics.listen,
+            Some(format!("0.0.0.0:{port}")),
+            "{name}"
+        );
         assert_eq!(cfg.spill.dir, "/var/lib/walden/spill", "{name}");
         assert_eq!(cfg.slot.heartbeat_interval_s, 60, "{name}");
         loaded.push(name);

@@ -60,3 +60,50 @@ async fn python_readers_see_every_value_postgres_has() {
     let wh = wh.display().to_string();
     crate::python::assert_roundtrip(&py, &[db.url.as_str(), &wh, "public", "r", "id"], 608);
 }
+
+/// The mirror and changelog read by the engines analysts use, installed from PyPI: the
+/// `deltalake` package, Polars, Daft, and DuckDB over the files the Delta table lists; each sees
+/// the source's rows (after a snapshot and a stream of inserts, updates and deletes) and the same
+/// changes per operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_engines_read_mirror_and_changelog_as_postgres_has_them() {
+    let py = tokio::task::spawn_blocking(python).await.unwrap();
+    let db = test_db("engines").await;
+    let wh = warehouse_dir("engines");
+    db.client
+        .batch_execute(
+            "CREATE TABLE e (id int PRIMARY KEY, name text, amount numeric(12,2),
+                 at timestamptz, flag bool, tags text[]);
+             INSERT INTO e SELECT g, 'name ' || g, g * 1.25, TIMESTAMPTZ '2024-01-01 00:00+00'
+                 + g * interval '1 hour 1.5 seconds', g % 3 = 0,
+                 CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY['t' || g, NULL] END
+             FROM generate_series(1, 500) g",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await; // the snapshot
+    db.client
+        .batch_execute(
+            "INSERT INTO e SELECT g, NULL, -g, NULL, NULL, '{}' FROM generate_series(501, 600) g;
+             UPDATE e SET name = 'changed ' || id, amount = amount + 0.01 WHERE id % 7 = 0;
+             DELETE FROM e WHERE id % 11 = 0;",
+        )
+        .await
+        .unwrap();
+    run_once(&cfg).await; // the stream
+    let out = std::process::Command::new(&py)
+        .arg(crate::project_file("tests/py/engines.py"))
+        .args([db.url.as_str(), &wh.display().to_string(), "public.e"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    for engine in ["deltalake", "polars", "daft", "duckdb"] {
+        assert!(said.contains(&format!("{engine}: mirror ")), "{said}");
+    }
+}
