@@ -21,6 +21,7 @@ use url::Url;
 
 use crate::config::WarehouseConfig;
 
+mod counted;
 pub mod project;
 pub mod schemas;
 pub mod store;

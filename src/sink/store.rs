@@ -35,6 +35,7 @@ pub fn register_backends() {
         deltalake::aws::register_handlers(None);
         deltalake::azure::register_handlers(None);
         deltalake::gcp::register_handlers(None);
+        super::counted::count_requests();
     });
 }
 

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub slot_retained_wal_over_threshold: IntGauge,
     pub heartbeats_total: IntCounter,
     pub ready: IntGauge,
+    pub object_store_requests_total: IntCounterVec,
+    pub object_store_errors_total: IntCounterVec,
     /// Commit time (µs since the epoch) of the oldest transaction received and not yet durable
     /// in the warehouse; 0 when there is none. `walden_lag_seconds` is computed from it.
     pub oldest_unapplied_commit_us: AtomicI64,
@@ -332,6 +334,18 @@ impl Metrics {
             "walden_ready",
             "1 while walden is snapshotting or streaming (what /readyz answers)",
         ),
+        object_store_requests_total: counter_vec(
+            &r,
+            "walden_object_store_requests_total",
+            "Requests to the warehouse's object store, by operation",
+            &["op"],
+        ),
+        object_store_errors_total: counter_vec(
+            &r,
+            "walden_object_store_errors_total",
+            "Failed object-store requests (after the store client's retries), by operation",
+            &["op"],
+        ),
         oldest_unapplied_commit_us: AtomicI64::new(0),
         table_labels: Mutex::new(HashSet::new()),
         table_label_limit: AtomicUsize::new(100),
@@ -376,6 +390,12 @@ mod tests {
             .with_label_values(&["public.t", "insert"])
             .inc_by(0);
         m.set_wal_status("reserved");
+        m.object_store_requests_total
+            .with_label_values(&["get"])
+            .inc_by(0);
+        m.object_store_errors_total
+            .with_label_values(&["get"])
+            .inc_by(0);
         let text = render();
         let mut served = BTreeSet::new();
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {

@@ -143,6 +143,7 @@ async fn metrics_move_during_a_workload_and_readiness_follows_the_stream() {
                 "walden_confirmed_lsn",
                 "walden_flushes_total",
                 "walden_merge_duration_seconds_count",
+                "walden_object_store_requests_total",
             ] {
                 let (a, b) = (sample(&before, series), sample(&now, series));
                 assert!(b > a, "{series} did not move: {a:?} → {b:?}");
