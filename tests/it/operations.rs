@@ -453,3 +453,28 @@ async fn log_lines_are_json_on_request_and_plain_off_a_terminal() {
         "colour codes off a terminal:\n{err}"
     );
 }
+
+/// An endpoint address that is taken stops walden at once with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_address_is_refused_with_the_fix() {
+    let db = test_db("ops_listen").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let envs = vec![
+        ("WALDEN_SOURCE__URL", db.url.clone()),
+        ("WALDEN_SOURCE__SLOT", "s_ops_listen".to_string()),
+        ("WALDEN_SOURCE__CREATE_PUBLICATION", "true".into()),
+        (
+            "WALDEN_WAREHOUSE__URL",
+            warehouse_dir("ops_listen").display().to_string(),
+        ),
+        (
+            "WALDEN_METRICS__LISTEN",
+            taken.local_addr().unwrap().to_string(),
+        ),
+    ];
+    let out = walden_once(&envs, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot serve metrics on"), "{err}");
+    assert!(err.contains("set metrics.listen to a free address"), "{err}");
+}
