@@ -31,20 +31,15 @@ async fn helm_chart_renders_and_lints_in_every_mode() {
     let py = tokio::task::spawn_blocking(python).await.unwrap();
     let helm = helm(&py);
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(&py)
-        .arg(crate::project_file("tests/py/check_chart.py"))
-        .arg(&helm)
-        .arg(crate::project_file("deploy/helm/walden"))
-        .arg(crate::project_file("METRICS.md"))
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(run.status.success(), "{said}");
+    let chart = crate::project_file("deploy/helm/walden");
+    let metrics = crate::project_file("METRICS.md");
+    let args = [
+        helm.as_os_str(),
+        chart.as_os_str(),
+        metrics.as_os_str(),
+        out.path().as_os_str(),
+    ];
+    let said = crate::python::run_script(&py, "check_chart.py", &args);
     for case in ["deployment", "pipelines", "sidecar"] {
         assert!(said.contains(&format!("{case}: ")), "{said}");
     }

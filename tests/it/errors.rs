@@ -257,14 +257,7 @@ async fn an_invalidated_slot_is_refused_with_the_way_back() {
             .unwrap();
     }
     admin.batch_execute("CHECKPOINT").await.unwrap();
-    let status: String = admin
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let status = wal_status(&admin).await;
     assert_eq!(status, "lost");
     let out = walden_once(&envs);
     assert_fails_with(&out, "was invalidated by the server");
@@ -278,14 +271,7 @@ async fn an_invalidated_slot_is_refused_with_the_way_back() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("slot.on_invalidated = recreate"), "{err}");
-    let status: String = admin
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let status = wal_status(&admin).await;
     assert_ne!(status, "lost");
     let mut verify = Command::new(env!("CARGO_BIN_EXE_walden"));
     verify.arg("verify").env("RUST_LOG", "warn");
@@ -300,4 +286,10 @@ async fn an_invalidated_slot_is_refused_with_the_way_back() {
         String::from_utf8_lossy(&out.stderr)
     );
     other.stop();
+}
+
+/// The `wal_status` of slot `s_lost`.
+async fn wal_status(admin: &tokio_postgres::Client) -> String {
+    let sql = "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'";
+    admin.query_one(sql, &[]).await.unwrap().get(0)
 }

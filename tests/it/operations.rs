@@ -476,5 +476,8 @@ async fn a_taken_metrics_address_is_refused_with_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("cannot serve metrics on"), "{err}");
-    assert!(err.contains("set metrics.listen to a free address"), "{err}");
+    assert!(
+        err.contains("set metrics.listen to a free address"),
+        "{err}"
+    );
 }

@@ -75,11 +75,14 @@ pub fn npm_bin(package: &str) -> PathBuf {
     dir.join("node_modules/.bin")
 }
 
-/// Runs `tests/py/roundtrip.py` (the mirror read by Python's `deltalake`, compared cell by cell
-/// with Postgres) with `args`, asserts it passed and compared `rows` rows.
-pub fn assert_roundtrip(py: &std::path::Path, args: &[&str], rows: i64) {
+/// Runs `tests/py/{script}` with `args`, asserts it succeeded, and returns what it printed.
+pub fn run_script<S: AsRef<std::ffi::OsStr>>(
+    py: &std::path::Path,
+    script: &str,
+    args: &[S],
+) -> String {
     let out = Command::new(py)
-        .arg(crate::project_file("tests/py/roundtrip.py"))
+        .arg(crate::project_file(&format!("tests/py/{script}")))
         .args(args)
         .output()
         .unwrap();
@@ -88,6 +91,13 @@ pub fn assert_roundtrip(py: &std::path::Path, args: &[&str], rows: i64) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{text}");
+    assert!(out.status.success(), "{script}: {text}");
+    text
+}
+
+/// Runs `tests/py/roundtrip.py` (the mirror read by Python's `deltalake`, compared cell by cell
+/// with Postgres) with `args`, asserts it passed and compared `rows` rows.
+pub fn assert_roundtrip(py: &std::path::Path, args: &[&str], rows: i64) {
+    let text = run_script(py, "roundtrip.py", args);
     assert!(text.contains(&format!("compared {rows} rows")), "{text}");
 }

@@ -92,17 +92,8 @@ async fn analytics_engines_read_mirror_and_changelog_as_postgres_has_them() {
         .await
         .unwrap();
     run_once(&cfg).await; // the stream
-    let out = std::process::Command::new(&py)
-        .arg(crate::project_file("tests/py/engines.py"))
-        .args([db.url.as_str(), &wh.display().to_string(), "public.e"])
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{said}");
+    let wh = wh.display().to_string();
+    let said = crate::python::run_script(&py, "engines.py", &[db.url.as_str(), &wh, "public.e"]);
     for engine in ["deltalake", "polars", "daft", "duckdb"] {
         assert!(said.contains(&format!("{engine}: mirror ")), "{said}");
     }
