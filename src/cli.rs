@@ -94,6 +94,17 @@ pub enum Command {
         #[arg(long)]
         table: String,
     },
+    /// Compact small files, set the retention of old versions, VACUUM what is past it, once
+    /// (`walden run` does the same in the background; `[maintenance]`).
+    Maintain {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,6 +306,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(config.as_deref())?;
             let s = crate::ops::backfill::run(&cfg, &table).await?;
             println!("backfilled {table}: {} rows in {:.1}s", s.rows, s.seconds);
+            Ok(())
+        }
+        Command::Maintain {
+            config,
+            table,
+            json,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let warehouse = crate::sink::Warehouse::new(&cfg.warehouse)?;
+            let r = crate::maintain::round(&warehouse, &cfg.maintenance, table.as_deref()).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "maintained {} Delta tables: {} compacted ({} small files into {}), {} files vacuumed{}",
+                    r.tables,
+                    r.compacted_tables,
+                    r.files_removed,
+                    r.files_added,
+                    r.files_vacuumed,
+                    if r.deferred > 0 { format!(", {} left for the next round (maintenance.budget_s)", r.deferred) } else { String::new() }
+                );
+            }
+            if r.errors > 0 {
+                anyhow::bail!("maintenance failed for {} tables (see the log)", r.errors);
+            }
             Ok(())
         }
     }

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod maintain;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 mod operations;
-pub use operations::{MetricsConfig, OnInvalidated, SlotConfig};
+pub use operations::{MaintenanceConfig, MetricsConfig, OnInvalidated, SlotConfig};
 
 /// Everything walden needs to run one pipeline (one slot, one publication, one warehouse).
 #[derive(Clone, Deserialize, Debug)]
@@ -34,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub slot: SlotConfig,
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
 }
 
 /// How schema changes at the source reach the warehouse.

@@ -81,6 +81,63 @@ pub enum OnInvalidated {
     Recreate,
 }
 
+/// Table maintenance: compaction of small files, VACUUM, and how long old versions and log
+/// entries are kept. Runs in the background of `walden run` and on demand (`walden maintain`).
+#[derive(Clone, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Maintain the tables while `walden run` streams.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds between maintenance rounds (each looks at every table once).
+    #[serde(default = "default_maintenance_interval_s")]
+    pub interval_s: u64,
+    /// Seconds a round may take: no table is started after this.
+    #[serde(default = "default_maintenance_budget_s")]
+    pub budget_s: u64,
+    /// Size compaction aims at for each file, bytes.
+    #[serde(default = "default_target_file_bytes")]
+    pub target_file_bytes: u64,
+    /// A table is compacted once it has this many files smaller than half the target.
+    #[serde(default = "default_compact_min_files")]
+    pub compact_min_files: usize,
+    /// Hours a file no longer in the table's current version is kept (for readers of older
+    /// versions) before VACUUM deletes it; also how long the log keeps old versions.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            enabled: true,
+            interval_s: default_maintenance_interval_s(),
+            budget_s: default_maintenance_budget_s(),
+            target_file_bytes: default_target_file_bytes(),
+            compact_min_files: default_compact_min_files(),
+            retention_hours: default_retention_hours(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_maintenance_interval_s() -> u64 {
+    300
+}
+fn default_maintenance_budget_s() -> u64 {
+    120
+}
+fn default_target_file_bytes() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_compact_min_files() -> usize {
+    32
+}
+fn default_retention_hours() -> u64 {
+    6
+}
 fn default_table_labels() -> usize {
     100
 }

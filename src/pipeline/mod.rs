@@ -168,6 +168,8 @@ pub async fn run(
     HEALTH.set(Phase::Starting);
     let warehouse = Warehouse::new(&cfg.warehouse)?;
     warehouse.check_store().await?;
+    let _maintenance = (cfg.maintenance.enabled && mode == Mode::Continuous)
+        .then(|| crate::maintain::start(warehouse.clone(), cfg.maintenance.clone()));
     let mut backoff = Backoff::new(&cfg.retry);
     let mut total = Summary::default();
     // Until a session got as far as an open connection, errors stop the run: a wrong URL or a

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -49,6 +49,10 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub object_store_requests_total: IntCounterVec,
     pub object_store_errors_total: IntCounterVec,
+    pub maintenance_rounds_total: IntCounter,
+    pub maintenance_errors_total: IntCounter,
+    pub maintenance_files_total: IntCounterVec,
+    pub maintenance_duration_seconds: HistogramVec,
     /// Commit time (µs since the epoch) of the oldest transaction received and not yet durable
     /// in the warehouse; 0 when there is none. `walden_lag_seconds` is computed from it.
     pub oldest_unapplied_commit_us: AtomicI64,
@@ -346,6 +350,32 @@ impl Metrics {
             "Failed object-store requests (after the store client's retries), by operation",
             &["op"],
         ),
+        maintenance_rounds_total: counter(
+            &r,
+            "walden_maintenance_rounds_total",
+            "Background maintenance rounds finished",
+        ),
+        maintenance_errors_total: counter(
+            &r,
+            "walden_maintenance_errors_total",
+            "Tables whose maintenance failed (tried again next round)",
+        ),
+        maintenance_files_total: counter_vec(
+            &r,
+            "walden_maintenance_files_total",
+            "Files compacted away or vacuumed",
+            &["action"],
+        ),
+        maintenance_duration_seconds: {
+            let opts = HistogramOpts::new(
+                "walden_maintenance_duration_seconds",
+                "Time one table's compaction or vacuum took",
+            )
+            .buckets(SECONDS.to_vec());
+            let h = HistogramVec::new(opts, &["task"]).expect("valid metric");
+            r.register(Box::new(h.clone())).expect("unique metric");
+            h
+        },
         oldest_unapplied_commit_us: AtomicI64::new(0),
         table_labels: Mutex::new(HashSet::new()),
         table_label_limit: AtomicUsize::new(100),
@@ -396,6 +426,12 @@ mod tests {
         m.object_store_errors_total
             .with_label_values(&["get"])
             .inc_by(0);
+        m.maintenance_files_total
+            .with_label_values(&["vacuumed"])
+            .inc_by(0);
+        m.maintenance_duration_seconds
+            .with_label_values(&["vacuum"])
+            .observe(0.0);
         let text = render();
         let mut served = BTreeSet::new();
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {

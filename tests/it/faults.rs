@@ -413,8 +413,9 @@ fn still_running(child: &mut std::process::Child, what: &str) {
 }
 
 /// A continuous workload on two tables while, at random moments, walden is SIGKILLed, Postgres
-/// restarts (fast or immediate), and the TCP path between them is cut or stalls: walden never
-/// gives up, and afterwards the mirror equals the source and every changelog is unique.
+/// restarts (fast or immediate), and the TCP path between them is cut or stalls, and maintenance
+/// compacts and vacuums beside the stream: walden never gives up, and afterwards the mirror
+/// equals the source and every changelog is unique.
 /// `WALDEN_FAULTS=N` (default 50) faults; `WALDEN_FAULT_SEED=S` replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_faults_lose_and_duplicate_nothing() {
@@ -431,7 +432,16 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/mixed", proxy.port);
     let wh = warehouse_dir("mixed");
     let wh_url = wh.display().to_string();
-    let mut walden = spawn_walden(&via_proxy, &wh_url, &[]);
+    // Maintenance at its most eager: compaction and VACUUM (retention 0) race the stream.
+    let env: Vec<(String, String)> = [
+        ("WALDEN_MAINTENANCE__INTERVAL_S", "2"),
+        ("WALDEN_MAINTENANCE__COMPACT_MIN_FILES", "4"),
+        ("WALDEN_MAINTENANCE__RETENTION_HOURS", "0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut walden = spawn_walden(&via_proxy, &wh_url, &env);
     streaming_again(&url, None, &mut walden, "first start").await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(restless_workload(url.clone(), stop.clone()));
@@ -450,7 +460,7 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
                 still_running(&mut walden, &what);
                 walden.kill().unwrap();
                 walden.wait().unwrap();
-                walden = spawn_walden(&via_proxy, &wh_url, &[]);
+                walden = spawn_walden(&via_proxy, &wh_url, &env);
             }
             1 | 2 => {
                 c.restart(if kind == 1 { "fast" } else { "immediate" });

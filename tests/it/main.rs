@@ -9,6 +9,7 @@ mod faults;
 mod fixtures;
 mod identity;
 mod large;
+mod maintain;
 mod operations;
 mod ops;
 mod pg;

@@ -1,0 +1,203 @@
+//! Table maintenance: what keeps a warehouse under a steady stream from growing without bound.
+//!
+//! Owns, per Delta table: compaction of small files (OPTIMIZE, bin-packing to
+//! `maintenance.target_file_bytes`), the retention of old versions (`delta.logRetentionDuration`
+//! and `delta.deletedFileRetentionDuration` set to `maintenance.retention_hours`, so log cleanup
+//! at each checkpoint keeps hours, not the default 30 days), and VACUUM of files the current
+//! version no longer references once they are older than the retention. Checkpoints are
+//! written by the commits themselves (every 100 versions).
+//!
+//! Maintenance commits change no data (`dataChange = false`) and record no position, so the
+//! exactly-once records stay as they are: the log's newest application transaction per id is
+//! carried by every checkpoint. A stream commit that races a compaction is settled like any lost
+//! race (`apply::settle`); a compaction that loses is tried again next round.
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::time::{Duration, Instant};
+
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::{DeltaTable, DeltaTableError};
+use url::Url;
+
+use crate::apply::inspect;
+use crate::config::MaintenanceConfig;
+use crate::sink::{delta_is_transient, writer_properties, TableKind, Warehouse};
+use crate::telemetry::METRICS;
+
+/// Why a round could not start (each table's own failures are counted in its [`Report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MaintainError {
+    #[error(transparent)]
+    Inspect(#[from] inspect::InspectError),
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    pub tables: usize,
+    pub compacted_tables: usize,
+    pub files_removed: u64,
+    pub files_added: u64,
+    pub files_vacuumed: u64,
+    /// Tables left for the next round (the time budget ran out, or a compaction lost a race to
+    /// the stream's commit).
+    pub deferred: usize,
+    pub errors: usize,
+}
+
+/// One maintenance round over every table of the warehouse (or `only`, `schema.table`),
+/// starting no table after `cfg.budget_s`.
+pub async fn round(
+    warehouse: &Warehouse,
+    cfg: &MaintenanceConfig,
+    only: Option<&str>,
+) -> Result<Report, MaintainError> {
+    let started = Instant::now();
+    let budget = Duration::from_secs(cfg.budget_s);
+    let mut report = Report::default();
+    let tables = inspect::list_tables(warehouse).await?;
+    for (schema, table) in tables {
+        if only.is_some_and(|t| t != format!("{schema}.{table}")) {
+            continue;
+        }
+        for kind in [TableKind::Changes, TableKind::Mirror] {
+            if started.elapsed() > budget {
+                report.deferred += 1;
+                continue;
+            }
+            let url = warehouse.table_url(kind, &schema, &table);
+            let name = format!("{}/{schema}.{table}", kind.dir());
+            match maintain_table(warehouse, &url, cfg, &mut report).await {
+                Ok(()) => report.tables += 1,
+                // A compaction that lost a race to the stream's commit, or a store hiccup.
+                Err(e) if delta_is_transient(&e) => {
+                    report.deferred += 1;
+                    tracing::info!(table = %name, error = %e,
+                        "maintenance did not get through; the next round tries again");
+                }
+                Err(e) => {
+                    report.errors += 1;
+                    METRICS.maintenance_errors_total.inc();
+                    tracing::warn!(table = %name, error = %e,
+                        "maintenance failed; the next round tries again");
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Compacts, sets the retention, and vacuums one table.
+async fn maintain_table(
+    warehouse: &Warehouse,
+    url: &Url,
+    cfg: &MaintenanceConfig,
+    report: &mut Report,
+) -> Result<(), DeltaTableError> {
+    let Some(mut table) = warehouse.open(url).await? else {
+        return Ok(());
+    };
+    table = retention(table, cfg.retention_hours).await?;
+    let small = small_files(&table, cfg.target_file_bytes / 2)?;
+    if small >= cfg.compact_min_files.max(2) {
+        let started = Instant::now();
+        let target = NonZeroU64::new(cfg.target_file_bytes.max(1)).expect("at least 1");
+        let (t, m) = table
+            .optimize()
+            .with_target_size(target)
+            .with_max_concurrent_tasks(1)
+            .with_writer_properties(writer_properties())
+            .await?;
+        table = t;
+        report.compacted_tables += 1;
+        report.files_removed += m.num_files_removed;
+        report.files_added += m.num_files_added;
+        METRICS
+            .maintenance_files_total
+            .with_label_values(&["compacted"])
+            .inc_by(m.num_files_removed);
+        METRICS
+            .maintenance_duration_seconds
+            .with_label_values(&["compact"])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(table = %url, small_files = small, removed = m.num_files_removed,
+            added = m.num_files_added, "compacted");
+    }
+    let started = Instant::now();
+    let (_, m) = table
+        .vacuum()
+        .with_retention_period(chrono::Duration::hours(cfg.retention_hours as i64))
+        .with_enforce_retention_duration(false)
+        .with_mode(VacuumMode::Lite)
+        .await?;
+    let deleted = m.files_deleted.len() as u64;
+    report.files_vacuumed += deleted;
+    METRICS
+        .maintenance_files_total
+        .with_label_values(&["vacuumed"])
+        .inc_by(deleted);
+    METRICS
+        .maintenance_duration_seconds
+        .with_label_values(&["vacuum"])
+        .observe(started.elapsed().as_secs_f64());
+    if deleted > 0 {
+        tracing::info!(table = %url, files = deleted, "vacuumed");
+    }
+    Ok(())
+}
+
+/// Files of the current version smaller than `bytes`.
+fn small_files(table: &DeltaTable, bytes: u64) -> Result<usize, DeltaTableError> {
+    let state = table.snapshot()?;
+    Ok(state
+        .log_data()
+        .iter()
+        .filter(|f| (f.size() as u64) < bytes)
+        .count())
+}
+
+/// The table keeps old versions and removed files `hours`: its log retention and deleted-file
+/// retention are set to that (one metadata commit, only when they differ).
+async fn retention(table: DeltaTable, hours: u64) -> Result<DeltaTable, DeltaTableError> {
+    let want = format!("interval {hours} hours");
+    let keys = [
+        "delta.logRetentionDuration",
+        "delta.deletedFileRetentionDuration",
+    ];
+    let have = table.snapshot()?.metadata().configuration().clone();
+    if keys.iter().all(|k| have.get(*k) == Some(&want)) {
+        return Ok(table);
+    }
+    let props: HashMap<String, String> =
+        keys.iter().map(|k| (k.to_string(), want.clone())).collect();
+    table.set_tbl_properties().with_properties(props).await
+}
+
+/// Maintenance in the background of `walden run`: a round every `cfg.interval_s`, until the
+/// returned handle is dropped.
+pub fn start(warehouse: Warehouse, cfg: MaintenanceConfig) -> Background {
+    Background(tokio::spawn(async move {
+        let every = Duration::from_secs(cfg.interval_s.max(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let started = Instant::now();
+            match round(&warehouse, &cfg, None).await {
+                Ok(r) => {
+                    METRICS.maintenance_rounds_total.inc();
+                    tracing::debug!(report = ?r, elapsed = ?started.elapsed(), "maintenance round");
+                }
+                Err(e) => tracing::warn!(error = %e, "maintenance round failed"),
+            }
+        }
+    }))
+}
+
+/// The background maintenance of a run; it stops when dropped.
+pub struct Background(tokio::task::JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
