@@ -174,9 +174,22 @@ async fn retention(table: DeltaTable, hours: u64) -> Result<DeltaTable, DeltaTab
     table.set_tbl_properties().with_properties(props).await
 }
 
+/// Retention while the stream runs, at the least: the stream's view of a table is never this
+/// old, so no file or log entry it may still read is deleted under it.
+pub const STREAMING_RETENTION_HOURS: u64 = 1;
+
 /// Maintenance in the background of `walden run`: a round every `cfg.interval_s`, until the
-/// returned handle is dropped.
-pub fn start(warehouse: Warehouse, cfg: MaintenanceConfig) -> Background {
+/// returned handle is dropped. Retention is at least [`STREAMING_RETENTION_HOURS`].
+pub fn start(warehouse: Warehouse, mut cfg: MaintenanceConfig) -> Background {
+    if cfg.retention_hours < STREAMING_RETENTION_HOURS {
+        tracing::warn!(
+            configured = cfg.retention_hours,
+            used = STREAMING_RETENTION_HOURS,
+            "maintenance.retention_hours is below what a running stream needs; using the minimum \
+             (a lower retention is for `walden maintain` while walden is stopped)"
+        );
+        cfg.retention_hours = STREAMING_RETENTION_HOURS;
+    }
     Background(tokio::spawn(async move {
         let every = Duration::from_secs(cfg.interval_s.max(1));
         loop {

@@ -15,6 +15,9 @@ pub struct TableStatus {
     pub applied_lsn: String,
     /// Commit time of the newest source transaction in the mirror (RFC 3339, UTC).
     pub last_commit: Option<String>,
+    /// Seconds from that source commit to the mirror's newest data commit (its commit-to-visible
+    /// latency, as measured by the Delta log's commit time).
+    pub visible_after_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,12 +67,17 @@ pub async fn run(cfg: &Config, sql: &tokio_postgres::Client) -> Result<Status, a
             })
             .unwrap_or((0, None));
         newest = newest.max(ts);
+        let visible_after_s = match (ts, last_data_commit_ms(&m).await) {
+            (Some(us), Some(ms)) => Some(((ms * 1000 - us) as f64 / 1e6).max(0.0)),
+            _ => None,
+        };
         tables.push(TableStatus {
             table: format!("{schema}.{table}"),
             mirror_rows: rows,
             applied_lsn: Lsn(lsn.0).to_string(),
             last_commit: ts
                 .and_then(|us| chrono::DateTime::from_timestamp_micros(us).map(|d| d.to_rfc3339())),
+            visible_after_s,
         });
     }
     let slot = sql
@@ -105,6 +113,23 @@ pub async fn run(cfg: &Config, sql: &tokio_postgres::Client) -> Result<Status, a
     })
 }
 
+/// Commit time (ms) of the table's newest commit that changed data (maintenance commits —
+/// compaction, retention settings, VACUUM — do not count).
+async fn last_data_commit_ms(table: &deltalake::DeltaTable) -> Option<i64> {
+    use futures::StreamExt as _;
+    let mut history = table.history(Some(50));
+    while let Some(Ok(c)) = history.next().await {
+        let op = c.operation.as_deref().unwrap_or("");
+        if !matches!(
+            op,
+            "OPTIMIZE" | "SET TBLPROPERTIES" | "VACUUM START" | "VACUUM END"
+        ) {
+            return c.timestamp;
+        }
+    }
+    None
+}
+
 impl Status {
     pub fn render(&self) -> String {
         let mut out = if self.slot_exists {
@@ -135,11 +160,20 @@ impl Status {
                     t.mirror_rows.to_string(),
                     t.applied_lsn.clone(),
                     t.last_commit.clone().unwrap_or_else(|| "-".into()),
+                    t.visible_after_s
+                        .map(|s| format!("{s:.1} s"))
+                        .unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
         out.push_str(&super::text_table(
-            &["table", "mirror_rows", "applied_lsn", "last_commit"],
+            &[
+                "table",
+                "mirror_rows",
+                "applied_lsn",
+                "last_commit",
+                "visible_after",
+            ],
             &rows,
         ));
         out

@@ -147,6 +147,9 @@ fn kernel_is_transient(e: &delta_kernel::Error) -> bool {
         K::Backtraced { source, .. } => kernel_is_transient(source),
         K::ObjectStore(s) => store_is_transient(s),
         K::IOError(_) | K::Reqwest(_) => true,
+        // A log entry cleaned up (past its retention) behind a table read at an older version:
+        // reading the table afresh starts from its newest checkpoint.
+        K::FileNotFound(path) => path.contains("/_delta_log/"),
         _ => false,
     }
 }
@@ -183,6 +186,14 @@ mod class_tests {
                 source: "error sending request".into(),
             }));
         let bad_log = DeltaTableError::KernelError(delta_kernel::Error::generic("bad log"));
+        let cleaned = DeltaTableError::KernelError(delta_kernel::Error::file_not_found(
+            "wh/mirror/public/t/_delta_log/00000000000000000097.json",
+        ));
+        let lost_data = DeltaTableError::KernelError(delta_kernel::Error::file_not_found(
+            "wh/mirror/public/t/part-0001.parquet",
+        ));
+        assert!(delta_is_transient(&cleaned));
+        assert!(!delta_is_transient(&lost_data));
         assert!(delta_is_transient(&unreachable));
         assert!(!delta_is_transient(&bad_log));
         assert!(delta_is_transient(&race));

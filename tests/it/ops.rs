@@ -150,6 +150,11 @@ async fn verify_passes_then_catches_drift_and_backfill_repairs_it() {
         .unwrap();
     assert_eq!(orders["mirror_rows"].as_i64().unwrap(), n);
     assert_eq!(s["lag_bytes"].as_i64().map(|b| b >= 0), Some(true));
+    // Freshness: from the newest source commit to the mirror's Delta commit holding it.
+    let visible = orders["visible_after_s"]
+        .as_f64()
+        .expect("freshness reported");
+    assert!((0.0..600.0).contains(&visible), "{visible}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
