@@ -114,11 +114,7 @@ async fn streaming_goes_on_across_server_restarts() {
             ))
             .await
             .unwrap();
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM t", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = crate::pg::source_rows(&client, "t").await;
         run = mirror_reaches(&wh, n as usize, run, &format!("after restart -m {mode}")).await;
     }
     run.stop().await;

@@ -111,12 +111,7 @@ async fn compaction_and_vacuum_keep_rows_and_positions() {
         .unwrap();
     run_once(&cfg).await;
     assert_verified(&cfg).await;
-    let rows: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = crate::pg::source_rows(&db.client, "t").await;
     let wh = wh.display().to_string();
     crate::python::assert_roundtrip(&py, &[db.url.as_str(), &wh, "public", "t", "id"], rows);
 

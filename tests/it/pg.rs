@@ -264,6 +264,12 @@ pub struct TestDb {
     pub client: tokio_postgres::Client,
 }
 
+/// Rows of `table` at the source.
+pub async fn source_rows(client: &tokio_postgres::Client, table: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table}");
+    client.query_one(&sql, &[]).await.unwrap().get(0)
+}
+
 pub async fn test_db(name: &str) -> TestDb {
     let c = cluster();
     let admin = connect(&c.url("postgres")).await;

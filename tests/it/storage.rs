@@ -350,12 +350,7 @@ async fn a_commit_whose_answer_is_lost_is_settled_without_restarting_the_stream(
         db.client.batch_execute(sql).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let rows: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = crate::pg::source_rows(&db.client, "t").await;
     wait_for_rows(&cfg, &run, rows).await;
     let state = faults(&relay, "");
     assert!(state.contains("pending={'lose_commits': 0,"), "{state}");
