@@ -396,14 +396,7 @@ async fn streaming_again(url: &str, old: Option<i32>, child: &mut std::process::
 /// walden must still be running: one that stopped by itself is a failure, with its stderr.
 fn still_running(child: &mut std::process::Child, what: &str) {
     if let Some(status) = child.try_wait().unwrap() {
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = crate::stderr_of(child);
         panic!("{what}: walden exited by itself ({status}):\n{err}");
     }
 }

@@ -32,3 +32,14 @@ pub fn project_file(rel: &str) -> std::path::PathBuf {
         std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
     std::path::Path::new(&root).join(rel)
 }
+
+/// What a child process (spawned with a piped stderr) wrote to stderr, once it has ended; empty
+/// when its stderr went elsewhere.
+pub fn stderr_of(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}

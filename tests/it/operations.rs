@@ -37,13 +37,7 @@ fn terminate(mut child: Child) -> String {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = crate::stderr_of(&mut child);
     assert!(status.success(), "walden did not stop cleanly:\n{err}");
     err
 }
