@@ -5,11 +5,9 @@
 //! computes their statistics), and the mirror gets files projected from them, column chunks
 //! copied without re-encoding ([`project_columns`]).
 
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add};
+use deltalake::kernel::Add;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::file::properties::WriterProperties;
-use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError, Path};
 use object_store::ObjectStoreExt;
@@ -83,26 +81,4 @@ pub async fn project_files(
         });
     }
     Ok(out)
-}
-
-/// Commits `adds` to `table` as one append; `table` then holds the new version.
-pub async fn commit_append(
-    table: &mut DeltaTable,
-    adds: Vec<Add>,
-    props: CommitProperties,
-) -> Result<(), DeltaTableError> {
-    let commit = CommitBuilder::from(props)
-        .with_actions(adds.into_iter().map(Action::Add).collect())
-        .build(
-            Some(table.snapshot()?),
-            table.log_store(),
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: None,
-                predicate: None,
-            },
-        )
-        .await?;
-    table.state = Some(commit.snapshot());
-    Ok(())
 }

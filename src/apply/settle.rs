@@ -15,7 +15,7 @@ use deltalake::kernel::{Action, Add};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
 
-use super::{applied, commit_props, files, mirror, ApplyError, TableErr};
+use super::{applied, commit_props, mirror, ApplyError, TableErr};
 use crate::checkpoint::Applied;
 use crate::decode::pgoutput::Relation;
 use crate::plan::MirrorPlan;
@@ -43,20 +43,21 @@ pub async fn append(
     app_id: &str,
     to: Applied,
 ) -> Result<(), DeltaTableError> {
-    let mut attempt = 1;
-    loop {
-        match files::commit_append(table, adds.to_vec(), commit_props(app_id, to)).await {
-            Err(e) if delta_is_transient(&e) && attempt < ATTEMPTS => {
-                if landed(table, app_id, to).await? {
-                    tracing::info!(table = name, error = %e, "a commit whose answer was lost had happened");
-                    return Ok(());
-                }
-                tracing::warn!(table = name, error = %e, attempt, "commit failed; trying again on the table's newest version");
-                attempt += 1;
-            }
-            done => return done,
-        }
-    }
+    let actions = adds.iter().cloned().map(Action::Add).collect();
+    let append = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: None,
+        predicate: None,
+    };
+    let props = || commit_props(app_id, to);
+    commit(
+        table,
+        name,
+        actions,
+        (append, props),
+        Proof::Records(app_id, to),
+    )
+    .await
 }
 
 /// Executes the mirror `plan`, recording `to` for `app_id`; a failed commit is settled by
@@ -102,15 +103,18 @@ pub enum Proof<'a> {
 impl Proof<'_> {
     /// The commit whose proof this is is in `table` (read again).
     async fn shown(&self, table: &mut DeltaTable) -> Result<bool, DeltaTableError> {
-        table.update_state().await?;
         match self {
-            Proof::Records(app_id, to) => Ok(applied(table, app_id).await?.includes(*to)),
-            Proof::Adds(path) => Ok(table
-                .snapshot()?
-                .log_data()
-                .iter()
-                .any(|f| f.path().as_ref() == *path)),
-            Proof::Harmless => Ok(false),
+            Proof::Records(app_id, to) => landed(table, app_id, *to).await,
+            Proof::Adds(path) => {
+                table.update_state().await?;
+                let files = table.snapshot()?.log_data();
+                let found = files.iter().any(|f| f.path().as_ref() == *path);
+                Ok(found)
+            }
+            Proof::Harmless => {
+                table.update_state().await?;
+                Ok(false)
+            }
         }
     }
 }

@@ -87,7 +87,7 @@ pub enum OnInvalidated {
 #[serde(deny_unknown_fields)]
 pub struct MaintenanceConfig {
     /// Maintain the tables while `walden run` streams.
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     pub enabled: bool,
     /// Seconds between maintenance rounds (each looks at every table once).
     #[serde(default = "default_maintenance_interval_s")]
@@ -120,9 +120,6 @@ impl Default for MaintenanceConfig {
     }
 }
 
-fn default_true() -> bool {
-    true
-}
 fn default_maintenance_interval_s() -> u64 {
     300
 }

@@ -411,17 +411,11 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     use rand::Rng;
     let (seed, faults, mut rng) = seeded("WALDEN_FAULTS", 50);
 
-    let (c, url, _) = own_cluster(
-        "mixed",
-        "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
-         CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
-    )
-    .await;
-    let proxy = Proxy::start(c.port).await;
-    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/mixed", proxy.port);
+    let (c, url, proxy, via_proxy) = workload_cluster("mixed").await;
     let wh = warehouse_dir("mixed");
     let wh_url = wh.display().to_string();
-    // Maintenance at its most eager: compaction and VACUUM (retention 0) race the stream.
+    // Maintenance at its most eager: compaction races the stream (retention 0 asked for; a
+    // running walden keeps its minimum, so VACUUM and log cleanup cannot pull files from under it).
     let env: Vec<(String, String)> = [
         ("WALDEN_MAINTENANCE__INTERVAL_S", "2"),
         ("WALDEN_MAINTENANCE__COMPACT_MIN_FILES", "4"),
@@ -496,14 +490,7 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
 async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() {
     use rand::Rng;
     let (seed, faults, mut rng) = seeded("WALDEN_STORE_FAULTS", 15);
-    let (c, url, _) = own_cluster(
-        "storefaults",
-        "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
-         CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
-    )
-    .await;
-    let proxy = Proxy::start(c.port).await;
-    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/storefaults", proxy.port);
+    let (c, url, proxy, via_proxy) = workload_cluster("storefaults").await;
     let py = tokio::task::spawn_blocking(crate::python::python)
         .await
         .unwrap();
@@ -596,6 +583,20 @@ async fn object_store_faults_beside_kills_and_cuts_lose_and_duplicate_nothing() 
         );
     }
     c.stop();
+}
+
+/// A cluster of its own with the tables of [`restless_workload`] in database `name`, and a proxy
+/// in front of it: the cluster, its direct URL, the proxy and the URL through it.
+async fn workload_cluster(name: &str) -> (crate::pg::Cluster, String, Proxy, String) {
+    let (c, url, _) = own_cluster(
+        name,
+        "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text);
+         CREATE TABLE log (id bigserial PRIMARY KEY, item int, delta int);",
+    )
+    .await;
+    let proxy = Proxy::start(c.port).await;
+    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+    (c, url, proxy, via_proxy)
 }
 
 /// The seed (`WALDEN_FAULT_SEED`, else a random one, printed) and the number of faults (`count`
