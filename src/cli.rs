@@ -320,11 +320,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 print_json(&r)?;
             } else {
                 println!(
-                    "maintained {} Delta tables: {} compacted ({} small files into {}), {} files vacuumed{}",
+                    "maintained {} Delta tables: {} compacted ({} small files into {}), {} files purged of deleted rows, {} files vacuumed{}",
                     r.tables,
                     r.compacted_tables,
                     r.files_removed,
                     r.files_added,
+                    r.files_purged,
                     r.files_vacuumed,
                     if r.deferred > 0 { format!(", {} left for the next round (maintenance.budget_s)", r.deferred) } else { String::new() }
                 );

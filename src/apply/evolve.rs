@@ -209,7 +209,7 @@ async fn rewrite_with(
     .with_writer_properties(writer_properties());
     let mut actions: Vec<Action> = Vec::new();
     for file in state.log_data().iter() {
-        for batch in files::read_file(table, &file.object_store_path()).await? {
+        for batch in files::read_live(table, &file).await? {
             let batch = renamed(&batch, renames).map_err(arrow)?;
             let batch = align(&batch, &schema).map_err(arrow)?;
             writer.write(batch).await.map_err(delta)?;

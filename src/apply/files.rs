@@ -5,14 +5,22 @@
 //! computes their statistics), and the mirror gets files projected from them, column chunks
 //! copied without re-encoding ([`project_columns`]).
 
-use deltalake::kernel::Add;
-use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::kernel::{Add, LogicalFileView};
+use deltalake::parquet::arrow::arrow_reader::RowSelection;
+// `ParquetObjectReader` is deprecated in parquet 59 in favour of one's own `AsyncFileReader`;
+// it is what deltalake itself reads with in this version, so walden uses it too until both move.
+#[allow(deprecated)]
+use deltalake::parquet::arrow::async_reader::ParquetObjectReader;
+use deltalake::parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError, Path};
+use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 
-use arrow::array::RecordBatch;
+use arrow::array::{BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::Schema;
 
 use crate::sink::project::{project_columns, project_stats};
@@ -29,19 +37,72 @@ pub async fn write_files(
     w.flush().await
 }
 
-/// Reads one data file of `table` (`path` relative to the table) whole.
-pub async fn read_file(table: &DeltaTable, path: &Path) -> Result<Vec<RecordBatch>, SinkError> {
+/// Reads rows of one data file of `table` as it is stored (rows its deletion vector marks
+/// included): the columns named (those the file has; all when `None`), the rows at `positions`
+/// (ascending; all when `None`). Only the byte ranges of those columns are fetched.
+pub async fn read_rows(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+    columns: Option<&[&str]>,
+    positions: Option<&[u64]>,
+) -> Result<Vec<RecordBatch>, SinkError> {
+    let path = file.object_store_path();
     let parquet = |source| SinkError::Parquet {
         file: format!("{}{}", table.table_url(), path),
         source,
     };
-    let bytes = table.object_store().get(path).await?.bytes().await?;
-    ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .map_err(parquet)?
+    #[allow(deprecated)]
+    let reader = ParquetObjectReader::new(table.object_store(), path.clone())
+        .with_file_size(file.size().max(0) as u64);
+    let mut builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(parquet)?;
+    if let Some(columns) = columns {
+        let schema = builder.parquet_schema();
+        let roots: Vec<usize> = (0..schema.root_schema().get_fields().len())
+            .filter(|&i| columns.contains(&schema.root_schema().get_fields()[i].name()))
+            .collect();
+        let mask = ProjectionMask::roots(schema, roots);
+        builder = builder.with_projection(mask);
+    }
+    if let Some(positions) = positions {
+        let total = builder.metadata().file_metadata().num_rows().max(0) as usize;
+        let ranges = positions.iter().map(|&p| p as usize..p as usize + 1);
+        builder = builder.with_row_selection(RowSelection::from_consecutive_ranges(ranges, total));
+    }
+    builder
         .build()
         .map_err(parquet)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| parquet(e.into()))
+        .try_collect()
+        .await
+        .map_err(parquet)
+}
+
+/// The rows `file` of `table` holds: its stored rows less those its deletion vector marks.
+pub async fn read_live(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+) -> Result<Vec<RecordBatch>, SinkError> {
+    let batches = read_rows(table, file, None, None).await?;
+    let Some(d) = file.deletion_vector_descriptor() else {
+        return Ok(batches);
+    };
+    let deleted = crate::sink::dv::read(table, &d).await?;
+    let mut at = 0u64;
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let keep: BooleanArray = (0..b.num_rows() as u64)
+            .map(|i| Some(!deleted.contains(at + i)))
+            .collect();
+        at += b.num_rows() as u64;
+        out.push(
+            filter_record_batch(&b, &keep).map_err(|e| SinkError::Parquet {
+                file: format!("{}{}", table.table_url(), file.path()),
+                source: e.into(),
+            })?,
+        );
+    }
+    Ok(out)
 }
 
 /// Files in `to` holding the columns of `schema` (`to`'s) taken from the files `adds` of `from`

@@ -12,6 +12,8 @@
 pub mod evolve;
 pub mod files;
 pub mod inspect;
+pub mod locate;
+mod matcher;
 pub mod mirror;
 mod settle;
 pub mod snapshot;
@@ -195,7 +197,7 @@ impl Applier {
                 .await?;
             let mirror = self
                 .warehouse
-                .open_or_create(&mu, &mirror_schema(rel), name)
+                .open_mirror(&mu, &mirror_schema(rel), name)
                 .await?;
             let delta = |source| ApplyError::Delta {
                 table: name.to_string(),

@@ -57,7 +57,7 @@ impl SnapshotTarget {
             .open_or_create(&cu, &changelog_schema(&relation), &name)
             .await?;
         let mut mirror = warehouse
-            .open_or_create(&mu, &mirror_schema(&relation), &name)
+            .open_mirror(&mu, &mirror_schema(&relation), &name)
             .await?;
         // Tables written before a column was added (by the source or by walden) gain it.
         let storage = warehouse.storage_options();

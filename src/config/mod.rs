@@ -212,6 +212,11 @@ pub struct WarehouseConfig {
     /// environment); object_store takes them as text.
     #[serde(default, deserialize_with = "options_as_text")]
     pub storage_options: BTreeMap<String, String>,
+    /// Mirror tables mark replaced and deleted rows in Delta deletion vectors (merge-on-read:
+    /// a change costs in proportion to itself). `false` rewrites every file that held such a row
+    /// (copy-on-write), for readers that cannot read deletion vectors.
+    #[serde(default = "default_true")]
+    pub deletion_vectors: bool,
 }
 
 #[derive(Clone, Deserialize, Debug)]

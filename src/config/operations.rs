@@ -105,6 +105,10 @@ pub struct MaintenanceConfig {
     /// versions) before VACUUM deletes it; also how long the log keeps old versions.
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
+    /// A mirror file is rewritten without its deleted rows once its deletion vector marks this
+    /// share of them (0 < share ≤ 1).
+    #[serde(default = "default_purge_share")]
+    pub purge_share: f64,
 }
 
 impl Default for MaintenanceConfig {
@@ -116,6 +120,7 @@ impl Default for MaintenanceConfig {
             target_file_bytes: default_target_file_bytes(),
             compact_min_files: default_compact_min_files(),
             retention_hours: default_retention_hours(),
+            purge_share: default_purge_share(),
         }
     }
 }
@@ -131,6 +136,9 @@ fn default_target_file_bytes() -> u64 {
 }
 fn default_compact_min_files() -> usize {
     32
+}
+fn default_purge_share() -> f64 {
+    0.3
 }
 fn default_retention_hours() -> u64 {
     6

@@ -1,7 +1,8 @@
 //! Table maintenance: what keeps a warehouse under a steady stream from growing without bound.
 //!
 //! Owns, per Delta table: compaction of small files (OPTIMIZE, bin-packing to
-//! `maintenance.target_file_bytes`), the retention of old versions (`delta.logRetentionDuration`
+//! `maintenance.target_file_bytes`), purging of deletion vectors (`purge`: files most of whose
+//! rows are marked deleted are rewritten), the retention of old versions (`delta.logRetentionDuration`
 //! and `delta.deletedFileRetentionDuration` set to `maintenance.retention_hours`, so log cleanup
 //! at each checkpoint keeps hours, not the default 30 days), and VACUUM of files the current
 //! version no longer references once they are older than the retention. Checkpoints are
@@ -19,6 +20,9 @@ use std::time::{Duration, Instant};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
+
+mod purge;
+mod vectors;
 
 use crate::apply::inspect;
 use crate::config::MaintenanceConfig;
@@ -40,6 +44,8 @@ pub struct Report {
     pub files_removed: u64,
     pub files_added: u64,
     pub files_vacuumed: u64,
+    /// Files rewritten without the rows their deletion vectors marked.
+    pub files_purged: u64,
     /// Tables left for the next round (the time budget ran out, or a compaction lost a race to
     /// the stream's commit).
     pub deferred: usize,
@@ -125,13 +131,30 @@ async fn maintain_table(
             added = m.num_files_added, "compacted");
     }
     let started = Instant::now();
-    let (_, m) = table
+    let budget = Duration::from_secs(cfg.budget_s);
+    let p = purge::purge(&mut table, cfg.purge_share, budget).await?;
+    if p.files > 0 {
+        report.files_purged += p.files;
+        METRICS
+            .maintenance_files_total
+            .with_label_values(&["purged"])
+            .inc_by(p.files);
+        METRICS
+            .maintenance_duration_seconds
+            .with_label_values(&["purge"])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(table = %url, files = p.files, rows_dropped = p.rows_dropped,
+            "purged deletion vectors");
+    }
+    let started = Instant::now();
+    let (table, m) = table
         .vacuum()
         .with_retention_period(chrono::Duration::hours(cfg.retention_hours as i64))
         .with_enforce_retention_duration(false)
         .with_mode(VacuumMode::Lite)
         .await?;
-    let deleted = m.files_deleted.len() as u64;
+    let deleted =
+        m.files_deleted.len() as u64 + vectors::vacuum(&table, cfg.retention_hours).await?;
     report.files_vacuumed += deleted;
     METRICS
         .maintenance_files_total

@@ -363,13 +363,13 @@ impl Metrics {
         maintenance_files_total: counter_vec(
             &r,
             "walden_maintenance_files_total",
-            "Files compacted away or vacuumed",
+            "Files compacted away, purged of deleted rows, or vacuumed",
             &["action"],
         ),
         maintenance_duration_seconds: {
             let opts = HistogramOpts::new(
                 "walden_maintenance_duration_seconds",
-                "Time one table's compaction or vacuum took",
+                "Time one table's compaction, purge or vacuum took",
             )
             .buckets(SECONDS.to_vec());
             let h = HistogramVec::new(opts, &["task"]).expect("valid metric");

@@ -2,6 +2,7 @@
 
 mod adopt;
 mod crash;
+mod deletion;
 mod deploy;
 mod differential;
 mod errors;

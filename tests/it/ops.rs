@@ -40,6 +40,7 @@ async fn delete_from_mirror(wh: &std::path::Path, table: &str, predicate: &str) 
     let w = Warehouse::new(&walden::config::WarehouseConfig {
         url: wh.display().to_string(),
         storage_options: Default::default(),
+        deletion_vectors: true,
     })
     .unwrap();
     let t = walden::apply::inspect::open(&w, &w.table_url(TableKind::Mirror, "public", table))

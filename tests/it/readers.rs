@@ -64,37 +64,58 @@ async fn python_readers_see_every_value_postgres_has() {
 /// The mirror and changelog read by the engines analysts use, installed from PyPI: the
 /// `deltalake` package, Polars, Daft, and DuckDB over the files the Delta table lists; each sees
 /// the source's rows (after a snapshot and a stream of inserts, updates and deletes) and the same
-/// changes per operation.
+/// changes per operation. Twice: a mirror with deletion vectors (the default: `deltalake` and
+/// Polars read it, Daft must refuse it rather than read it wrong, DuckDB over bare files cannot
+/// see the vectors), and a copy-on-write mirror (`warehouse.deletion_vectors = false`) that all
+/// four read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_engines_read_mirror_and_changelog_as_postgres_has_them() {
     let py = tokio::task::spawn_blocking(python).await.unwrap();
-    let db = test_db("engines").await;
-    let wh = warehouse_dir("engines");
-    db.client
-        .batch_execute(
-            "CREATE TABLE e (id int PRIMARY KEY, name text, amount numeric(12,2),
-                 at timestamptz, flag bool, tags text[]);
-             INSERT INTO e SELECT g, 'name ' || g, g * 1.25, TIMESTAMPTZ '2024-01-01 00:00+00'
-                 + g * interval '1 hour 1.5 seconds', g % 3 = 0,
-                 CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY['t' || g, NULL] END
-             FROM generate_series(1, 500) g",
-        )
-        .await
-        .unwrap();
-    let cfg = config(&db, &wh);
-    run_once(&cfg).await; // the snapshot
-    db.client
-        .batch_execute(
-            "INSERT INTO e SELECT g, NULL, -g, NULL, NULL, '{}' FROM generate_series(501, 600) g;
-             UPDATE e SET name = 'changed ' || id, amount = amount + 0.01 WHERE id % 7 = 0;
-             DELETE FROM e WHERE id % 11 = 0;",
-        )
-        .await
-        .unwrap();
-    run_once(&cfg).await; // the stream
-    let wh = wh.display().to_string();
-    let said = crate::python::run_script(&py, "engines.py", &[db.url.as_str(), &wh, "public.e"]);
-    for engine in ["deltalake", "polars", "daft", "duckdb"] {
-        assert!(said.contains(&format!("{engine}: mirror ")), "{said}");
+    for vectors in [true, false] {
+        let name = if vectors { "engines" } else { "engines_cow" };
+        let db = test_db(name).await;
+        let wh = warehouse_dir(name);
+        db.client
+            .batch_execute(
+                "CREATE TABLE e (id int PRIMARY KEY, name text, amount numeric(12,2),
+                     at timestamptz, flag bool, tags text[]);
+                 INSERT INTO e SELECT g, 'name ' || g, g * 1.25, TIMESTAMPTZ '2024-01-01 00:00+00'
+                     + g * interval '1 hour 1.5 seconds', g % 3 = 0,
+                     CASE WHEN g % 5 = 0 THEN NULL ELSE ARRAY['t' || g, NULL] END
+                 FROM generate_series(1, 500) g",
+            )
+            .await
+            .unwrap();
+        let mut cfg = config(&db, &wh);
+        cfg.warehouse.deletion_vectors = vectors;
+        run_once(&cfg).await; // the snapshot
+        db.client
+            .batch_execute(
+                "INSERT INTO e SELECT g, NULL, -g, NULL, NULL, '{}' FROM generate_series(501, 600) g;
+                 UPDATE e SET name = 'changed ' || id, amount = amount + 0.01 WHERE id % 7 = 0;
+                 DELETE FROM e WHERE id % 11 = 0;",
+            )
+            .await
+            .unwrap();
+        run_once(&cfg).await; // the stream
+        let wh = wh.display().to_string();
+        let said =
+            crate::python::run_script(&py, "engines.py", &[db.url.as_str(), &wh, "public.e"]);
+        let (layout, engines, refused): (_, &[&str], &[&str]) = if vectors {
+            ("deletion vectors", &["deltalake", "polars"], &["daft"])
+        } else {
+            (
+                "copy-on-write",
+                &["deltalake", "polars", "daft", "duckdb"],
+                &[],
+            )
+        };
+        assert!(said.contains(&format!("mirror layout: {layout}")), "{said}");
+        for engine in engines {
+            assert!(said.contains(&format!("{engine}: mirror ")), "{said}");
+        }
+        for engine in refused {
+            assert!(said.contains(&format!("{engine}: refuses")), "{said}");
+        }
     }
 }

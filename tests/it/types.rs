@@ -113,6 +113,7 @@ async fn verify_agrees_with_postgres_text_for_edge_values() {
     let w = walden::sink::Warehouse::new(&walden::config::WarehouseConfig {
         url: wh.display().to_string(),
         storage_options: Default::default(),
+        deletion_vectors: true,
     })
     .unwrap();
     let t = walden::apply::inspect::open(&w, &w.table_url(TableKind::Mirror, "public", "e"))

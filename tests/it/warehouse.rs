@@ -15,6 +15,7 @@ async fn open_table(wh: &Path, kind: TableKind, table: &str) -> deltalake::Delta
     let w = Warehouse::new(&walden::config::WarehouseConfig {
         url: wh.display().to_string(),
         storage_options: Default::default(),
+        deletion_vectors: true,
     })
     .unwrap();
     inspect::open(&w, &w.table_url(kind, "public", table))

@@ -15,6 +15,7 @@ import sys
 from decimal import Decimal
 
 import deltalake
+from delta_read import read_table
 import psycopg
 import pyarrow as pa
 
@@ -44,7 +45,7 @@ def main():
     dsn, warehouse, schema, table, key = sys.argv[1:6]
     options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
     uri = f"{warehouse.rstrip('/')}/mirror/{schema}/{table}"
-    mirror = deltalake.DeltaTable(uri, storage_options=options).to_pyarrow_table()
+    mirror = read_table(uri, storage_options=options)
     fields = [f for f in mirror.schema if not f.name.startswith("_walden_")]
     with psycopg.connect(dsn) as conn:
         # Arrays of domains: psycopg reads them as text; read them as arrays of the base type.

@@ -1,0 +1,262 @@
+//! Taking rows out of a mirror's files: the two layouts of the mirror.
+//!
+//! Owns how the rows a [`Matcher`] finds leave their files:
+//!
+//! - **deletion vectors** (merge-on-read, the table property `delta.enableDeletionVectors`):
+//!   only the identity columns of a candidate file are read; the positions of the rows taken
+//!   join the file's deletion vector, and the commit replaces the file's entry (same data file,
+//!   new vector). No data file is rewritten.
+//! - **rewrite** (copy-on-write): a file that lost rows is read whole and written again without
+//!   them.
+//!
+//! Either way rows a file's deletion vector already marks are not there: they are older versions
+//! of rows, and never match. Rows whose unchanged values an upsert carries are read whole
+//! (under deletion vectors only those rows, by position).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{BooleanArray, RecordBatch};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::{Schema, SchemaRef};
+use deltalake::kernel::{Action, Add, LogicalFileView};
+use deltalake::DeltaTable;
+use roaring::RoaringTreemap;
+
+use super::evolve::align;
+use super::matcher::Matcher;
+use super::{files, ApplyError, TableErr};
+use crate::sink::{dv, writer_properties};
+
+/// How a mirror table takes rows out of its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    DeletionVectors,
+    Rewrite,
+}
+
+impl Layout {
+    /// The table's own choice (its `delta.enableDeletionVectors` property).
+    pub fn of(table: &DeltaTable) -> Layout {
+        let on = table.snapshot().is_ok_and(|s| {
+            s.metadata()
+                .configuration()
+                .get(crate::sink::DELETION_VECTORS_PROPERTY)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        });
+        if on {
+            Layout::DeletionVectors
+        } else {
+            Layout::Rewrite
+        }
+    }
+}
+
+/// Rows taken out of the mirror that upserts carry unchanged values from.
+#[derive(Default)]
+pub struct Carried {
+    /// remove index → (batch, row)
+    pub rows: HashMap<usize, (usize, usize)>,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Carried {
+    fn keep(&mut self, remove: usize, batch: RecordBatch, row: usize) {
+        self.batches.push(batch.slice(row, 1));
+        self.rows.insert(remove, (self.batches.len() - 1, 0));
+    }
+}
+
+#[derive(Default)]
+pub struct Located {
+    /// Removes of the files that lost rows, and adds of what stays of them (rewritten files are
+    /// written already, so only one file's rows are in memory at a time).
+    pub actions: Vec<Action>,
+    pub files_rewritten: usize,
+    /// Files whose deletion vector grew.
+    pub files_marked: usize,
+    pub rows_removed: usize,
+    pub carried: Carried,
+}
+
+/// Scans the table's files for the matcher's rows and takes them out; `needs` are the removes
+/// whose rows upserts carry values from.
+pub async fn locate(
+    table: &DeltaTable,
+    name: &str,
+    matcher: &mut Matcher,
+    needs: &HashSet<usize>,
+    target: &SchemaRef,
+) -> Result<Located, ApplyError> {
+    let cx = TableErr(name);
+    let layout = Layout::of(table);
+    let state = table.snapshot().map_err(|e| cx.delta(e))?;
+    let files: Vec<_> = state.log_data().iter().collect();
+    let mut out = Located::default();
+    let mut marked: Vec<(LogicalFileView, RoaringTreemap)> = Vec::new();
+    for file in files {
+        if matcher.pending == 0 {
+            break;
+        }
+        if !matcher.may_hold(file.stats().as_deref()) {
+            continue;
+        }
+        let deleted = deleted_rows(table, &file).await?;
+        match layout {
+            Layout::Rewrite => {
+                rewrite(
+                    table, name, &file, &deleted, matcher, needs, target, &mut out,
+                )
+                .await?
+            }
+            Layout::DeletionVectors => {
+                let taken = mark(
+                    table, name, &file, &deleted, matcher, needs, target, &mut out,
+                )
+                .await?;
+                if !taken.is_empty() {
+                    let mut set = deleted;
+                    set.extend(taken);
+                    marked.push((file, set));
+                }
+            }
+        }
+    }
+    let sets: Vec<RoaringTreemap> = marked.iter().map(|(_, s)| s.clone()).collect();
+    let vectors = dv::write(table, &sets).await?;
+    out.files_marked = marked.len();
+    for ((file, _), vector) in marked.into_iter().zip(vectors) {
+        out.actions.push(Action::Remove(file.remove_action(true)));
+        out.actions.push(Action::Add(Add {
+            path: file.path().to_string(),
+            partition_values: file.partition_values_map(),
+            size: file.size(),
+            modification_time: chrono::Utc::now().timestamp_millis(),
+            data_change: true,
+            stats: file.stats(),
+            tags: None,
+            deletion_vector: Some(vector),
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        }));
+    }
+    Ok(out)
+}
+
+/// The positions `file`'s deletion vector marks (empty without one).
+pub async fn deleted_rows(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+) -> Result<RoaringTreemap, ApplyError> {
+    Ok(match file.deletion_vector_descriptor() {
+        Some(d) => dv::read(table, &d).await?,
+        None => RoaringTreemap::new(),
+    })
+}
+
+/// Copy-on-write: reads `file` whole and, when it held wanted rows, writes it again without them.
+#[allow(clippy::too_many_arguments)]
+async fn rewrite(
+    table: &DeltaTable,
+    name: &str,
+    file: &LogicalFileView,
+    deleted: &RoaringTreemap,
+    matcher: &mut Matcher,
+    needs: &HashSet<usize>,
+    target: &SchemaRef,
+    out: &mut Located,
+) -> Result<(), ApplyError> {
+    let cx = TableErr(name);
+    let batches = files::read_rows(table, file, None, None).await?;
+    let mut kept = Vec::with_capacity(batches.len());
+    let (mut lost, mut at) = (0, 0u64);
+    for b in &batches {
+        let b = align(b, target).map_err(|e| cx.arrow(e))?;
+        let live = |i: usize| !deleted.contains(at + i as u64);
+        let taken = matcher.take(&b, live).map_err(|e| cx.arrow(e))?;
+        let mut keep: Vec<bool> = (0..b.num_rows()).map(live).collect();
+        for &(row, remove) in &taken {
+            keep[row] = false;
+            if needs.contains(&remove) {
+                out.carried.keep(remove, b.clone(), row);
+            }
+        }
+        lost += taken.len();
+        at += b.num_rows() as u64;
+        kept.push(filter_record_batch(&b, &BooleanArray::from(keep)).map_err(|e| cx.arrow(e))?);
+    }
+    if lost > 0 {
+        out.rows_removed += lost;
+        out.files_rewritten += 1;
+        out.actions.push(Action::Remove(file.remove_action(true)));
+        let rest = concat_batches(target, &kept).map_err(|e| cx.arrow(e))?;
+        if rest.num_rows() > 0 {
+            let adds = files::write_files(table, rest, writer_properties())
+                .await
+                .map_err(|e| cx.delta(e))?;
+            out.actions.extend(adds.into_iter().map(Action::Add));
+        }
+    }
+    Ok(())
+}
+
+/// Merge-on-read: reads the identity columns of `file`; returns the positions of the wanted rows
+/// (for its deletion vector), and reads the rows upserts carry values from.
+#[allow(clippy::too_many_arguments)]
+async fn mark(
+    table: &DeltaTable,
+    name: &str,
+    file: &LogicalFileView,
+    deleted: &RoaringTreemap,
+    matcher: &mut Matcher,
+    needs: &HashSet<usize>,
+    target: &SchemaRef,
+    out: &mut Located,
+) -> Result<Vec<u64>, ApplyError> {
+    let cx = TableErr(name);
+    let columns: Vec<&str> = matcher
+        .columns()
+        .into_iter()
+        .map(|c| target.field(c).name().as_str())
+        .collect();
+    let batches = files::read_rows(table, file, Some(&columns), None).await?;
+    // The other columns are not read: NULL, so every column may be.
+    let loose: SchemaRef = Arc::new(Schema::new(
+        target
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    let mut taken_at: Vec<u64> = Vec::new();
+    let mut carriers: Vec<(u64, usize)> = Vec::new();
+    let mut at = 0u64;
+    for b in &batches {
+        let b = align(b, &loose).map_err(|e| cx.arrow(e))?;
+        let taken = matcher
+            .take(&b, |i| !deleted.contains(at + i as u64))
+            .map_err(|e| cx.arrow(e))?;
+        for (row, remove) in taken {
+            taken_at.push(at + row as u64);
+            if needs.contains(&remove) {
+                carriers.push((at + row as u64, remove));
+            }
+        }
+        at += b.num_rows() as u64;
+    }
+    out.rows_removed += taken_at.len();
+    if !carriers.is_empty() {
+        carriers.sort_unstable();
+        let positions: Vec<u64> = carriers.iter().map(|&(p, _)| p).collect();
+        let rows = files::read_rows(table, file, None, Some(&positions)).await?;
+        let rows = concat_batches(&rows.first().map_or(target.clone(), |b| b.schema()), &rows)
+            .map_err(|e| cx.arrow(e))?;
+        let rows = align(&rows, target).map_err(|e| cx.arrow(e))?;
+        for (i, &(_, remove)) in carriers.iter().enumerate() {
+            out.carried.keep(remove, rows.clone(), i);
+        }
+    }
+    taken_at.sort_unstable();
+    Ok(taken_at)
+}

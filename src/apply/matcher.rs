@@ -1,0 +1,234 @@
+//! Finding the mirror rows a plan removes: by identity, with NULL-safe equality, one row per
+//! remove.
+//!
+//! Removes are grouped by identity; each group's values are encoded with Arrow's row format, in
+//! which equal values (NULL included) have equal bytes: NULL-safe equality for every type. A
+//! file whose statistics on an integer identity column rule all wanted values out is skipped.
+//! Identical rows of a keyless table are wanted once per remove: each remove takes one row.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::row::{Row, RowConverter, Rows, SortField};
+
+use crate::decode::pgoutput::Relation;
+use crate::plan::Remove;
+
+/// One identity's wanted rows.
+struct Group {
+    /// Column indices in the target schema.
+    columns: Vec<usize>,
+    converter: RowConverter,
+    wanted: Wanted,
+    /// Sorted values of the first identity column when it is an integer (file pruning).
+    ints: Option<(String, Vec<i64>)>,
+}
+
+/// The encoded identities of one group's removes, each distinct one a stack of the removes
+/// still looking for a row with it (several for identical keyless rows). Keys are hashed once
+/// and stored once (in `rows`).
+struct Wanted {
+    rows: Rows,
+    /// Remove index of each encoded identity in `rows`.
+    members: Vec<usize>,
+    hasher: foldhash::fast::RandomState,
+    /// (an encoded identity's position in `rows`, the top of its stack), per distinct identity.
+    heads: hashbrown::HashTable<(usize, usize)>,
+    /// The next entry down the stack, per position in `rows`.
+    below: Vec<Option<usize>>,
+}
+
+impl Wanted {
+    fn new(rows: Rows, members: Vec<usize>) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
+        let mut heads: hashbrown::HashTable<(usize, usize)> =
+            hashbrown::HashTable::with_capacity(members.len());
+        let mut below = vec![None; members.len()];
+        for (i, below_i) in below.iter_mut().enumerate() {
+            let row = rows.row(i);
+            let hash = hasher.hash_one(row.as_ref());
+            match heads.find_mut(hash, |&(at, _)| rows.row(at) == row) {
+                Some(head) => {
+                    *below_i = Some(head.1);
+                    head.1 = i;
+                }
+                None => {
+                    heads.insert_unique(hash, (i, i), |&(at, _)| {
+                        hasher.hash_one(rows.row(at).as_ref())
+                    });
+                }
+            }
+        }
+        Wanted {
+            rows,
+            members,
+            hasher,
+            heads,
+            below,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// Takes the remove that wants `row` (the last one queued), if any.
+    fn take(&mut self, row: Row<'_>) -> Option<usize> {
+        let hash = self.hasher.hash_one(row.as_ref());
+        let rows = &self.rows;
+        let mut entry = self
+            .heads
+            .find_entry(hash, |&(at, _)| rows.row(at) == row)
+            .ok()?;
+        let top = entry.get().1;
+        match self.below[top] {
+            Some(next) => entry.get_mut().1 = next,
+            None => {
+                entry.remove();
+            }
+        }
+        Some(self.members[top])
+    }
+}
+
+pub struct Matcher {
+    groups: Vec<Group>,
+    /// Removes that have not found their row yet.
+    pub pending: usize,
+}
+
+impl Matcher {
+    pub fn new(
+        rel: &Relation,
+        removes: &[Remove],
+        target: &SchemaRef,
+    ) -> Result<Self, arrow::error::ArrowError> {
+        let mut by_identity: HashMap<&[usize], Vec<usize>> = HashMap::new();
+        for (i, r) in removes.iter().enumerate() {
+            by_identity.entry(&r.identity).or_default().push(i);
+        }
+        let mut groups = Vec::new();
+        for (identity, members) in by_identity {
+            let columns = identity
+                .iter()
+                .map(|&c| target.index_of(&rel.columns[c].name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let types: Vec<DataType> = columns
+                .iter()
+                .map(|&c| target.field(c).data_type().clone())
+                .collect();
+            let converter =
+                RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())?;
+            let mut builders: Vec<_> = identity
+                .iter()
+                .map(|&c| crate::decode::types::column_builder(&rel.columns[c], members.len()))
+                .collect();
+            for &m in &members {
+                for (b, v) in builders.iter_mut().zip(&removes[m].values) {
+                    b.append(v);
+                }
+            }
+            let arrays = builders
+                .into_iter()
+                .zip(&types)
+                .map(|(b, t)| {
+                    let a = b.finish();
+                    if a.data_type() == t {
+                        Ok(a)
+                    } else {
+                        cast(&a, t)
+                    }
+                })
+                .collect::<Result<Vec<ArrayRef>, _>>()?;
+            let rows = converter.convert_columns(&arrays)?;
+            let ints = int_values(&arrays[0]).map(|mut v| {
+                v.sort_unstable();
+                (target.field(columns[0]).name().clone(), v)
+            });
+            groups.push(Group {
+                columns,
+                converter,
+                wanted: Wanted::new(rows, members),
+                ints,
+            });
+        }
+        Ok(Matcher {
+            groups,
+            pending: removes.len(),
+        })
+    }
+
+    /// The target schema's columns the identities are made of (all groups').
+    pub fn columns(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = self.groups.iter().flat_map(|g| g.columns.clone()).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether a file with these statistics can hold a wanted row.
+    pub fn may_hold(&self, stats: Option<&str>) -> bool {
+        let Some(stats) = stats.and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        else {
+            return true;
+        };
+        self.groups.iter().any(|g| match &g.ints {
+            Some((col, values)) => {
+                let (Some(min), Some(max)) = (
+                    stats["minValues"][col].as_i64(),
+                    stats["maxValues"][col].as_i64(),
+                ) else {
+                    return true;
+                };
+                let at = values.partition_point(|&v| v < min);
+                values.get(at).is_some_and(|&v| v <= max)
+            }
+            None => true,
+        })
+    }
+
+    /// Takes the wanted rows out of `batch` (aligned to the target schema; only the identity
+    /// columns are looked at), among the rows `live` admits: one row per remove. Returns the
+    /// rows taken, each with the remove it answers.
+    pub fn take(
+        &mut self,
+        batch: &RecordBatch,
+        live: impl Fn(usize) -> bool,
+    ) -> Result<Vec<(usize, usize)>, arrow::error::ArrowError> {
+        let mut taken: Vec<(usize, usize)> = Vec::new();
+        let mut gone: Option<Vec<bool>> = None;
+        for g in &mut self.groups {
+            if g.wanted.is_empty() {
+                continue;
+            }
+            let arrays: Vec<ArrayRef> =
+                g.columns.iter().map(|&c| batch.column(c).clone()).collect();
+            let rows = g.converter.convert_columns(&arrays)?;
+            for (i, row) in rows.iter().enumerate() {
+                if gone.as_ref().is_some_and(|k| k[i]) || !live(i) {
+                    continue;
+                }
+                let Some(remove) = g.wanted.take(row) else {
+                    continue;
+                };
+                self.pending -= 1;
+                gone.get_or_insert_with(|| vec![false; batch.num_rows()])[i] = true;
+                taken.push((i, remove));
+            }
+        }
+        Ok(taken)
+    }
+}
+
+/// The values of an integer column as i64.
+fn int_values(a: &ArrayRef) -> Option<Vec<i64>> {
+    let a = match a.data_type() {
+        DataType::Int16 | DataType::Int32 | DataType::Int64 => cast(a, &DataType::Int64).ok()?,
+        _ => return None,
+    };
+    let a = a.as_any().downcast_ref::<Int64Array>()?;
+    Some(a.iter().flatten().collect())
+}

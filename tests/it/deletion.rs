@@ -1,0 +1,192 @@
+//! The merge-on-read mirror: updates, deletes, key changes, unchanged TOAST values and truncates
+//! mark rows in deletion vectors instead of rewriting files; the mirror equals the source for
+//! walden's own verify and for two independent readers (Python `deltalake`, Polars); the switch
+//! back to copy-on-write honours the vectors already written; maintenance purges files mostly
+//! deleted, and VACUUM keeps every file (data or deletion vector) the current version needs.
+
+use std::collections::HashSet;
+
+use deltalake::DeltaTable;
+
+use crate::pg::{config, test_db, warehouse_dir, TestDb};
+use crate::warehouse::{assert_verified, run_once};
+use walden::config::{Config, MaintenanceConfig};
+use walden::sink::{TableKind, Warehouse};
+
+async fn mirror(cfg: &Config, table: &str) -> DeltaTable {
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    let url = w.table_url(TableKind::Mirror, "public", table);
+    w.open(&url).await.unwrap().expect("mirror exists")
+}
+
+/// The mirror's data files, and how many of them have a deletion vector.
+async fn files(cfg: &Config, table: &str) -> (HashSet<String>, usize) {
+    let t = mirror(cfg, table).await;
+    let state = t.snapshot().unwrap();
+    let mut paths = HashSet::new();
+    let mut with_dv = 0;
+    for f in state.log_data().iter() {
+        paths.insert(f.path().to_string());
+        with_dv += f.deletion_vector_descriptor().is_some() as usize;
+    }
+    (paths, with_dv)
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    db.client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The mirrors of `k` and `f` equal the source: walden verify, then Python's `deltalake` and
+/// Polars, as multisets of rows.
+async fn assert_equal(py: &std::path::Path, db: &TestDb, cfg: &Config, when: &str) {
+    assert_verified(cfg).await;
+    let wh = cfg.warehouse.url.clone();
+    let said = crate::python::run_script(py, "same_rows.py", &[db.url.as_str(), &wh, "k", "f"]);
+    for line in ["k deltalake", "k polars", "f deltalake", "f polars"] {
+        assert!(said.contains(line), "{when}: {said}");
+    }
+}
+
+/// Files of `dir` (a table's directory) whose names start with `prefix`.
+fn on_disk(dir: &std::path::Path, prefix: &str) -> HashSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
+    let py = tokio::task::spawn_blocking(crate::python::python)
+        .await
+        .unwrap();
+    let db = test_db("deletion").await;
+    let wh = warehouse_dir("deletion");
+    // `k`: a key and a TOASTed column (random text does not compress below the TOAST threshold);
+    // `f`: REPLICA IDENTITY FULL without a key, with identical rows and NULLs.
+    exec(
+        &db,
+        "CREATE TABLE k (id int PRIMARY KEY, v int, big text);
+         ALTER TABLE k ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO k SELECT g, g, CASE WHEN g % 50 = 0 THEN repeat(md5(g::text), 200) END
+             FROM generate_series(1, 2000) g;
+         CREATE TABLE f (a int, b text);
+         ALTER TABLE f REPLICA IDENTITY FULL;
+         INSERT INTO f SELECT g % 10, CASE WHEN g % 3 = 0 THEN NULL ELSE 'x' END
+             FROM generate_series(1, 300) g;",
+    )
+    .await;
+    let mut cfg = config(&db, &wh);
+    run_once(&cfg).await; // the snapshot
+    let (snapshot_files, _) = files(&cfg, "k").await;
+
+    // Updates (TOASTed values unchanged), deletes, key changes; duplicates and NULLs in `f`.
+    exec(
+        &db,
+        "UPDATE k SET v = v + 1 WHERE id % 7 = 0;
+         DELETE FROM k WHERE id % 11 = 0;
+         UPDATE k SET id = id + 10000 WHERE id % 50 = 0;
+         DELETE FROM f WHERE ctid IN (SELECT ctid FROM f WHERE a = 1 AND b IS NULL LIMIT 1);
+         UPDATE f SET b = 'y' WHERE ctid IN (SELECT ctid FROM f WHERE a = 2 AND b = 'x' LIMIT 2);",
+    )
+    .await;
+    run_once(&cfg).await;
+    let (now, with_dv) = files(&cfg, "k").await;
+    assert!(
+        snapshot_files.is_subset(&now),
+        "a data file of the snapshot was rewritten: {snapshot_files:?} vs {now:?}"
+    );
+    assert!(with_dv > 0, "no deletion vector written");
+    let t = mirror(&cfg, "k").await;
+    let protocol = t.snapshot().unwrap().protocol().clone();
+    assert_eq!(
+        (protocol.min_reader_version(), protocol.min_writer_version()),
+        (3, 7)
+    );
+    assert_equal(&py, &db, &cfg, "after the first changes").await;
+
+    // The same rows again: vectors grow (earlier positions kept), rows of the stream's own
+    // files are marked too.
+    exec(
+        &db,
+        "UPDATE k SET v = v + 1 WHERE id % 7 = 0 OR id > 10000;
+         DELETE FROM k WHERE id % 13 = 0;
+         UPDATE f SET a = a + 100 WHERE a = 3;",
+    )
+    .await;
+    run_once(&cfg).await;
+    assert_equal(&py, &db, &cfg, "after the second changes").await;
+
+    // A truncate in the same batch as later changes.
+    exec(
+        &db,
+        "TRUNCATE f; INSERT INTO f VALUES (1, 'a'), (1, 'a'), (NULL, NULL);
+         DELETE FROM f WHERE ctid IN (SELECT ctid FROM f WHERE a = 1 LIMIT 1);",
+    )
+    .await;
+    run_once(&cfg).await;
+    assert_equal(&py, &db, &cfg, "after the truncate").await;
+
+    // Back to copy-on-write: files are rewritten again, without the rows their vectors mark.
+    cfg.warehouse.deletion_vectors = false;
+    exec(&db, "UPDATE k SET v = v + 1 WHERE id % 5 = 0").await;
+    run_once(&cfg).await;
+    let t = mirror(&cfg, "k").await;
+    let props = t.snapshot().unwrap().metadata().configuration().clone();
+    assert_eq!(
+        props.get("delta.enableDeletionVectors").map(String::as_str),
+        Some("false")
+    );
+    assert_equal(&py, &db, &cfg, "after switching to copy-on-write").await;
+    cfg.warehouse.deletion_vectors = true;
+
+    // Maintenance: files mostly deleted are purged; VACUUM (retention 0) deletes what no
+    // current file needs, and keeps every data file and deletion vector that one does.
+    exec(&db, "DELETE FROM k WHERE id < 1900").await;
+    run_once(&cfg).await;
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    let m = MaintenanceConfig {
+        compact_min_files: 1000,
+        retention_hours: 0,
+        ..MaintenanceConfig::default()
+    };
+    let r = walden::maintain::round(&w, &m, None).await.unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert!(r.files_purged > 0, "{r:?}");
+    assert_equal(&py, &db, &cfg, "after maintenance").await;
+    let dir = wh.join("mirror/public/k");
+    let (current, _) = files(&cfg, "k").await;
+    let needed_dvs: HashSet<String> = {
+        let t = mirror(&cfg, "k").await;
+        let state = t.snapshot().unwrap();
+        state
+            .log_data()
+            .iter()
+            .filter_map(|f| f.deletion_vector_descriptor())
+            .map(|d| {
+                let id = uuid_of(&d.path_or_inline_dv);
+                format!("deletion_vector_{id}.bin")
+            })
+            .collect()
+    };
+    assert_eq!(on_disk(&dir, "part-"), current, "data files after VACUUM");
+    assert_eq!(
+        on_disk(&dir, "deletion_vector_"),
+        needed_dvs,
+        "deletion vectors after VACUUM"
+    );
+    // The stream goes on after maintenance.
+    exec(&db, "UPDATE k SET v = -v; DELETE FROM k WHERE id % 2 = 0").await;
+    run_once(&cfg).await;
+    assert_equal(&py, &db, &cfg, "after the stream went on").await;
+}
+
+/// The UUID in a deletion vector descriptor's path (its last 20 characters, z85).
+fn uuid_of(encoded: &str) -> String {
+    let bytes = z85::decode(&encoded[encoded.len() - 20..]).unwrap();
+    uuid::Uuid::from_slice(&bytes).unwrap().to_string()
+}
