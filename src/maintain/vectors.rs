@@ -11,6 +11,8 @@
 //! - and older than the retention themselves: vectors referenced only by versions in between,
 //!   and vectors of a commit still in flight, were written after the retention's start.
 //!
+//! Whatever the retention, a vector younger than [`IN_FLIGHT`] stays: a flush writes its vectors
+//! before its commit, and `walden maintain` with a retention of 0 may run beside a stream.
 //! When the version at the retention's start cannot be read (log cleaned past it), nothing is
 //! deleted.
 
@@ -19,6 +21,10 @@ use std::collections::HashSet;
 use chrono::Utc;
 use deltalake::{DeltaTable, DeltaTableError, Path};
 use object_store::ObjectStoreExt;
+
+/// How long a vector file is kept at least: longer than a flush takes from writing it to its
+/// commit.
+const IN_FLIGHT: chrono::Duration = chrono::Duration::minutes(15);
 
 /// File names of the deletion vectors `table`'s loaded version references.
 fn referenced(table: &DeltaTable) -> Result<HashSet<String>, DeltaTableError> {
@@ -63,7 +69,7 @@ pub async fn vacuum(table: &DeltaTable, hours: u64) -> Result<u64, DeltaTableErr
         if !name.starts_with("deletion_vector_") || !name.ends_with(".bin") {
             continue;
         }
-        if keep.contains(name) || meta.last_modified >= cutoff {
+        if keep.contains(name) || meta.last_modified >= cutoff.min(Utc::now() - IN_FLIGHT) {
             continue;
         }
         store.delete(&Path::from(name)).await?;

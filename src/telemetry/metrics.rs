@@ -82,7 +82,7 @@ fn float_gauge(r: &Registry, name: &str, help: &str) -> Gauge {
 
 /// Seconds, for durations from milliseconds (a quiet flush) to minutes (a slow store).
 const SECONDS: &[f64] = &[
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// The `wal_status` values of `pg_replication_slots`.
