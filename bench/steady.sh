@@ -75,6 +75,13 @@ WALDEN_MAINTENANCE__RETENTION_HOURS=0 WALDEN_MAINTENANCE__BUDGET_S=100000 RUST_L
   "$WALDEN" maintain >/dev/null
 compacted=$(du_wh); files_c=$(files_wh)
 
+# Where walden's time went during the run: count and mean of its duration histograms.
+mean() { # $1 = histogram (without labels)
+  local s0 c0 s1 c1
+  s0=$(awk -v m="$1_sum" '$1 == m {print $2}' "$W/m0"); c0=$(awk -v m="$1_count" '$1 == m {print $2}' "$W/m0")
+  s1=$(awk -v m="$1_sum" '$1 == m {print $2}' "$W/m1"); c1=$(awk -v m="$1_count" '$1 == m {print $2}' "$W/m1")
+  echo "$1: $(echo "${c1:-0} - ${c0:-0}" | bc) times, mean $(echo "scale=3; (${s1:-0} - ${s0:-0}) / (${c1:-0} - ${c0:-0} + 0.000001)" | bc) s"
+}
 tps=$(awk '/^tps = / {print $3; exit}' "$W/pgbench.out")
 echo "scale $SCALE rate $RATE seconds $DURATION"
 echo "pgbench achieved tps: $tps; changes applied: $changes"
@@ -82,3 +89,5 @@ echo "freshness (commit → Delta commit) p50 <= ${p50} s, p99 <= ${p99} s (hist
 echo "bytes written by walden per change: $(( written / (changes > 0 ? changes : 1) )) (write_bytes $written)"
 echo "warehouse: $size0 B before the load, $size1 B after ($files1 Parquet files); compacted: $compacted B ($files_c files); ratio $(echo "scale=2; $size1 / $compacted" | bc)"
 echo "walden peak RSS: $rss_mib MiB"
+mean walden_flush_duration_seconds
+mean walden_merge_duration_seconds

@@ -155,6 +155,17 @@ pub async fn deleted_rows(
     })
 }
 
+/// Which of the `n` rows from position `at` on are live, given the positions a vector marks
+/// (ascending). One pass over the batch's share of the vector, not a lookup per row.
+fn live_rows(marked: &[u64], at: u64, n: usize) -> Vec<bool> {
+    let mut live = vec![true; n];
+    let from = marked.partition_point(|&p| p < at);
+    for &p in marked[from..].iter().take_while(|&&p| p < at + n as u64) {
+        live[(p - at) as usize] = false;
+    }
+    live
+}
+
 /// Copy-on-write: reads `file` whole and, when it held wanted rows, writes it again without them.
 #[allow(clippy::too_many_arguments)]
 async fn rewrite(
@@ -169,13 +180,13 @@ async fn rewrite(
 ) -> Result<(), ApplyError> {
     let cx = TableErr(name);
     let batches = files::read_rows(table, file, None, None).await?;
+    let marked: Vec<u64> = deleted.iter().collect();
     let mut kept = Vec::with_capacity(batches.len());
     let (mut lost, mut at) = (0, 0u64);
     for b in &batches {
         let b = align(b, target).map_err(|e| cx.arrow(e))?;
-        let live = |i: usize| !deleted.contains(at + i as u64);
-        let taken = matcher.take(&b, live).map_err(|e| cx.arrow(e))?;
-        let mut keep: Vec<bool> = (0..b.num_rows()).map(live).collect();
+        let mut keep = live_rows(&marked, at, b.num_rows());
+        let taken = matcher.take(&b, |i| keep[i]).map_err(|e| cx.arrow(e))?;
         for &(row, remove) in &taken {
             keep[row] = false;
             if needs.contains(&remove) {
@@ -229,14 +240,14 @@ async fn mark(
             .map(|f| f.as_ref().clone().with_nullable(true))
             .collect::<Vec<_>>(),
     ));
+    let marked: Vec<u64> = deleted.iter().collect();
     let mut taken_at: Vec<u64> = Vec::new();
     let mut carriers: Vec<(u64, usize)> = Vec::new();
     let mut at = 0u64;
     for b in &batches {
         let b = align(b, &loose).map_err(|e| cx.arrow(e))?;
-        let taken = matcher
-            .take(&b, |i| !deleted.contains(at + i as u64))
-            .map_err(|e| cx.arrow(e))?;
+        let live = live_rows(&marked, at, b.num_rows());
+        let taken = matcher.take(&b, |i| live[i]).map_err(|e| cx.arrow(e))?;
         for (row, remove) in taken {
             taken_at.push(at + row as u64);
             if needs.contains(&remove) {
@@ -259,4 +270,21 @@ async fn mark(
     }
     taken_at.sort_unstable();
     Ok(taken_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::live_rows;
+
+    #[test]
+    fn live_rows_are_those_the_vector_does_not_mark() {
+        let marked = [0, 3, 4, 9, 10, 25];
+        assert_eq!(live_rows(&marked, 0, 5), [false, true, true, false, false]);
+        assert_eq!(
+            live_rows(&marked, 5, 6),
+            [true, true, true, true, false, false]
+        );
+        assert_eq!(live_rows(&marked, 11, 3), [true, true, true]);
+        assert_eq!(live_rows(&[], 7, 2), [true, true]);
+    }
 }

@@ -144,10 +144,12 @@ async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
     assert_equal(&py, &db, &cfg, "after switching to copy-on-write").await;
     cfg.warehouse.deletion_vectors = true;
 
-    // Maintenance: files mostly deleted are purged; VACUUM (retention 0) deletes what no
-    // current file needs, and keeps every data file and deletion vector that one does.
+    // Maintenance: files mostly deleted are purged; VACUUM keeps what a version within the
+    // retention needs, and at retention 0 deletes what no current file needs.
     exec(&db, "DELETE FROM k WHERE id < 1900").await;
     run_once(&cfg).await;
+    let old = mirror(&cfg, "k").await;
+    let (old_version, old_rows) = (old.version().unwrap(), count(&old).await);
     // Vectors younger than a flush may take are never deleted: age them.
     let dir = wh.join("mirror/public/k");
     let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
@@ -159,15 +161,28 @@ async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
         f.set_modified(hour_ago).unwrap();
     }
     let w = Warehouse::new(&cfg.warehouse).unwrap();
-    let m = MaintenanceConfig {
+    let keep_hours = MaintenanceConfig {
         compact_min_files: 1000,
-        retention_hours: 0,
+        retention_hours: 6,
         ..MaintenanceConfig::default()
+    };
+    let r = walden::maintain::round(&w, &keep_hours, None)
+        .await
+        .unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert!(r.files_purged > 0, "{r:?}");
+    assert_equal(&py, &db, &cfg, "after the purge").await;
+    let mut then = mirror(&cfg, "k").await;
+    assert!(then.version().unwrap() > old_version);
+    then.load_version(old_version).await.unwrap();
+    assert_eq!(count(&then).await, old_rows, "the version before the purge");
+    let m = MaintenanceConfig {
+        retention_hours: 0,
+        ..keep_hours
     };
     let r = walden::maintain::round(&w, &m, None).await.unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
-    assert!(r.files_purged > 0, "{r:?}");
-    assert_equal(&py, &db, &cfg, "after maintenance").await;
+    assert!(r.files_vacuumed > 0, "{r:?}");
     let (current, _) = files(&cfg, "k").await;
     let needed_dvs: HashSet<String> = {
         let t = mirror(&cfg, "k").await;
@@ -192,6 +207,19 @@ async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
     exec(&db, "UPDATE k SET v = -v; DELETE FROM k WHERE id % 2 = 0").await;
     run_once(&cfg).await;
     assert_equal(&py, &db, &cfg, "after the stream went on").await;
+}
+
+/// Rows of the table's loaded version, through deltalake's scan (vectors applied).
+async fn count(t: &DeltaTable) -> i64 {
+    let rows = walden::apply::inspect::query(t, "SELECT count(*) FROM t")
+        .await
+        .unwrap();
+    rows[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0)
 }
 
 /// The UUID in a deletion vector descriptor's path (its last 20 characters, z85).
