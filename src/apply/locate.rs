@@ -16,14 +16,17 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{BooleanArray, RecordBatch};
-use arrow::compute::{concat_batches, filter_record_batch};
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::array::{
+    new_null_array, Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
+};
+use arrow::compute::{cast, concat, concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use deltalake::kernel::{Action, Add, LogicalFileView};
 use deltalake::DeltaTable;
 use roaring::RoaringTreemap;
 
 use super::evolve::align;
+use super::keys::{FileKeys, KeyIndex};
 use super::matcher::Matcher;
 use super::{files, ApplyError, TableErr};
 use crate::sink::{dv, writer_properties};
@@ -80,18 +83,25 @@ pub struct Located {
 }
 
 /// Scans the table's files for the matcher's rows and takes them out; `needs` are the removes
-/// whose rows upserts carry values from.
+/// whose rows upserts carry values from. With `index` (tables whose identity is one integer
+/// column), a file's rows are found from the index, not by reading the file.
 pub async fn locate(
     table: &DeltaTable,
     name: &str,
     matcher: &mut Matcher,
     needs: &HashSet<usize>,
     target: &SchemaRef,
+    mut index: Option<&mut KeyIndex>,
 ) -> Result<Located, ApplyError> {
     let cx = TableErr(name);
     let layout = Layout::of(table);
     let state = table.snapshot().map_err(|e| cx.delta(e))?;
     let files: Vec<_> = state.log_data().iter().collect();
+    let int_column = matcher.int_identity();
+    if let (Some(c), Some(index)) = (int_column, index.as_deref_mut()) {
+        let live: HashSet<String> = files.iter().map(|f| f.path().to_string()).collect();
+        index.retain(target.field(c).name(), &live);
+    }
     let mut out = Located::default();
     let mut marked: Vec<(LogicalFileView, RoaringTreemap)> = Vec::new();
     for file in files {
@@ -99,6 +109,15 @@ pub async fn locate(
             break;
         }
         if !matcher.may_hold(file.stats().as_deref()) {
+            continue;
+        }
+        let indexed = match (int_column, index.as_deref_mut()) {
+            (Some(c), Some(index)) => {
+                Some(candidates(table, &file, matcher, c, target, index).await?)
+            }
+            _ => None,
+        };
+        if indexed.as_ref().is_some_and(Vec::is_empty) {
             continue;
         }
         let deleted = deleted_rows(table, &file).await?;
@@ -110,15 +129,18 @@ pub async fn locate(
                 .await?
             }
             Layout::DeletionVectors => {
-                let taken = mark(
-                    table, name, &file, &deleted, matcher, needs, target, &mut out,
-                )
-                .await?;
-                if !taken.is_empty() {
-                    let mut set = deleted;
-                    set.extend(taken);
-                    marked.push((file, set));
+                let hits = match indexed {
+                    Some(candidates) => take_indexed(candidates, &deleted, matcher),
+                    None => scan(table, name, &file, &deleted, matcher, target).await?,
+                };
+                if hits.is_empty() {
+                    continue;
                 }
+                carry(table, name, &file, &hits, needs, target, &mut out).await?;
+                out.rows_removed += hits.len();
+                let mut set = deleted;
+                set.extend(hits.iter().map(|&(p, _)| p));
+                marked.push((file, set));
             }
         }
     }
@@ -212,19 +234,86 @@ async fn rewrite(
     Ok(())
 }
 
-/// Merge-on-read: reads the identity columns of `file`; returns the positions of the wanted rows
-/// (for its deletion vector), and reads the rows upserts carry values from.
-#[allow(clippy::too_many_arguments)]
-async fn mark(
+/// The positions in `file` of the integer identity values the matcher still wants, per value,
+/// from the key index (the file's entry built now if it has none).
+async fn candidates(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+    matcher: &Matcher,
+    column: usize,
+    target: &SchemaRef,
+    index: &mut KeyIndex,
+) -> Result<Vec<(i64, Vec<u64>)>, ApplyError> {
+    let path = file.path().to_string();
+    let mut unkept = None;
+    if index.get(&path).is_none() {
+        let name = target.field(column).name().as_str();
+        let batches = files::read_rows(table, file, Some(&[name]), None).await?;
+        let parts = batches
+            .iter()
+            .map(|b| match b.column_by_name(name) {
+                Some(a) => cast(a, &DataType::Int64),
+                None => Ok(new_null_array(&DataType::Int64, b.num_rows())),
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()
+            .map_err(|e| TableErr(&path).arrow(e))?;
+        let parts: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        let all = if parts.is_empty() {
+            Int64Array::from(Vec::<i64>::new())
+        } else {
+            concat(&parts)
+                .map_err(|e| TableErr(&path).arrow(e))?
+                .as_primitive::<Int64Type>()
+                .clone()
+        };
+        if let Err(keys) = index.insert(&path, FileKeys::build(&all)) {
+            unkept = Some(keys);
+        }
+    }
+    let keys = unkept
+        .as_ref()
+        .or_else(|| index.get(&path))
+        .expect("inserted or kept aside");
+    let Some((min, max)) = keys.range() else {
+        return Ok(Vec::new());
+    };
+    Ok(matcher
+        .pending_ints(min, max)
+        .into_iter()
+        .map(|k| (k, keys.positions(k)))
+        .filter(|(_, p)| !p.is_empty())
+        .collect())
+}
+
+/// Takes the matcher's removes for the candidates' live positions, one position per remove.
+fn take_indexed(
+    candidates: Vec<(i64, Vec<u64>)>,
+    deleted: &RoaringTreemap,
+    matcher: &mut Matcher,
+) -> Vec<(u64, usize)> {
+    let mut hits = Vec::new();
+    for (key, positions) in candidates {
+        for p in positions.into_iter().filter(|&p| !deleted.contains(p)) {
+            match matcher.take_int(key) {
+                Some(remove) => hits.push((p, remove)),
+                None => break,
+            }
+        }
+    }
+    hits.sort_unstable();
+    hits
+}
+
+/// Reads the identity columns of `file` and takes the wanted rows among its live ones; returns
+/// their positions with the removes they answer, ascending.
+async fn scan(
     table: &DeltaTable,
     name: &str,
     file: &LogicalFileView,
     deleted: &RoaringTreemap,
     matcher: &mut Matcher,
-    needs: &HashSet<usize>,
     target: &SchemaRef,
-    out: &mut Located,
-) -> Result<Vec<u64>, ApplyError> {
+) -> Result<Vec<(u64, usize)>, ApplyError> {
     let cx = TableErr(name);
     let columns: Vec<&str> = matcher
         .columns()
@@ -241,35 +330,51 @@ async fn mark(
             .collect::<Vec<_>>(),
     ));
     let marked: Vec<u64> = deleted.iter().collect();
-    let mut taken_at: Vec<u64> = Vec::new();
-    let mut carriers: Vec<(u64, usize)> = Vec::new();
+    let mut hits = Vec::new();
     let mut at = 0u64;
     for b in &batches {
         let b = align(b, &loose).map_err(|e| cx.arrow(e))?;
         let live = live_rows(&marked, at, b.num_rows());
         let taken = matcher.take(&b, |i| live[i]).map_err(|e| cx.arrow(e))?;
-        for (row, remove) in taken {
-            taken_at.push(at + row as u64);
-            if needs.contains(&remove) {
-                carriers.push((at + row as u64, remove));
-            }
-        }
+        hits.extend(
+            taken
+                .into_iter()
+                .map(|(row, remove)| (at + row as u64, remove)),
+        );
         at += b.num_rows() as u64;
     }
-    out.rows_removed += taken_at.len();
-    if !carriers.is_empty() {
-        carriers.sort_unstable();
-        let positions: Vec<u64> = carriers.iter().map(|&(p, _)| p).collect();
-        let rows = files::read_rows(table, file, None, Some(&positions)).await?;
-        let rows = concat_batches(&rows.first().map_or(target.clone(), |b| b.schema()), &rows)
-            .map_err(|e| cx.arrow(e))?;
-        let rows = align(&rows, target).map_err(|e| cx.arrow(e))?;
-        for (i, &(_, remove)) in carriers.iter().enumerate() {
-            out.carried.keep(remove, rows.clone(), i);
-        }
+    hits.sort_unstable();
+    Ok(hits)
+}
+
+/// Reads whole the rows of `file` at the `hits` whose removes upserts carry values from.
+async fn carry(
+    table: &DeltaTable,
+    name: &str,
+    file: &LogicalFileView,
+    hits: &[(u64, usize)],
+    needs: &HashSet<usize>,
+    target: &SchemaRef,
+    out: &mut Located,
+) -> Result<(), ApplyError> {
+    let cx = TableErr(name);
+    let carriers: Vec<(u64, usize)> = hits
+        .iter()
+        .filter(|(_, r)| needs.contains(r))
+        .copied()
+        .collect();
+    if carriers.is_empty() {
+        return Ok(());
     }
-    taken_at.sort_unstable();
-    Ok(taken_at)
+    let positions: Vec<u64> = carriers.iter().map(|&(p, _)| p).collect();
+    let rows = files::read_rows(table, file, None, Some(&positions)).await?;
+    let rows = concat_batches(&rows.first().map_or(target.clone(), |b| b.schema()), &rows)
+        .map_err(|e| cx.arrow(e))?;
+    let rows = align(&rows, target).map_err(|e| cx.arrow(e))?;
+    for (i, &(_, remove)) in carriers.iter().enumerate() {
+        out.carried.keep(remove, rows.clone(), i);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,31 @@ struct Group {
     wanted: Wanted,
     /// Sorted values of the first identity column when it is an integer (file pruning).
     ints: Option<(String, Vec<i64>)>,
+    /// When the identity is one integer column and no remove names a NULL: the removes still
+    /// looking for a row, by value (a stack per value). Rows are then matched on the integer
+    /// itself, without the row encoding.
+    by_int: Option<IntWanted>,
+}
+
+type IntWanted = hashbrown::HashMap<i64, Vec<usize>, foldhash::fast::RandomState>;
+
+impl Group {
+    fn is_done(&self) -> bool {
+        match &self.by_int {
+            Some(m) => m.is_empty(),
+            None => self.wanted.is_empty(),
+        }
+    }
+}
+
+/// Takes the remove waiting for `key`, if any.
+fn pop(by_int: &mut IntWanted, key: i64) -> Option<usize> {
+    let stack = by_int.get_mut(&key)?;
+    let remove = stack.pop();
+    if stack.is_empty() {
+        by_int.remove(&key);
+    }
+    remove
 }
 
 /// The encoded identities of one group's removes, each distinct one a stack of the removes
@@ -148,11 +173,27 @@ impl Matcher {
                 v.sort_unstable();
                 (target.field(columns[0]).name().clone(), v)
             });
+            let by_int = match (&ints, columns.len()) {
+                (Some((_, values)), 1) if values.len() == members.len() => {
+                    let a = cast(&arrays[0], &DataType::Int64)?;
+                    let a = a
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .expect("cast to i64");
+                    let mut m = IntWanted::default();
+                    for (k, &member) in a.values().iter().zip(&members) {
+                        m.entry(*k).or_default().push(member);
+                    }
+                    Some(m)
+                }
+                _ => None,
+            };
             groups.push(Group {
                 columns,
                 converter,
                 wanted: Wanted::new(rows, members),
                 ints,
+                by_int,
             });
         }
         Ok(Matcher {
@@ -190,6 +231,42 @@ impl Matcher {
         })
     }
 
+    /// The target column of the identity when every remove names its row by one integer value
+    /// (the key index's case).
+    pub fn int_identity(&self) -> Option<usize> {
+        match self.groups.as_slice() {
+            [g] if g.by_int.is_some() => Some(g.columns[0]),
+            _ => None,
+        }
+    }
+
+    /// The integer values still wanted between `min` and `max` (inclusive), ascending.
+    pub fn pending_ints(&self, min: i64, max: i64) -> Vec<i64> {
+        let Some(g) = self.groups.first() else {
+            return Vec::new();
+        };
+        let (Some((_, sorted)), Some(by_int)) = (&g.ints, &g.by_int) else {
+            return Vec::new();
+        };
+        let from = sorted.partition_point(|&v| v < min);
+        let mut out: Vec<i64> = sorted[from..]
+            .iter()
+            .take_while(|&&v| v <= max)
+            .filter(|&&v| by_int.contains_key(&v))
+            .copied()
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// Takes the remove waiting for the integer identity `key`, if any.
+    pub fn take_int(&mut self, key: i64) -> Option<usize> {
+        let by_int = self.groups.first_mut()?.by_int.as_mut()?;
+        let remove = pop(by_int, key)?;
+        self.pending -= 1;
+        Some(remove)
+    }
+
     /// Takes the wanted rows out of `batch` (aligned to the target schema; only the identity
     /// columns are looked at), among the rows `live` admits: one row per remove. Returns the
     /// rows taken, each with the remove it answers.
@@ -201,7 +278,26 @@ impl Matcher {
         let mut taken: Vec<(usize, usize)> = Vec::new();
         let mut gone: Option<Vec<bool>> = None;
         for g in &mut self.groups {
-            if g.wanted.is_empty() {
+            if g.is_done() {
+                continue;
+            }
+            if let Some(by_int) = &mut g.by_int {
+                let a = cast(batch.column(g.columns[0]), &DataType::Int64)?;
+                let a = a
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("cast to i64");
+                for i in 0..a.len() {
+                    if a.is_null(i) || gone.as_ref().is_some_and(|k| k[i]) || !live(i) {
+                        continue;
+                    }
+                    let Some(remove) = pop(by_int, a.value(i)) else {
+                        continue;
+                    };
+                    self.pending -= 1;
+                    gone.get_or_insert_with(|| vec![false; batch.num_rows()])[i] = true;
+                    taken.push((i, remove));
+                }
                 continue;
             }
             let arrays: Vec<ArrayRef> =

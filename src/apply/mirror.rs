@@ -28,6 +28,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
 
 use super::evolve::{align, evolve, table_schema};
+use super::keys::KeyIndex;
 use super::locate::{locate, Carried};
 use super::matcher::Matcher;
 use super::{files, ApplyError, TableErr};
@@ -69,6 +70,7 @@ pub async fn execute(
     plan: &MirrorPlan,
     props: CommitProperties,
     storage: &HashMap<String, String>,
+    index: Option<&mut KeyIndex>,
 ) -> Result<Executed, ApplyError> {
     let cx = TableErr(name);
     evolve(table, name, &mirror_schema(rel), storage).await?;
@@ -95,7 +97,7 @@ pub async fn execute(
             .filter_map(|u| u.origin)
             .collect();
         let mut matcher = Matcher::new(rel, &plan.removes, &target).map_err(|e| cx.arrow(e))?;
-        let found = locate(table, name, &mut matcher, &needs, &target).await?;
+        let found = locate(table, name, &mut matcher, &needs, &target, index).await?;
         out.rows_removed = found.rows_removed;
         out.files_rewritten = found.files_rewritten;
         out.files_marked = found.files_marked;

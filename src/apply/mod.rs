@@ -12,6 +12,7 @@
 pub mod evolve;
 pub mod files;
 pub mod inspect;
+pub mod keys;
 pub mod locate;
 mod matcher;
 pub mod mirror;
@@ -123,6 +124,8 @@ struct Pair {
     mirror_at: Applied,
     /// The newest schema version recorded for the table.
     schema: Option<SchemaVersion>,
+    /// Where the mirror's integer identity values sit in its files.
+    keys: keys::KeyIndex,
 }
 
 pub struct Applier {
@@ -225,6 +228,7 @@ impl Applier {
                         .expect("set above")
                         .latest(&rel.schema, &rel.name)
                         .await?,
+                    keys: keys::KeyIndex::new(self.warehouse.key_index_rows()),
                 },
             );
         }
@@ -381,6 +385,7 @@ impl Applier {
                             &plan,
                             (&app_id, mirror_to),
                             &storage,
+                            &mut pair.keys,
                         )
                         .await;
                         crate::telemetry::METRICS

@@ -15,6 +15,7 @@ use deltalake::kernel::{Action, Add};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
 
+use super::keys::KeyIndex;
 use super::{applied, commit_props, mirror, ApplyError, TableErr};
 use crate::checkpoint::Applied;
 use crate::decode::pgoutput::Relation;
@@ -69,11 +70,12 @@ pub async fn execute(
     plan: &MirrorPlan,
     (app_id, to): (&str, Applied),
     storage: &HashMap<String, String>,
+    index: &mut KeyIndex,
 ) -> Result<mirror::Executed, ApplyError> {
     let mut attempt = 1;
     loop {
         let props = commit_props(app_id, to);
-        match mirror::execute(table, name, rel, plan, props, storage).await {
+        match mirror::execute(table, name, rel, plan, props, storage, Some(&mut *index)).await {
             Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                 if landed(table, app_id, to)
                     .await

@@ -217,6 +217,15 @@ pub struct WarehouseConfig {
     /// (copy-on-write), for readers that cannot read deletion vectors.
     #[serde(default = "default_true")]
     pub deletion_vectors: bool,
+    /// How many identity values walden keeps in memory to find a change's row in the mirror's
+    /// files without reading them (tables whose replica identity is one integer column; 8–12
+    /// bytes each). Past it, files are read.
+    #[serde(default = "default_key_index_rows")]
+    pub key_index_rows: usize,
+}
+
+fn default_key_index_rows() -> usize {
+    16_000_000
 }
 
 #[derive(Clone, Deserialize, Debug)]

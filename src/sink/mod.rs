@@ -226,6 +226,7 @@ pub struct Warehouse {
     root: Url,
     storage_options: HashMap<String, String>,
     deletion_vectors: bool,
+    key_index_rows: usize,
 }
 
 /// The table property that says a mirror takes rows out by deletion vectors (merge-on-read).
@@ -280,6 +281,7 @@ impl Warehouse {
             root,
             storage_options,
             deletion_vectors: cfg.deletion_vectors,
+            key_index_rows: cfg.key_index_rows,
         })
     }
 
@@ -292,6 +294,12 @@ impl Warehouse {
 
     pub fn root(&self) -> &Url {
         &self.root
+    }
+
+    /// How many identity values the mirrors' key indexes may hold together
+    /// (`apply::keys`).
+    pub fn key_index_rows(&self) -> usize {
+        self.key_index_rows
     }
 
     /// Options for the object store (credentials, endpoints); never logged.
@@ -493,6 +501,7 @@ mod tests {
             url: dir.path().join("wh").display().to_string(),
             storage_options: Default::default(),
             deletion_vectors: true,
+            key_index_rows: 1_000_000,
         };
         let w = Warehouse::new(&cfg).unwrap();
         let u = w.table_url(TableKind::Mirror, "public", "My Table");
@@ -506,6 +515,7 @@ mod tests {
             url: "/proc/walden-cannot-write-here".into(),
             storage_options: Default::default(),
             deletion_vectors: true,
+            key_index_rows: 1_000_000,
         };
         let err = Warehouse::new(&cfg).err().expect("must fail");
         assert!(err.to_string().contains("not writable"), "{err}");

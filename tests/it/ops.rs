@@ -41,6 +41,7 @@ async fn delete_from_mirror(wh: &std::path::Path, table: &str, predicate: &str) 
         url: wh.display().to_string(),
         storage_options: Default::default(),
         deletion_vectors: true,
+        key_index_rows: 1_000_000,
     })
     .unwrap();
     let t = walden::apply::inspect::open(&w, &w.table_url(TableKind::Mirror, "public", table))

@@ -114,6 +114,7 @@ async fn verify_agrees_with_postgres_text_for_edge_values() {
         url: wh.display().to_string(),
         storage_options: Default::default(),
         deletion_vectors: true,
+        key_index_rows: 1_000_000,
     })
     .unwrap();
     let t = walden::apply::inspect::open(&w, &w.table_url(TableKind::Mirror, "public", "e"))

@@ -16,6 +16,7 @@ async fn open_table(wh: &Path, kind: TableKind, table: &str) -> deltalake::Delta
         url: wh.display().to_string(),
         storage_options: Default::default(),
         deletion_vectors: true,
+        key_index_rows: 1_000_000,
     })
     .unwrap();
     inspect::open(&w, &w.table_url(kind, "public", table))

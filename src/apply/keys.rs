@@ -1,0 +1,155 @@
+//! The key index of a mirror: where each integer identity value sits in the table's data files.
+//!
+//! Owns, per mirror table whose replica identity is one integer column, a map from data file to
+//! its identity values, sorted, with their positions in the file. Data files never change, so an
+//! entry, built the first time a change may concern the file (by reading that one column), stays
+//! right for as long as the file is in the table; entries of files that left the table are
+//! dropped at each use. With it, finding the rows of a batch's removes costs a binary search per
+//! wanted value and candidate file, not a read of the files: in proportion to the batch.
+//!
+//! Memory is bounded by `warehouse.key_index_rows` values over all tables (8 bytes each, plus 4
+//! for the position when a file is not in key order); past it, files are matched by reading
+//! their identity column as without an index.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arrow::array::{Array, Int64Array};
+
+/// Values indexed over all tables of the process (the budget is global).
+static INDEXED: AtomicUsize = AtomicUsize::new(0);
+
+/// One data file's identity values.
+pub struct FileKeys {
+    /// Sorted (NULLs left out).
+    keys: Vec<i64>,
+    /// Position in the file of each value of `keys`; `None` when the file is in key order
+    /// (position = index).
+    positions: Option<Vec<u32>>,
+}
+
+impl FileKeys {
+    /// From the file's identity column, in file order.
+    pub fn build(column: &Int64Array) -> FileKeys {
+        let values = column.values();
+        let sorted = column.null_count() == 0 && values.windows(2).all(|w| w[0] <= w[1]);
+        if sorted {
+            return FileKeys {
+                keys: values.to_vec(),
+                positions: None,
+            };
+        }
+        let mut pairs: Vec<(i64, u32)> = (0..column.len())
+            .filter(|&i| column.is_valid(i))
+            .map(|i| (values[i], i as u32))
+            .collect();
+        pairs.sort_unstable();
+        FileKeys {
+            keys: pairs.iter().map(|p| p.0).collect(),
+            positions: Some(pairs.iter().map(|p| p.1).collect()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Smallest and largest value (none for a file without values).
+    pub fn range(&self) -> Option<(i64, i64)> {
+        Some((*self.keys.first()?, *self.keys.last()?))
+    }
+
+    /// Positions of `key` in the file, ascending.
+    pub fn positions(&self, key: i64) -> Vec<u64> {
+        let from = self.keys.partition_point(|&k| k < key);
+        let to = from + self.keys[from..].partition_point(|&k| k <= key);
+        let mut out: Vec<u64> = match &self.positions {
+            None => (from..to).map(|p| p as u64).collect(),
+            Some(p) => p[from..to].iter().map(|&p| p as u64).collect(),
+        };
+        out.sort_unstable();
+        out
+    }
+}
+
+/// A mirror table's key index.
+pub struct KeyIndex {
+    /// The identity column the entries hold (a different one empties the index).
+    column: Option<String>,
+    files: HashMap<String, FileKeys>,
+    max_rows: usize,
+}
+
+impl KeyIndex {
+    pub fn new(max_rows: usize) -> Self {
+        KeyIndex {
+            column: None,
+            files: HashMap::new(),
+            max_rows,
+        }
+    }
+
+    /// Keeps the entries of `column` for the files in `live` only.
+    pub fn retain(&mut self, column: &str, live: &HashSet<String>) {
+        if self.column.as_deref() != Some(column) {
+            self.clear();
+            self.column = Some(column.to_string());
+        }
+        let mut dropped = 0;
+        self.files.retain(|path, keys| {
+            let keep = live.contains(path);
+            if !keep {
+                dropped += keys.len();
+            }
+            keep
+        });
+        INDEXED.fetch_sub(dropped, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, path: &str) -> Option<&FileKeys> {
+        self.files.get(path)
+    }
+
+    /// Keeps `keys` for `path` when the budget allows; gives them back when it does not.
+    pub fn insert(&mut self, path: &str, keys: FileKeys) -> Result<(), FileKeys> {
+        let n = keys.len();
+        if INDEXED.load(Ordering::Relaxed) + n > self.max_rows {
+            return Err(keys);
+        }
+        INDEXED.fetch_add(n, Ordering::Relaxed);
+        if let Some(old) = self.files.insert(path.to_string(), keys) {
+            INDEXED.fetch_sub(old.len(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        let n: usize = self.files.values().map(FileKeys::len).sum();
+        INDEXED.fetch_sub(n, Ordering::Relaxed);
+        self.files.clear();
+    }
+}
+
+impl Drop for KeyIndex {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_in_sorted_and_unsorted_files() {
+        let sorted = FileKeys::build(&Int64Array::from(vec![1, 3, 3, 7]));
+        assert!(sorted.positions.is_none());
+        assert_eq!(sorted.positions(3), [1, 2]);
+        assert_eq!(sorted.positions(4), Vec::<u64>::new());
+        assert_eq!(sorted.range(), Some((1, 7)));
+        let mixed = FileKeys::build(&Int64Array::from(vec![Some(9), None, Some(2), Some(9)]));
+        assert_eq!(mixed.positions(9), [0, 3]);
+        assert_eq!(mixed.positions(2), [2]);
+        assert_eq!(mixed.range(), Some((2, 9)));
+    }
+}
