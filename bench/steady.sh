@@ -68,6 +68,11 @@ quantile() { # $1 = q
     awk -v q="$1" '{le[NR]=$1; n[NR]=$2} END {t=n[NR]; for (i=1;i<=NR;i++) if (n[i] >= q*t) {print le[i]; exit}}'
 }
 p50=$(quantile 0.5); p99=$(quantile 0.99)
+# Share of commits visible within each bucket bound.
+shares=$(join <(grep '^walden_commit_to_visible_seconds_bucket' "$W/m0" | sed 's/.*le="\([^"]*\)"} /\1 /' | sort) \
+              <(grep '^walden_commit_to_visible_seconds_bucket' "$W/m1" | sed 's/.*le="\([^"]*\)"} /\1 /' | sort) |
+  awk '{le=$1; n=$3-$2; if (le=="+Inf") le=1e9; print le, n}' | sort -g |
+  awk '{le[NR]=$1; n[NR]=$2} END {t=n[NR]; for (i=1;i<=NR;i++) if (le[i] >= 0.5 && le[i] <= 10) printf "<=%ss %.1f%%  ", le[i], 100*n[i]/t}')
 
 echo "==> walden maintain (compacted reference)" >&2
 WALDEN_SOURCE__URL=unused WALDEN_WAREHOUSE__URL="$W/wh" WALDEN_MAINTENANCE__COMPACT_MIN_FILES=2 \
@@ -86,8 +91,10 @@ tps=$(awk '/^tps = / {print $3; exit}' "$W/pgbench.out")
 echo "scale $SCALE rate $RATE seconds $DURATION"
 echo "pgbench achieved tps: $tps; changes applied: $changes"
 echo "freshness (commit → Delta commit) p50 <= ${p50} s, p99 <= ${p99} s (histogram bucket bounds)"
+echo "freshness distribution: $shares"
 echo "bytes written by walden per change: $(( written / (changes > 0 ? changes : 1) )) (write_bytes $written)"
 echo "warehouse: $size0 B before the load, $size1 B after ($files1 Parquet files); compacted: $compacted B ($files_c files); ratio $(echo "scale=2; $size1 / $compacted" | bc)"
 echo "walden peak RSS: $rss_mib MiB"
+echo "mirror commits made again after losing a race (maintenance): $(grep -c 'executing the plan again' "$W/walden.log" || true)"
 mean walden_flush_duration_seconds
 mean walden_merge_duration_seconds

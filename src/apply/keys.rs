@@ -7,9 +7,9 @@
 //! dropped at each use. With it, finding the rows of a batch's removes costs a binary search per
 //! wanted value and candidate file, not a read of the files: in proportion to the batch.
 //!
-//! Memory is bounded by `warehouse.key_index_rows` values over all tables (8 bytes each, plus 4
-//! for the position when a file is not in key order); past it, files are matched by reading
-//! their identity column as without an index.
+//! Memory is bounded by `warehouse.key_index_rows` values over all tables (4 bytes each when
+//! they fit in 32 bits, else 8, plus 4 for the position when a file is not in key order); past
+//! it, files are matched by reading their identity column as without an index.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,10 +22,57 @@ static INDEXED: AtomicUsize = AtomicUsize::new(0);
 /// One data file's identity values.
 pub struct FileKeys {
     /// Sorted (NULLs left out).
-    keys: Vec<i64>,
+    keys: Keys,
     /// Position in the file of each value of `keys`; `None` when the file is in key order
     /// (position = index).
     positions: Option<Vec<u32>>,
+}
+
+/// Sorted values, 4 bytes each when they all fit (an `int` identity), else 8.
+enum Keys {
+    Narrow(Vec<i32>),
+    Wide(Vec<i64>),
+}
+
+impl Keys {
+    fn new(sorted: Vec<i64>) -> Keys {
+        if sorted.first().is_some_and(|&v| v >= i32::MIN as i64)
+            && sorted.last().is_some_and(|&v| v <= i32::MAX as i64)
+        {
+            Keys::Narrow(sorted.into_iter().map(|v| v as i32).collect())
+        } else {
+            Keys::Wide(sorted)
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Keys::Narrow(k) => k.len(),
+            Keys::Wide(k) => k.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<i64> {
+        match self {
+            Keys::Narrow(k) => k.get(i).map(|&v| v as i64),
+            Keys::Wide(k) => k.get(i).copied(),
+        }
+    }
+
+    /// The index range holding `key`.
+    fn find(&self, key: i64) -> std::ops::Range<usize> {
+        fn range<T: Ord + Copy>(k: &[T], key: T) -> std::ops::Range<usize> {
+            let from = k.partition_point(|&v| v < key);
+            from..from + k[from..].partition_point(|&v| v <= key)
+        }
+        match self {
+            Keys::Narrow(k) => match i32::try_from(key) {
+                Ok(key) => range(k, key),
+                Err(_) => 0..0,
+            },
+            Keys::Wide(k) => range(k, key),
+        }
+    }
 }
 
 impl FileKeys {
@@ -35,7 +82,7 @@ impl FileKeys {
         let sorted = column.null_count() == 0 && values.windows(2).all(|w| w[0] <= w[1]);
         if sorted {
             return FileKeys {
-                keys: values.to_vec(),
+                keys: Keys::new(values.to_vec()),
                 positions: None,
             };
         }
@@ -44,9 +91,10 @@ impl FileKeys {
             .map(|i| (values[i], i as u32))
             .collect();
         pairs.sort_unstable();
+        let positions = pairs.iter().map(|p| p.1).collect();
         FileKeys {
-            keys: pairs.iter().map(|p| p.0).collect(),
-            positions: Some(pairs.iter().map(|p| p.1).collect()),
+            keys: Keys::new(pairs.into_iter().map(|p| p.0).collect()),
+            positions: Some(positions),
         }
     }
 
@@ -56,19 +104,23 @@ impl FileKeys {
 
     /// Smallest and largest value (none for a file without values).
     pub fn range(&self) -> Option<(i64, i64)> {
-        Some((*self.keys.first()?, *self.keys.last()?))
+        Some((
+            self.keys.get(0)?,
+            self.keys.get(self.keys.len().checked_sub(1)?)?,
+        ))
     }
 
     /// Positions of `key` in the file, ascending.
     pub fn positions(&self, key: i64) -> Vec<u64> {
-        let from = self.keys.partition_point(|&k| k < key);
-        let to = from + self.keys[from..].partition_point(|&k| k <= key);
-        let mut out: Vec<u64> = match &self.positions {
-            None => (from..to).map(|p| p as u64).collect(),
-            Some(p) => p[from..to].iter().map(|&p| p as u64).collect(),
-        };
-        out.sort_unstable();
-        out
+        let found = self.keys.find(key);
+        match &self.positions {
+            None => found.map(|p| p as u64).collect(),
+            Some(p) => {
+                let mut out: Vec<u64> = p[found].iter().map(|&p| p as u64).collect();
+                out.sort_unstable();
+                out
+            }
+        }
     }
 }
 
@@ -147,6 +199,10 @@ mod tests {
         assert_eq!(sorted.positions(3), [1, 2]);
         assert_eq!(sorted.positions(4), Vec::<u64>::new());
         assert_eq!(sorted.range(), Some((1, 7)));
+        let wide = FileKeys::build(&Int64Array::from(vec![1 << 40, 1, 1 << 40]));
+        assert!(matches!(wide.keys, Keys::Wide(_)));
+        assert_eq!(wide.positions(1 << 40), [0, 2]);
+        assert_eq!(sorted.positions(1 << 40), Vec::<u64>::new());
         let mixed = FileKeys::build(&Int64Array::from(vec![Some(9), None, Some(2), Some(9)]));
         assert_eq!(mixed.positions(9), [0, 3]);
         assert_eq!(mixed.positions(2), [2]);
