@@ -14,6 +14,7 @@ pub mod files;
 pub mod inspect;
 pub mod keys;
 pub mod locate;
+mod logs;
 mod matcher;
 pub mod mirror;
 mod settle;
@@ -126,6 +127,8 @@ struct Pair {
     schema: Option<SchemaVersion>,
     /// Where the mirror's integer identity values sit in its files.
     keys: keys::KeyIndex,
+    /// Checkpoints and log cleanup of the two tables.
+    logs: [logs::LogKeeper; 2],
 }
 
 pub struct Applier {
@@ -229,6 +232,7 @@ impl Applier {
                         .latest(&rel.schema, &rel.name)
                         .await?,
                     keys: keys::KeyIndex::new(self.warehouse.key_index_rows()),
+                    logs: Default::default(),
                 },
             );
         }
@@ -412,6 +416,8 @@ impl Applier {
         if mirror_new {
             pair.mirror_at = mirror_to;
         }
+        pair.logs[0].after_commit(&pair.changes, name);
+        pair.logs[1].after_commit(&pair.mirror, name);
         Ok(stats)
     }
 }
@@ -536,7 +542,11 @@ fn commit_props(app_id: &str, at: Applied) -> CommitProperties {
         txns.push(Transaction::new(partial_lsn_id(app_id), lsn.0 as i64));
         txns.push(Transaction::new(partial_seq_id(app_id), seq));
     }
-    CommitProperties::default().with_application_transactions(txns)
+    // Checkpoints and log cleanup run beside the stream (`logs`), not in its commits.
+    CommitProperties::default()
+        .with_application_transactions(txns)
+        .with_create_checkpoint(false)
+        .with_cleanup_expired_logs(Some(false))
 }
 
 fn partial_lsn_id(app_id: &str) -> String {

@@ -5,8 +5,8 @@
 //! rows are marked deleted are rewritten), the retention of old versions (`delta.logRetentionDuration`
 //! and `delta.deletedFileRetentionDuration` set to `maintenance.retention_hours`, so log cleanup
 //! at each checkpoint keeps hours, not the default 30 days), and VACUUM of files the current
-//! version no longer references once they are older than the retention. Checkpoints are
-//! written by the commits themselves (every 100 versions).
+//! version no longer references once they are older than the retention. Checkpoints and log
+//! cleanup follow the stream's commits every 100 versions (`apply::logs`).
 //!
 //! Maintenance commits change no data (`dataChange = false`) and record no position, so the
 //! exactly-once records stay as they are: the log's newest application transaction per id is
