@@ -478,6 +478,23 @@ async fn mixed_faults_lose_and_duplicate_nothing() {
     for t in ["items", "log"] {
         assert_changelog_unique(&wh, t, &format!("seed {seed}: ")).await;
     }
+    // Maintenance ran beside the faults: its rounds set the retention it was given (table
+    // metadata, which survives log cleanup, unlike the compaction commits themselves).
+    let w = walden::sink::Warehouse::new(&walden::config::WarehouseConfig {
+        url: wh_url.clone(),
+        storage_options: Default::default(),
+        deletion_vectors: true,
+        key_index_rows: 0,
+    })
+    .unwrap();
+    let url = w.table_url(walden::sink::TableKind::Changes, "public", "log");
+    let table = w.open(&url).await.unwrap().expect("changelog");
+    let props = table.snapshot().unwrap().metadata().configuration().clone();
+    assert_eq!(
+        props.get("delta.logRetentionDuration").map(String::as_str),
+        Some("interval 1 hours"),
+        "seed {seed}: maintenance never ran (a running stream keeps at least an hour)"
+    );
     c.stop();
 }
 
