@@ -119,14 +119,7 @@ async fn maintain_table(
         report.compacted_tables += 1;
         report.files_removed += m.num_files_removed;
         report.files_added += m.num_files_added;
-        METRICS
-            .maintenance_files_total
-            .with_label_values(&["compacted"])
-            .inc_by(m.num_files_removed);
-        METRICS
-            .maintenance_duration_seconds
-            .with_label_values(&["compact"])
-            .observe(started.elapsed().as_secs_f64());
+        measured(("compacted", m.num_files_removed), "compact", started);
         tracing::info!(table = %url, small_files = small, removed = m.num_files_removed,
             added = m.num_files_added, "compacted");
     }
@@ -135,14 +128,7 @@ async fn maintain_table(
     let p = purge::purge(&mut table, cfg.purge_share, budget).await?;
     if p.files > 0 {
         report.files_purged += p.files;
-        METRICS
-            .maintenance_files_total
-            .with_label_values(&["purged"])
-            .inc_by(p.files);
-        METRICS
-            .maintenance_duration_seconds
-            .with_label_values(&["purge"])
-            .observe(started.elapsed().as_secs_f64());
+        measured(("purged", p.files), "purge", started);
         tracing::info!(table = %url, files = p.files, rows_dropped = p.rows_dropped,
             "purged deletion vectors");
     }
@@ -156,18 +142,23 @@ async fn maintain_table(
     let deleted =
         m.files_deleted.len() as u64 + vectors::vacuum(&table, cfg.retention_hours).await?;
     report.files_vacuumed += deleted;
-    METRICS
-        .maintenance_files_total
-        .with_label_values(&["vacuumed"])
-        .inc_by(deleted);
-    METRICS
-        .maintenance_duration_seconds
-        .with_label_values(&["vacuum"])
-        .observe(started.elapsed().as_secs_f64());
+    measured(("vacuumed", deleted), "vacuum", started);
     if deleted > 0 {
         tracing::info!(table = %url, files = deleted, "vacuumed");
     }
     Ok(())
+}
+
+/// Counts `files` under `action` and the time since `started` under `task`.
+fn measured((action, files): (&str, u64), task: &str, started: Instant) {
+    METRICS
+        .maintenance_files_total
+        .with_label_values(&[action])
+        .inc_by(files);
+    METRICS
+        .maintenance_duration_seconds
+        .with_label_values(&[task])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Files of the current version smaller than `bytes`.

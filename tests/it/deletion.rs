@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use deltalake::DeltaTable;
 
 use crate::pg::{config, test_db, warehouse_dir, TestDb};
-use crate::warehouse::{assert_verified, run_once};
+use crate::warehouse::{assert_verified, on_disk, run_once};
 use walden::config::{Config, MaintenanceConfig};
 use walden::sink::{TableKind, Warehouse};
 
@@ -48,15 +48,6 @@ async fn assert_equal(py: &std::path::Path, db: &TestDb, cfg: &Config, when: &st
     for line in ["k deltalake", "k polars", "f deltalake", "f polars"] {
         assert!(said.contains(line), "{when}: {said}");
     }
-}
-
-/// Files of `dir` (a table's directory) whose names start with `prefix`.
-fn on_disk(dir: &std::path::Path, prefix: &str) -> HashSet<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with(prefix))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

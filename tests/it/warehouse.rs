@@ -240,3 +240,12 @@ pub fn assert_plain_arrow_types(wh: &Path) {
     }
     assert!(files > 0, "no Parquet files under {}", wh.display());
 }
+
+/// Files of `dir` (a table's directory) whose names start with `prefix`.
+pub fn on_disk(dir: &std::path::Path, prefix: &str) -> std::collections::HashSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
