@@ -95,7 +95,8 @@ pub struct MaintenanceConfig {
     /// Seconds a round may take: no table is started after this.
     #[serde(default = "default_maintenance_budget_s")]
     pub budget_s: u64,
-    /// Size compaction aims at for each file, bytes.
+    /// Size compaction aims at for each file, bytes. A compaction holds about one such file in
+    /// memory while it writes it: this bounds maintenance's share of walden's memory.
     #[serde(default = "default_target_file_bytes")]
     pub target_file_bytes: u64,
     /// A table is compacted once it has this many files smaller than half the target.
@@ -132,7 +133,7 @@ fn default_maintenance_budget_s() -> u64 {
     120
 }
 fn default_target_file_bytes() -> u64 {
-    128 * 1024 * 1024
+    64 * 1024 * 1024
 }
 fn default_compact_min_files() -> usize {
     32
