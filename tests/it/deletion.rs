@@ -57,7 +57,7 @@ async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
         .unwrap();
     let db = test_db("deletion").await;
     let wh = warehouse_dir("deletion");
-    // `k`: a key and a TOASTed column (random text does not compress below the TOAST threshold);
+    // `k`: a key and a TOASTed column (stored out of line, uncompressed: STORAGE EXTERNAL);
     // `f`: REPLICA IDENTITY FULL without a key, with identical rows and NULLs.
     exec(
         &db,
