@@ -18,6 +18,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError, Path};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
+use roaring::RoaringTreemap;
 
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
@@ -84,16 +85,14 @@ pub async fn read_live(
     file: &LogicalFileView,
 ) -> Result<Vec<RecordBatch>, SinkError> {
     let batches = read_rows(table, file, None, None).await?;
-    let Some(d) = file.deletion_vector_descriptor() else {
+    if file.deletion_vector_descriptor().is_none() {
         return Ok(batches);
-    };
-    let deleted = crate::sink::dv::read(table, &d).await?;
+    }
+    let marked: Vec<u64> = deleted_rows(table, file).await?.iter().collect();
     let mut at = 0u64;
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
-        let keep: BooleanArray = (0..b.num_rows() as u64)
-            .map(|i| Some(!deleted.contains(at + i)))
-            .collect();
+        let keep = BooleanArray::from(live_rows(&marked, at, b.num_rows()));
         at += b.num_rows() as u64;
         out.push(
             filter_record_batch(&b, &keep).map_err(|e| SinkError::Parquet {
@@ -103,6 +102,28 @@ pub async fn read_live(
         );
     }
     Ok(out)
+}
+
+/// The positions `file`'s deletion vector marks (empty without one).
+pub async fn deleted_rows(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+) -> Result<RoaringTreemap, SinkError> {
+    match file.deletion_vector_descriptor() {
+        Some(d) => crate::sink::dv::read(table, &d).await,
+        None => Ok(RoaringTreemap::new()),
+    }
+}
+
+/// Which of the `n` rows from position `at` on are live, given the positions a vector marks
+/// (ascending). One pass over the batch's share of the vector, not a lookup per row.
+pub fn live_rows(marked: &[u64], at: u64, n: usize) -> Vec<bool> {
+    let mut live = vec![true; n];
+    let from = marked.partition_point(|&p| p < at);
+    for &p in marked[from..].iter().take_while(|&&p| p < at + n as u64) {
+        live[(p - at) as usize] = false;
+    }
+    live
 }
 
 /// Files in `to` holding the columns of `schema` (`to`'s) taken from the files `adds` of `from`
@@ -142,4 +163,21 @@ pub async fn project_files(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::live_rows;
+
+    #[test]
+    fn live_rows_are_those_the_vector_does_not_mark() {
+        let marked = [0, 3, 4, 9, 10, 25];
+        assert_eq!(live_rows(&marked, 0, 5), [false, true, true, false, false]);
+        assert_eq!(
+            live_rows(&marked, 5, 6),
+            [true, true, true, true, false, false]
+        );
+        assert_eq!(live_rows(&marked, 11, 3), [true, true, true]);
+        assert_eq!(live_rows(&[], 7, 2), [true, true]);
+    }
 }

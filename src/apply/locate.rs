@@ -41,13 +41,7 @@ pub enum Layout {
 impl Layout {
     /// The table's own choice (its `delta.enableDeletionVectors` property).
     pub fn of(table: &DeltaTable) -> Layout {
-        let on = table.snapshot().is_ok_and(|s| {
-            s.metadata()
-                .configuration()
-                .get(crate::sink::DELETION_VECTORS_PROPERTY)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        });
-        if on {
+        if crate::sink::deletion_vectors_on(table) {
             Layout::DeletionVectors
         } else {
             Layout::Rewrite
@@ -76,8 +70,6 @@ pub struct Located {
     /// written already, so only one file's rows are in memory at a time).
     pub actions: Vec<Action>,
     pub files_rewritten: usize,
-    /// Files whose deletion vector grew.
-    pub files_marked: usize,
     pub rows_removed: usize,
     pub carried: Carried,
 }
@@ -120,7 +112,7 @@ pub async fn locate(
         if indexed.as_ref().is_some_and(Vec::is_empty) {
             continue;
         }
-        let deleted = deleted_rows(table, &file).await?;
+        let deleted = files::deleted_rows(table, &file).await?;
         match layout {
             Layout::Rewrite => {
                 rewrite(
@@ -144,9 +136,8 @@ pub async fn locate(
             }
         }
     }
-    let sets: Vec<RoaringTreemap> = marked.iter().map(|(_, s)| s.clone()).collect();
+    let sets: Vec<&RoaringTreemap> = marked.iter().map(|(_, s)| s).collect();
     let vectors = dv::write(table, &sets).await?;
-    out.files_marked = marked.len();
     for ((file, _), vector) in marked.into_iter().zip(vectors) {
         out.actions.push(Action::Remove(file.remove_action(true)));
         out.actions.push(Action::Add(Add {
@@ -164,28 +155,6 @@ pub async fn locate(
         }));
     }
     Ok(out)
-}
-
-/// The positions `file`'s deletion vector marks (empty without one).
-pub async fn deleted_rows(
-    table: &DeltaTable,
-    file: &LogicalFileView,
-) -> Result<RoaringTreemap, ApplyError> {
-    Ok(match file.deletion_vector_descriptor() {
-        Some(d) => dv::read(table, &d).await?,
-        None => RoaringTreemap::new(),
-    })
-}
-
-/// Which of the `n` rows from position `at` on are live, given the positions a vector marks
-/// (ascending). One pass over the batch's share of the vector, not a lookup per row.
-fn live_rows(marked: &[u64], at: u64, n: usize) -> Vec<bool> {
-    let mut live = vec![true; n];
-    let from = marked.partition_point(|&p| p < at);
-    for &p in marked[from..].iter().take_while(|&&p| p < at + n as u64) {
-        live[(p - at) as usize] = false;
-    }
-    live
 }
 
 /// Copy-on-write: reads `file` whole and, when it held wanted rows, writes it again without them.
@@ -207,7 +176,7 @@ async fn rewrite(
     let (mut lost, mut at) = (0, 0u64);
     for b in &batches {
         let b = align(b, target).map_err(|e| cx.arrow(e))?;
-        let mut keep = live_rows(&marked, at, b.num_rows());
+        let mut keep = files::live_rows(&marked, at, b.num_rows());
         let taken = matcher.take(&b, |i| keep[i]).map_err(|e| cx.arrow(e))?;
         for &(row, remove) in &taken {
             keep[row] = false;
@@ -334,7 +303,7 @@ async fn scan(
     let mut at = 0u64;
     for b in &batches {
         let b = align(b, &loose).map_err(|e| cx.arrow(e))?;
-        let live = live_rows(&marked, at, b.num_rows());
+        let live = files::live_rows(&marked, at, b.num_rows());
         let taken = matcher.take(&b, |i| live[i]).map_err(|e| cx.arrow(e))?;
         hits.extend(
             taken
@@ -375,21 +344,4 @@ async fn carry(
         out.carried.keep(remove, rows.clone(), i);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::live_rows;
-
-    #[test]
-    fn live_rows_are_those_the_vector_does_not_mark() {
-        let marked = [0, 3, 4, 9, 10, 25];
-        assert_eq!(live_rows(&marked, 0, 5), [false, true, true, false, false]);
-        assert_eq!(
-            live_rows(&marked, 5, 6),
-            [true, true, true, true, false, false]
-        );
-        assert_eq!(live_rows(&marked, 11, 3), [true, true, true]);
-        assert_eq!(live_rows(&[], 7, 2), [true, true]);
-    }
 }

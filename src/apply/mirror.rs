@@ -43,8 +43,6 @@ pub struct Executed {
     pub rows_added: usize,
     pub rows_removed: usize,
     pub files_rewritten: usize,
-    /// Files whose deletion vector grew.
-    pub files_marked: usize,
     /// Removes that found no row, and unchanged values whose origin row was missing.
     pub missing: usize,
     pub unrepresentable: u64,
@@ -100,7 +98,6 @@ pub async fn execute(
         let found = locate(table, name, &mut matcher, &needs, &target, index).await?;
         out.rows_removed = found.rows_removed;
         out.files_rewritten = found.files_rewritten;
-        out.files_marked = found.files_marked;
         out.missing += matcher.pending;
         actions.extend(found.actions);
         carried = found.carried;

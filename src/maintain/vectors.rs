@@ -33,12 +33,7 @@ fn referenced(table: &DeltaTable) -> Result<HashSet<String>, DeltaTableError> {
         .log_data()
         .iter()
         .filter_map(|f| f.deletion_vector_descriptor())
-        .filter_map(|d| {
-            let p = &d.path_or_inline_dv;
-            let id = z85::decode(p.get(p.len().checked_sub(20)?..)?).ok()?;
-            let id = uuid::Uuid::from_slice(&id).ok()?;
-            Some(format!("deletion_vector_{id}.bin"))
-        })
+        .filter_map(|d| crate::sink::dv::stored_path(&d))
         .collect())
 }
 

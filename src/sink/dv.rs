@@ -40,6 +40,15 @@ fn relative_path(encoded: &str) -> Option<String> {
     })
 }
 
+/// The path, relative to the table, of the file holding `dv` (`None` for a vector inline in the
+/// log or at an absolute path).
+pub fn stored_path(dv: &DeletionVectorDescriptor) -> Option<String> {
+    match dv.storage_type {
+        StorageType::UuidRelativePath => relative_path(&dv.path_or_inline_dv),
+        _ => None,
+    }
+}
+
 /// The bitmap after the magic number.
 fn bitmap(table: &DeltaTable, bytes: &[u8]) -> Result<RoaringTreemap, SinkError> {
     if bytes.len() < 4 || u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) != MAGIC {
@@ -98,7 +107,7 @@ pub async fn read(
 /// new file of `table`; returns their descriptors, in order.
 pub async fn write(
     table: &DeltaTable,
-    sets: &[RoaringTreemap],
+    sets: &[&RoaringTreemap],
 ) -> Result<Vec<DeletionVectorDescriptor>, SinkError> {
     if sets.is_empty() {
         return Ok(Vec::new());
@@ -109,7 +118,7 @@ pub async fn write(
     let mut results = Vec::with_capacity(sets.len());
     {
         let mut writer = StreamingDeletionVectorWriter::new(&mut buf);
-        for set in sets {
+        for &set in sets {
             let mut dv = KernelDeletionVector::new();
             dv.add_deleted_row_indexes(set.iter());
             results.push(

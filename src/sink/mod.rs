@@ -232,6 +232,16 @@ pub struct Warehouse {
 /// The table property that says a mirror takes rows out by deletion vectors (merge-on-read).
 pub const DELETION_VECTORS_PROPERTY: &str = "delta.enableDeletionVectors";
 
+/// Whether `table` says it takes rows out by deletion vectors ([`DELETION_VECTORS_PROPERTY`]).
+pub fn deletion_vectors_on(table: &DeltaTable) -> bool {
+    table.snapshot().is_ok_and(|s| {
+        s.metadata()
+            .configuration()
+            .get(DELETION_VECTORS_PROPERTY)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    })
+}
+
 impl Warehouse {
     /// Resolves the warehouse location; a local one is created and checked for writability.
     pub fn new(cfg: &WarehouseConfig) -> Result<Self, SinkError> {
@@ -377,14 +387,7 @@ impl Warehouse {
             table: url.to_string(),
             source,
         };
-        let on = table
-            .snapshot()
-            .map_err(delta)?
-            .metadata()
-            .configuration()
-            .get(DELETION_VECTORS_PROPERTY)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        if on == self.deletion_vectors {
+        if deletion_vectors_on(&table) == self.deletion_vectors {
             return Ok(table);
         }
         let props = HashMap::from([(

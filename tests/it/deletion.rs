@@ -182,10 +182,7 @@ async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
             .log_data()
             .iter()
             .filter_map(|f| f.deletion_vector_descriptor())
-            .map(|d| {
-                let id = uuid_of(&d.path_or_inline_dv);
-                format!("deletion_vector_{id}.bin")
-            })
+            .map(|d| walden::sink::dv::stored_path(&d).expect("a vector file"))
             .collect()
     };
     assert_eq!(on_disk(&dir, "part-"), current, "data files after VACUUM");
@@ -211,10 +208,4 @@ async fn count(t: &DeltaTable) -> i64 {
         .downcast_ref::<arrow::array::Int64Array>()
         .unwrap()
         .value(0)
-}
-
-/// The UUID in a deletion vector descriptor's path (its last 20 characters, z85).
-fn uuid_of(encoded: &str) -> String {
-    let bytes = z85::decode(&encoded[encoded.len() - 20..]).unwrap();
-    uuid::Uuid::from_slice(&bytes).unwrap().to_string()
 }
