@@ -18,7 +18,7 @@ ROUNDS="${ROUNDS:-3}"
 walden_env() {
   export WALDEN_SOURCE__URL="postgres://postgres@127.0.0.1:$PORT/postgres?application_name=walden"
   export WALDEN_SOURCE__SLOT=walden WALDEN_SOURCE__PUBLICATION=bench WALDEN_WAREHOUSE__URL="$W/wh"
-  export WALDEN_SPILL__DIR="$W/spill" RUST_LOG=warn
+  export WALDEN_SPILL__DIR="$W/spill" RUST_LOG="${WALDEN_LOG:-warn}"
 }
 
 # Drains slot `recv` with pg_recvlogical up to the current WAL end; prints seconds.
@@ -52,8 +52,12 @@ DROP TABLE IF EXISTS bench; DROP PUBLICATION IF EXISTS bench;
 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
 CREATE TABLE bench (id bigint PRIMARY KEY, account int NOT NULL, label text, amount numeric(12,2), at timestamptz);
 CREATE PUBLICATION bench FOR TABLE bench;
+SQL
+  # walden creates its slot and its (empty) tables before the transaction, as in production: a
+  # slot made behind its back would make it copy the table (a COPY pg_recvlogical never does).
+  "$WALDEN" run --once >/dev/null
+  "${PSQL[@]}" <<SQL >/dev/null
 SELECT pg_create_logical_replication_slot('recv', 'pgoutput');
-SELECT pg_create_logical_replication_slot('walden', 'pgoutput');
 INSERT INTO bench SELECT g, g % 1000, 'label-' || g, (g % 100000) / 100.0, '2024-01-01'::timestamptz + g * interval '1 second'
   FROM generate_series(1, $INSERT_ROWS) g;
 SQL

@@ -293,133 +293,178 @@ impl Applier {
         self.tables.remove(name);
     }
 
-    /// Makes everything in `buf` durable in both tables; changes a table has already applied are
-    /// skipped there. The buffer's rows move into the mirror's plan (their values are not
-    /// copied); the changelog is written and committed in a task of its own meanwhile (each
-    /// table records its own position, so the two commits may land in either order).
-    pub async fn apply(
+    /// Makes every table's buffer durable in its two Delta tables ([`apply_pair`]), the tables
+    /// each in a task of their own: every table commits and records its own position, so they
+    /// are independent and one table's commit never waits for another's files. Returns each
+    /// table's outcome; a table that failed does not hold the others back.
+    pub async fn apply_all(
         &mut self,
-        name: &str,
-        mut buf: TableBuffer,
-    ) -> Result<ApplyStats, ApplyError> {
-        let buf = &mut buf;
-        let app_id = self.app_id.clone();
-        let storage = self.warehouse.storage_options().clone();
-        self.pair(name, &buf.relation).await?;
-        let history = self.history.clone().expect("opened by pair");
-        let pair = self.tables.get_mut(name).expect("opened above");
-        let versions = versions(pair.schema.as_ref(), buf);
-        let renames = renamed_columns(pair.schema.as_ref(), &versions);
-        if !renames.is_empty() {
-            // Before the new version is recorded: after a crash in between, the rename is
-            // seen again (and skipped by a table that has it).
-            evolve::rename(&mut pair.changes, name, &renames, &storage).await?;
-            evolve::rename(&mut pair.mirror, name, &renames, &storage).await?;
-        }
-        record_versions(&history, pair, versions).await?;
-        let mut stats = ApplyStats::default();
-        let err = TableErr(name);
-        let delta = |e| err.delta(e);
-        let arrow = |e| err.arrow(e);
-        let new = |at: &Applied| buf.rows.iter().any(|r| !at.covers(r.commit_lsn, r.seq));
-
-        // 1. changelog: its batch is built here (the mirror's plan takes the rows next); its
-        // files are written and committed in a task of their own, beside the mirror's work,
-        // unless the mirror takes those files.
-        let mirror_from = pair.mirror_at;
-        let mirror_to = progress(buf, mirror_from);
-        let mirror_new = new(&mirror_from);
-        let mut changelog: Option<PendingChangelog> = None;
-        if new(&pair.changes_at) {
-            let (batch, bad) = changelog_batch(buf, pair.changes_at).map_err(arrow)?;
-            stats.changelog_rows = batch.num_rows();
-            stats.unrepresentable += bad;
-            evolve::evolve(&mut pair.changes, name, &batch.schema(), &storage).await?;
-            let target = evolve::table_schema(&pair.changes).map_err(delta)?;
-            let batch = evolve::align(&batch, &target).map_err(arrow)?;
-            let to = progress(buf, pair.changes_at);
-            let task = tokio::spawn(append_changelog(
-                name.to_string(),
-                pair.changes.clone(),
-                batch,
-                app_id.clone(),
-                to,
-            ));
-            changelog = Some(PendingChangelog {
-                from: pair.changes_at,
-                to,
-                task,
-            });
-        } else {
-            stats.skipped_rows += buf.rows.len();
-        }
-
-        // 2. mirror
-        let insert_only = buf
-            .rows
-            .iter()
-            .filter(|r| !mirror_from.covers(r.commit_lsn, r.seq))
-            .all(|r| r.change.kind == ChangeKind::Insert && buf.holds(r));
-        let want = mirror_schema(&buf.relation);
-        let mirrored = match changelog {
-            // The changelog appends exactly these rows, all inserts: the mirror takes its files'
-            // columns (no second encode).
-            Some(c)
-                if mirror_new
-                    && insert_only
-                    && c.from == mirror_from
-                    && !schema_differs(&pair.mirror, &want) =>
-            {
-                let files = c.finish(pair, name).await?;
-                let adds = files::project_files(&pair.changes, &pair.mirror, &files, &want).await?;
-                settle::append(&mut pair.mirror, name, &adds, &app_id, mirror_to)
-                    .await
-                    .map_err(delta)?;
-                stats.mirror_rows = stats.changelog_rows;
-                Ok(())
+        tables: impl IntoIterator<Item = (String, TableBuffer)>,
+    ) -> Vec<(String, Result<ApplyStats, ApplyError>)> {
+        let mut out = Vec::new();
+        let mut tasks = Vec::new();
+        for (name, buf) in tables {
+            if let Err(e) = self.pair(&name, &buf.relation).await {
+                out.push((name, Err(e)));
+                continue;
             }
-            changelog => {
-                let mirrored = match mirror_plan(buf, mirror_from) {
-                    Some(plan) => {
-                        let started = std::time::Instant::now();
-                        let done = settle::execute(
-                            &mut pair.mirror,
-                            name,
-                            &buf.relation,
-                            &plan,
-                            (&app_id, mirror_to),
-                            &storage,
-                            &mut pair.keys,
-                        )
-                        .await;
-                        crate::telemetry::METRICS
-                            .merge_duration_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                        done.map(|done| {
-                            stats.mirror_rows = done.rows_added + done.rows_removed;
-                            stats.unidentified = plan.unidentified;
-                            stats.missing = done.missing;
-                            if stats.changelog_rows == 0 {
-                                stats.unrepresentable += done.unrepresentable;
-                            }
-                        })
-                    }
-                    None => Ok(()),
-                };
-                if let Some(c) = changelog {
-                    c.finish(pair, name).await?;
-                }
-                mirrored
-            }
-        };
-        mirrored?;
-        if mirror_new {
-            pair.mirror_at = mirror_to;
+            let mut pair = self.tables.remove(&name).expect("opened above");
+            let shared = Shared {
+                app_id: self.app_id.clone(),
+                storage: self.warehouse.storage_options().clone(),
+                history: self.history.clone().expect("opened by pair"),
+            };
+            tasks.push(tokio::spawn(async move {
+                let done = apply_pair(&shared, &name, &mut pair, buf).await;
+                (name, pair, done)
+            }));
         }
-        pair.logs[0].after_commit(&pair.changes, name);
-        pair.logs[1].after_commit(&pair.mirror, name);
-        Ok(stats)
+        for task in tasks {
+            let (name, pair, done) = task
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            self.tables.insert(name.clone(), pair);
+            out.push((name, done));
+        }
+        out
     }
+}
+
+/// What the tables applied side by side share.
+struct Shared {
+    app_id: String,
+    storage: HashMap<String, String>,
+    history: SchemaHistory,
+}
+
+/// Makes everything in `buf` durable in both tables of `pair`; changes a table has already
+/// applied are skipped there. The buffer's rows move into the mirror's plan (their values are
+/// not copied); the changelog is written and committed in a task of its own meanwhile (each
+/// table records its own position, so the two commits may land in either order).
+async fn apply_pair(
+    shared: &Shared,
+    name: &str,
+    pair: &mut Pair,
+    mut buf: TableBuffer,
+) -> Result<ApplyStats, ApplyError> {
+    let buf = &mut buf;
+    let Shared {
+        app_id,
+        storage,
+        history,
+    } = shared;
+    let app_id = app_id.clone();
+    let versions = versions(pair.schema.as_ref(), buf);
+    let renames = renamed_columns(pair.schema.as_ref(), &versions);
+    if !renames.is_empty() {
+        // Before the new version is recorded: after a crash in between, the rename is
+        // seen again (and skipped by a table that has it).
+        evolve::rename(&mut pair.changes, name, &renames, &storage).await?;
+        evolve::rename(&mut pair.mirror, name, &renames, &storage).await?;
+    }
+    record_versions(history, pair, versions).await?;
+    let mut stats = ApplyStats::default();
+    let err = TableErr(name);
+    let delta = |e| err.delta(e);
+    let arrow = |e| err.arrow(e);
+    let new = |at: &Applied| buf.rows.iter().any(|r| !at.covers(r.commit_lsn, r.seq));
+
+    // 1. changelog: its batch is built here (the mirror's plan takes the rows next); its
+    // files are written and committed in a task of their own, beside the mirror's work,
+    // unless the mirror takes those files.
+    let mirror_from = pair.mirror_at;
+    let mirror_to = progress(buf, mirror_from);
+    let mirror_new = new(&mirror_from);
+    let mut changelog: Option<PendingChangelog> = None;
+    if new(&pair.changes_at) {
+        let (batch, bad) = changelog_batch(buf, pair.changes_at).map_err(arrow)?;
+        stats.changelog_rows = batch.num_rows();
+        stats.unrepresentable += bad;
+        evolve::evolve(&mut pair.changes, name, &batch.schema(), &storage).await?;
+        let target = evolve::table_schema(&pair.changes).map_err(delta)?;
+        let batch = evolve::align(&batch, &target).map_err(arrow)?;
+        let to = progress(buf, pair.changes_at);
+        let task = tokio::spawn(append_changelog(
+            name.to_string(),
+            pair.changes.clone(),
+            batch,
+            app_id.clone(),
+            to,
+        ));
+        changelog = Some(PendingChangelog {
+            from: pair.changes_at,
+            to,
+            task,
+        });
+    } else {
+        stats.skipped_rows += buf.rows.len();
+    }
+
+    // 2. mirror
+    let insert_only = buf
+        .rows
+        .iter()
+        .filter(|r| !mirror_from.covers(r.commit_lsn, r.seq))
+        .all(|r| r.change.kind == ChangeKind::Insert && buf.holds(r));
+    let want = mirror_schema(&buf.relation);
+    let mirrored = match changelog {
+        // The changelog appends exactly these rows, all inserts: the mirror takes its files'
+        // columns (no second encode).
+        Some(c)
+            if mirror_new
+                && insert_only
+                && c.from == mirror_from
+                && !schema_differs(&pair.mirror, &want) =>
+        {
+            let files = c.finish(pair, name).await?;
+            let adds = files::project_files(&pair.changes, &pair.mirror, &files, &want).await?;
+            settle::append(&mut pair.mirror, name, &adds, &app_id, mirror_to)
+                .await
+                .map_err(delta)?;
+            stats.mirror_rows = stats.changelog_rows;
+            Ok(())
+        }
+        changelog => {
+            let mirrored = match mirror_plan(buf, mirror_from) {
+                Some(plan) => {
+                    let started = std::time::Instant::now();
+                    let done = settle::execute(
+                        &mut pair.mirror,
+                        name,
+                        &buf.relation,
+                        &plan,
+                        (&app_id, mirror_to),
+                        &storage,
+                        &mut pair.keys,
+                    )
+                    .await;
+                    crate::telemetry::METRICS
+                        .merge_duration_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    done.map(|done| {
+                        stats.mirror_rows = done.rows_added + done.rows_removed;
+                        stats.unidentified = plan.unidentified;
+                        stats.missing = done.missing;
+                        if stats.changelog_rows == 0 {
+                            stats.unrepresentable += done.unrepresentable;
+                        }
+                    })
+                }
+                None => Ok(()),
+            };
+            if let Some(c) = changelog {
+                c.finish(pair, name).await?;
+            }
+            mirrored
+        }
+    };
+    mirrored?;
+    if mirror_new {
+        pair.mirror_at = mirror_to;
+    }
+    pair.logs[0].after_commit(&pair.changes, name);
+    pair.logs[1].after_commit(&pair.mirror, name);
+    Ok(stats)
 }
 
 /// The schema versions `buf`'s rows bring after `recorded`, each with the commit LSN of its first
