@@ -94,6 +94,17 @@ pub enum Command {
         #[arg(long)]
         table: String,
     },
+    /// Search every file under the warehouse's tables of a data subject (referenced by a Delta
+    /// version or not) for the subject's identifier; lists each file that holds it, exit 1 if any.
+    VerifyErasure {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// `name=identifier`, the name from `[privacy.subjects]`, e.g. `customer=42`.
+        #[arg(long)]
+        subject: crate::privacy::scan::Subject,
+        #[arg(long)]
+        json: bool,
+    },
     /// Compact small files, set the retention of old versions, VACUUM what is past it, once
     /// (`walden run` does the same in the background; `[maintenance]`).
     Maintain {
@@ -287,6 +298,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", v.render());
             }
             if v.ok {
+                Ok(())
+            } else {
+                Err(Failed.into())
+            }
+        }
+        Command::VerifyErasure {
+            config,
+            subject,
+            json,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let scan = crate::privacy::scan::find(&cfg, &subject).await?;
+            if json {
+                print_json(&scan)?;
+            } else {
+                print!("{}", scan.render());
+            }
+            if scan.places.is_empty() {
                 Ok(())
             } else {
                 Err(Failed.into())

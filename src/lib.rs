@@ -11,6 +11,7 @@ pub mod maintain;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
+pub mod privacy;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

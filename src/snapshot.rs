@@ -19,6 +19,7 @@ use crate::apply::snapshot::{commit_table, ChunkWriter, SnapshotTarget};
 use crate::apply::{app_id, ApplyError};
 use crate::checkpoint::Lsn;
 use crate::config::Config;
+use crate::decode::mask::Masks;
 use crate::sink::{SinkError, Warehouse};
 use crate::source::snapshot::{describe, plan_chunks, Chunk, Published, SnapshotReader, TableSpec};
 use crate::source::{connect_sql, SourceError};
@@ -140,8 +141,9 @@ pub async fn copy_tables(
     }
     let sql = connect_sql(&cfg.source).await?;
     let mut specs: Vec<TableSpec> = Vec::with_capacity(tables.len());
+    let masks = Masks::new(&cfg.privacy);
     for table in tables {
-        specs.push(describe(&sql, table).await?);
+        specs.push(describe(&sql, table, &masks).await?);
     }
     let ts_us = chrono::Utc::now().timestamp_micros();
     let mut targets = Vec::with_capacity(specs.len());

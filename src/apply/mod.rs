@@ -359,8 +359,8 @@ async fn apply_pair(
     if !renames.is_empty() {
         // Before the new version is recorded: after a crash in between, the rename is
         // seen again (and skipped by a table that has it).
-        evolve::rename(&mut pair.changes, name, &renames, &storage).await?;
-        evolve::rename(&mut pair.mirror, name, &renames, &storage).await?;
+        evolve::rename(&mut pair.changes, name, &renames, storage).await?;
+        evolve::rename(&mut pair.mirror, name, &renames, storage).await?;
     }
     record_versions(history, pair, versions).await?;
     let mut stats = ApplyStats::default();
@@ -380,7 +380,7 @@ async fn apply_pair(
         let (batch, bad) = changelog_batch(buf, pair.changes_at).map_err(arrow)?;
         stats.changelog_rows = batch.num_rows();
         stats.unrepresentable += bad;
-        evolve::evolve(&mut pair.changes, name, &batch.schema(), &storage).await?;
+        evolve::evolve(&mut pair.changes, name, &batch.schema(), storage).await?;
         let target = evolve::table_schema(&pair.changes).map_err(delta)?;
         let batch = evolve::align(&batch, &target).map_err(arrow)?;
         let to = progress(buf, pair.changes_at);
@@ -434,7 +434,7 @@ async fn apply_pair(
                         &buf.relation,
                         &plan,
                         (&app_id, mirror_to),
-                        &storage,
+                        storage,
                         &mut pair.keys,
                     )
                     .await;

@@ -12,7 +12,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 mod operations;
+mod privacy;
 pub use operations::{MaintenanceConfig, MetricsConfig, OnInvalidated, SlotConfig};
+pub use privacy::{MaskRule, PrivacyConfig};
 
 /// Everything walden needs to run one pipeline (one slot, one publication, one warehouse).
 #[derive(Clone, Deserialize, Debug)]
@@ -36,6 +38,8 @@ pub struct Config {
     pub slot: SlotConfig,
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
 }
 
 /// How schema changes at the source reach the warehouse.
@@ -382,6 +386,7 @@ impl Config {
                 "batch.max_rows and batch.max_bytes must be greater than 0".into(),
             ));
         }
+        self.privacy.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
@@ -602,6 +607,17 @@ mod tests {
         assert_eq!(cfg.source.receive_buffer_bytes, Some(0));
         let cfg = Config::from_toml_and_env(BASE, "t", vec![]).unwrap();
         assert_eq!(cfg.source.receive_buffer_bytes, None);
+    }
+
+    #[test]
+    fn privacy_key_from_env_is_text_even_when_numeric() {
+        let text = format!("{BASE}\n[privacy.mask.\"public.t\"]\nemail = \"hash\"\n");
+        let env = vec![("WALDEN_PRIVACY__KEY".to_string(), "12345".to_string())];
+        let cfg = Config::from_toml_and_env(&text, "t", env).unwrap();
+        assert_eq!(cfg.privacy.key.as_deref(), Some("12345"));
+        assert!(!format!("{cfg:?}").contains("12345"));
+        let err = Config::from_toml_and_env(&text, "t", vec![]).unwrap_err();
+        assert!(err.to_string().contains("WALDEN_PRIVACY__KEY"), "{err}");
     }
 
     #[test]

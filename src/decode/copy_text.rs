@@ -9,6 +9,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::mask::{Rule, TableMask};
 use super::pgoutput::{Tuple, Value};
 use super::types::ColumnBuilder;
 
@@ -25,6 +26,8 @@ pub struct CopyTextParser {
     width: usize,
     pending: BytesMut,
     rows: u64,
+    /// The masks of the columns read (one rule each) and the table's mask that hashes.
+    mask: Option<(Vec<Rule>, TableMask)>,
 }
 
 impl CopyTextParser {
@@ -33,7 +36,15 @@ impl CopyTextParser {
             width,
             pending: BytesMut::new(),
             rows: 0,
+            mask: None,
         }
+    }
+
+    /// Masks the fields of columns `mask` masks, as the columns of its masked relation
+    /// (dropped columns are not read at all) before they reach a column builder.
+    pub fn masked(mut self, mask: Option<&TableMask>) -> Self {
+        self.mask = mask.map(|m| (m.kept(), m.clone()));
+        self
     }
 
     /// Rows parsed so far.
@@ -89,22 +100,31 @@ impl CopyTextParser {
     ) -> Result<usize, CopyTextError> {
         let before = self.rows;
         let mut unescaped = Vec::new();
-        self.lines(chunk, |p, line| {
+        let mask = self.mask.take();
+        let done = self.lines(chunk, |p, line| {
             let mut i = 0;
             p.fields(&line, |f| {
                 let b = &mut cols[i];
+                let rule = mask.as_ref().map_or(Rule::Keep, |(rules, _)| rules[i]);
                 i += 1;
-                if f == b"\\N" {
+                if f == b"\\N" || rule == Rule::Null {
                     b.append_null();
-                } else if memchr::memchr(b'\\', f).is_none() {
+                } else if memchr::memchr(b'\\', f).is_none() && rule == Rule::Keep {
                     b.append_bytes(f);
                 } else {
                     unescaped.clear();
                     unescape_into(f, &mut unescaped);
-                    b.append_bytes(&unescaped);
+                    match &mask {
+                        Some((_, m)) if rule == Rule::Hash => {
+                            b.append_bytes(m.hash(&unescaped).as_bytes())
+                        }
+                        _ => b.append_bytes(&unescaped),
+                    }
                 }
             })
-        })?;
+        });
+        self.mask = mask;
+        done?;
         Ok((self.rows - before) as usize)
     }
 
@@ -159,7 +179,7 @@ fn field_value(field: Bytes) -> Value {
     Value::Text(Bytes::from(out))
 }
 
-fn unescape_into(s: &[u8], out: &mut Vec<u8>) {
+pub fn unescape_into(s: &[u8], out: &mut Vec<u8>) {
     let mut i = 0;
     while i < s.len() {
         let b = s[i];

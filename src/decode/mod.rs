@@ -3,10 +3,12 @@
 //! [`pgoutput`] decodes single messages, [`txn`] assembles them into committed transactions
 //! (including protocol-v2 streamed ones), [`types`] maps Postgres types and text values to Arrow
 //! (each value parsed by [`text_format`]), [`copy_text`] splits the snapshot's COPY text output
-//! into the same text values, [`array_text`] splits array values into their elements.
+//! into the same text values, [`array_text`] splits array values into their elements, [`mask`]
+//! masks configured columns where their values are decoded.
 
 pub mod array_text;
 pub mod copy_text;
+pub mod mask;
 pub mod pgoutput;
 pub mod spill;
 pub mod text_format;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::mask::TableMask;
 use super::pgoutput::{DecodeError, Decoder, Message, OldKind, Relation, Tuple};
 use super::spill::{Changes, SpillError, SpillPolicy, TxnBuffer};
 use crate::checkpoint::Lsn;
@@ -143,6 +144,9 @@ pub struct Assembler {
     /// The relation of the last Relation message (and the description it replaced), until the
     /// caller takes it to resolve.
     fresh: Option<(u32, Option<Arc<Relation>>)>,
+    /// Masks of relations with masked columns, applied to their tuples as they arrive (see
+    /// `decode::mask`): a masked value is never buffered or spilled in clear.
+    masks: HashMap<u32, TableMask>,
 }
 
 impl Assembler {
@@ -173,7 +177,14 @@ impl Assembler {
         self.current.as_ref().map(|o| o.final_lsn)
     }
 
-    pub fn set_relation(&mut self, relation: Relation) {
+    /// Hands back the relation [`Assembler::take_fresh_relation`] gave, as the warehouse sees it
+    /// (resolved, and masked by `mask`, which then applies to the tuples of its changes as the
+    /// source sends them).
+    pub fn set_relation(&mut self, relation: Relation, mask: Option<TableMask>) {
+        match mask {
+            Some(m) => self.masks.insert(relation.oid, m),
+            None => self.masks.remove(&relation.oid),
+        };
         self.relations.insert(relation.oid, Arc::new(relation));
     }
 
@@ -239,6 +250,10 @@ impl Assembler {
         old: Option<(OldKind, Tuple)>,
     ) -> Result<(), AssembleError> {
         let relation = self.relation(oid)?;
+        let (new, old) = match self.masks.get(&oid) {
+            Some(m) => (new.map(|t| m.tuple(t)), old.map(|(k, t)| (k, m.tuple(t)))),
+            None => (new, old),
+        };
         let (changes, sub_xid) = self.sink(xid)?;
         changes.push(Change {
             relation,
@@ -311,6 +326,8 @@ impl Assembler {
             }
             Message::Relation { relation, .. } => {
                 let oid = relation.oid;
+                // Until the caller hands back the masked description.
+                self.masks.remove(&oid);
                 let before = self.relations.insert(oid, Arc::new(relation));
                 self.fresh = Some((oid, before));
             }

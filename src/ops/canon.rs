@@ -13,14 +13,22 @@ use arrow::datatypes::{
     Int64Type, TimestampMicrosecondType,
 };
 
+use crate::decode::mask::{Rule, TableMask};
 use crate::decode::pgoutput::Relation;
 use crate::source::replication::quote_ident;
 
-/// The SQL expressions of the canonical form of each of `rel`'s columns.
-pub fn source_columns(rel: &Relation) -> Vec<String> {
+/// The SQL expressions of the canonical form of each of `rel`'s columns (`mask`: the table's
+/// masks; a hashed column's text is hashed by the caller).
+pub fn source_columns(rel: &Relation, mask: Option<&TableMask>) -> Vec<String> {
+    let rules = mask.map(TableMask::kept).unwrap_or_default();
     rel.columns
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
+            if rules.get(i) == Some(&Rule::Null) {
+                // Masked with `null`: the warehouse holds NULL.
+                return "'-'".to_string();
+            }
             // format('%s', …) prints with the type's output function, as pgoutput and COPY do
             // (a cast to text would print booleans as true/false and trim char(n)).
             let v = format!("format('%s', {})", quote_ident(&c.name));

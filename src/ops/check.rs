@@ -381,6 +381,38 @@ async fn checks(
             }
         }
     }
+    privacy(cfg, sql, r).await
+}
+
+/// The tables and columns `[privacy]` names exist (and are published).
+async fn privacy(
+    cfg: &Config,
+    sql: &tokio_postgres::Client,
+    r: &mut Report,
+) -> Result<(), SourceError> {
+    let p = &cfg.privacy;
+    if p.subjects.is_empty() && p.mask.is_empty() {
+        return Ok(());
+    }
+    match crate::privacy::check_names(sql, p, &cfg.source.publication).await {
+        Ok(unpublished) if unpublished.is_empty() => r.push(
+            "privacy",
+            Level::Ok,
+            "every table and column [privacy] names exists".into(),
+            None,
+        ),
+        Ok(unpublished) => r.push(
+            "privacy",
+            Level::Warning,
+            format!(
+                "[privacy] names tables the publication does not publish: {}",
+                unpublished.join(", ")
+            ),
+            Some("add them to the publication, or remove them from [privacy]".into()),
+        ),
+        Err(SourceError::Setup(m)) => r.push("privacy", Level::Error, m, None),
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 

@@ -21,6 +21,8 @@ use super::canon;
 use crate::apply::inspect;
 use crate::batch::UNREPRESENTABLE;
 use crate::config::Config;
+use crate::decode::copy_text::unescape_into;
+use crate::decode::mask::{Masks, Rule, TableMask};
 use crate::decode::pgoutput::Relation;
 use crate::sink::{TableKind, Warehouse};
 use crate::source::replication::quote_ident;
@@ -90,7 +92,7 @@ async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Res
     let rel = &spec.relation;
     let mut sql = format!(
         "COPY (SELECT {} FROM {}{}.{}",
-        canon::source_columns(rel).join(", "),
+        canon::source_columns(rel, spec.scope.mask.as_ref()).join(", "),
         if spec.scope.only { "ONLY " } else { "" },
         quote_ident(&rel.schema),
         quote_ident(&rel.name)
@@ -106,12 +108,37 @@ async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Res
         pending.extend_from_slice(&chunk?);
         let mut start = 0;
         while let Some(at) = memchr::memchr(b'\n', &pending[start..]) {
-            d.add_line(&pending[start..start + at]);
+            let line = &pending[start..start + at];
+            match &spec.scope.mask {
+                Some(m) => d.add_line(&hash_fields(line, m)),
+                None => d.add_line(line),
+            }
             start += at + 1;
         }
         pending.drain(..start);
     }
     Ok(d.finish())
+}
+
+/// A source line with the values of hashed columns replaced by their keyed hash, as the
+/// warehouse holds them (walden hashes them: Postgres has no HMAC without pgcrypto).
+fn hash_fields(line: &[u8], mask: &TableMask) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut text = Vec::new();
+    for (i, (field, rule)) in line.split(|b| *b == b'\t').zip(mask.kept()).enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        match (rule, field.iter().position(|b| *b == b':')) {
+            (Rule::Hash, Some(colon)) if field != b"-" => {
+                text.clear();
+                unescape_into(&field[colon + 1..], &mut text);
+                out.extend_from_slice(format!("64:{}", mask.hash(&text)).as_bytes());
+            }
+            _ => out.extend_from_slice(field),
+        }
+    }
+    out
 }
 
 /// The mirror's rows rendered in Postgres's text form by `canon` (independent of the decoder).
@@ -187,9 +214,10 @@ pub async fn run(cfg: &Config, only: Option<&str>) -> anyhow::Result<Verificatio
         .await?
         .and_then(|r| r.get(0));
     let reader = SnapshotReader::current(&cfg.source).await?;
+    let masks = Masks::new(&cfg.privacy);
     let mut out = Vec::new();
     for table in tables {
-        let spec = describe(&sql, &table).await?;
+        let spec = describe(&sql, &table, &masks).await?;
         let source = source_digest(&reader, &spec).await?;
         let mirror = mirror_digest(&w, &spec.relation).await?;
         let differs = match &mirror {

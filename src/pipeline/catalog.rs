@@ -17,7 +17,7 @@ use crate::decode::types::column_type;
 use crate::sink::schemas::{SchemaHistory, SchemaVersion};
 use crate::source::snapshot::{describe, published_tables, Published};
 use crate::source::types::newest_columns;
-use crate::source::ReplicationStream;
+use crate::source::{ReplicationStream, SourceError};
 
 impl Session<'_> {
     /// Copies tables whose rows are not in the stream: tables that joined the publication
@@ -100,12 +100,18 @@ impl Session<'_> {
     /// of its is decoded. The description it follows (this session's, else the one recorded in
     /// the schema history for the transaction's LSN) tells renamed columns from added ones, and
     /// type changes the warehouse cannot follow (see [`Session::retype`]).
+    /// A masked table's description is masked first (`decode::mask`): from here on only the
+    /// warehouse's view of it exists (the description it follows is masked too).
     pub(super) async fn resolve_relation(
         &mut self,
         stream: &ReplicationStream,
         mut relation: Relation,
         before: Option<Arc<Relation>>,
     ) -> Result<(), PipelineError> {
+        let mask = self.masks.of(&relation).map_err(SourceError::Setup)?;
+        if let Some(m) = &mask {
+            relation = m.relation(&relation);
+        }
         let previous: Option<Vec<(String, i16, Option<DataType>)>> = match before {
             Some(b) if b.oid == relation.oid => Some(
                 b.columns
@@ -150,7 +156,7 @@ impl Session<'_> {
                 self.recopy.insert(name);
             }
         }
-        self.assembler.set_relation(relation);
+        self.assembler.set_relation(relation, mask);
         Ok(())
     }
 
@@ -240,7 +246,7 @@ impl Session<'_> {
             else {
                 continue;
             };
-            let mut rel = describe(sql, p).await?.relation;
+            let mut rel = describe(sql, p, &self.masks).await?.relation;
             let previous: Vec<(String, i16)> = recorded
                 .columns
                 .iter()

@@ -23,6 +23,7 @@ use crate::batch::Batcher;
 use crate::checkpoint::marker::{MarkerStore, SnapshotMarker, SnapshotState};
 use crate::checkpoint::{Frontier, Lsn};
 use crate::config::{Config, OnInvalidated};
+use crate::decode::mask::Masks;
 use crate::decode::pgoutput::DecodeError;
 use crate::decode::spill::{SpillError, SpillPolicy};
 use crate::decode::txn::{AssembleError, Assembler, Event, Transaction};
@@ -255,6 +256,8 @@ struct Session<'a> {
     sql: Option<tokio_postgres::Client>,
     /// Resolves the column types of Relation messages (domains, arrays).
     types: TypeResolver,
+    /// Columns masked at ingest (`[privacy.mask]`).
+    masks: Masks,
     /// Published tables known to have their Delta tables, with the source OID those hold (see
     /// [`Session::adopt_new_tables`]).
     known: HashMap<String, u32>,
@@ -293,6 +296,7 @@ impl<'a> Session<'a> {
             streamed: false,
             sql: None,
             types: TypeResolver::default(),
+            masks: Masks::new(&cfg.privacy),
             known: HashMap::new(),
             recopy: HashSet::new(),
             columns_seen: HashMap::new(),
@@ -315,6 +319,10 @@ impl<'a> Session<'a> {
     ) -> Result<source::Prepared, PipelineError> {
         let src = &self.cfg.source;
         let snapshots = self.cfg.snapshot.enabled;
+        for table in crate::privacy::check_names(sql, &self.cfg.privacy, &src.publication).await? {
+            tracing::warn!(table = %table, publication = %src.publication,
+                "[privacy] names a table the publication does not publish: nothing of it reaches the warehouse");
+        }
         let markers = MarkerStore::new(&self.warehouse, &src.slot)?;
         let marker = markers.read().await?;
         let wal_status: Option<Option<String>> = sql

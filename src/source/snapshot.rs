@@ -16,6 +16,7 @@ use futures::StreamExt;
 use super::{connect_sql, replication::quote_ident, types::TypeResolver, SourceError};
 use crate::config::SourceConfig;
 use crate::decode::copy_text::CopyTextParser;
+use crate::decode::mask::{Masks, TableMask};
 use crate::decode::pgoutput::{Column, Relation};
 use crate::decode::types::ColumnBuilder;
 
@@ -42,6 +43,9 @@ pub struct Scope {
     /// copied, on their own. Off for a partitioned table published through its root, whose rows
     /// all live in its partitions.
     pub only: bool,
+    /// The table's masked columns (`decode::mask`): each field read is masked before it reaches
+    /// a column builder. The relation it goes with is already the masked one.
+    pub mask: Option<TableMask>,
 }
 
 /// A table to copy, with its size estimates.
@@ -118,10 +122,12 @@ pub async fn published_tables(
 }
 
 /// Describes a table the way pgoutput's Relation message would: the columns it publishes
-/// (not dropped, not generated), their types, and which belong to the replica identity.
+/// (not dropped, not generated), their types, and which belong to the replica identity; then
+/// as the warehouse sees it, masked by `masks`.
 pub async fn describe(
     sql: &tokio_postgres::Client,
     table: &Published,
+    masks: &Masks,
 ) -> Result<TableSpec, SourceError> {
     let (schema, name) = (table.schema.as_str(), table.name.as_str());
     let rows = sql
@@ -189,6 +195,10 @@ pub async fn describe(
     TypeResolver::default()
         .resolve(sql, &mut relation, None)
         .await?;
+    let mask = masks.of(&relation).map_err(SourceError::Setup)?;
+    if let Some(m) = &mask {
+        relation = m.relation(&relation);
+    }
     Ok(TableSpec {
         relation,
         pages,
@@ -196,6 +206,7 @@ pub async fn describe(
         scope: Arc::new(Scope {
             row_filter: table.row_filter.clone(),
             only: relkind != "p",
+            mask,
         }),
     })
 }
@@ -258,7 +269,7 @@ impl SnapshotReader {
         let stream = self.client.copy_out(&sql).await?;
         Ok(ChunkCopy {
             stream: Box::pin(stream),
-            parser: CopyTextParser::new(rel.columns.len()),
+            parser: CopyTextParser::new(rel.columns.len()).masked(chunk.scope.mask.as_ref()),
             table: format!("{}.{}", rel.schema, rel.name),
             done: false,
         })
@@ -353,6 +364,7 @@ mod tests {
             scope: Arc::new(Scope {
                 row_filter: None,
                 only: true,
+                mask: None,
             }),
         }
     }
@@ -396,6 +408,7 @@ mod tests {
         s.scope = Arc::new(Scope {
             row_filter: Some("(region = 'eu'::text)".into()),
             only: true,
+            mask: None,
         });
         let c = &plan_chunks(0, &s, 1_000_000)[0];
         assert_eq!(

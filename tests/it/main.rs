@@ -14,6 +14,7 @@ mod maintain;
 mod operations;
 mod ops;
 mod pg;
+mod privacy;
 mod publication;
 mod python;
 mod readers;

@@ -1,0 +1,89 @@
+//! Personal data in the warehouse: what `[privacy]` names, checked against the source.
+//!
+//! Owns the checks that the tables and columns `[privacy]` names exist at the source (a mask or a
+//! subject on a misspelt name would protect nothing, silently), run before `walden run` streams
+//! and by `walden check`. The masking itself happens where values are decoded
+//! (`crate::decode::mask`); where a data subject still is, in [`scan`].
+
+pub mod scan;
+
+use crate::config::{MaskRule, PrivacyConfig};
+use crate::sink::SinkError;
+use crate::source::SourceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyError {
+    #[error("subject {name:?} is not in [privacy.subjects] (configured: {known})")]
+    UnknownSubject { name: String, known: String },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// Every table and column `[privacy]` names, with what names it.
+fn named(cfg: &PrivacyConfig) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (subject, tables) in &cfg.subjects {
+        for (table, column) in tables {
+            out.push((
+                table.clone(),
+                column.clone(),
+                format!("privacy.subjects.{subject}"),
+            ));
+        }
+    }
+    for (table, cols) in &cfg.mask {
+        for (column, rule) in cols {
+            if *rule != MaskRule::Keep {
+                out.push((
+                    table.clone(),
+                    column.clone(),
+                    format!("privacy.mask.\"{table}\""),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Refuses a configuration that names a table or column the source does not have, saying which
+/// and where. Returns the named tables the publication does not publish (nothing of theirs
+/// reaches the warehouse: worth a warning, not a refusal).
+pub async fn check_names(
+    sql: &tokio_postgres::Client,
+    cfg: &PrivacyConfig,
+    publication: &str,
+) -> Result<Vec<String>, SourceError> {
+    let mut unpublished = Vec::new();
+    for (table, column, origin) in named(cfg) {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
+        let row = sql
+            .query_opt(
+                "SELECT c.oid, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid \
+                   AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = $3), \
+                 EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $4 \
+                   AND p.schemaname = n.nspname AND p.tablename = c.relname) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &name, &column, &publication],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Err(SourceError::Setup(format!(
+                "{origin} names table {table}, which does not exist at the source. Fix the name \
+                 (schema.table, as in the catalog) or remove it from the configuration"
+            )));
+        };
+        if !row.get::<_, bool>(1) {
+            return Err(SourceError::Setup(format!(
+                "{origin} names column {column} of {table}, which has no such column. Fix the \
+                 name or remove it from the configuration"
+            )));
+        }
+        if !row.get::<_, bool>(2) && !unpublished.contains(&table) {
+            unpublished.push(table.clone());
+        }
+    }
+    Ok(unpublished)
+}

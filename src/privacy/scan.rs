@@ -1,0 +1,386 @@
+//! Where a data subject still is: `walden verify-erasure`.
+//!
+//! Owns the search for a subject's identifier in every file under the directories of the tables
+//! mapped to the subject (changelog and mirror), whether or not any version still references the
+//! file: data files are read (the subject's column, as the file stores it), Delta log entries and
+//! checkpoints are searched for the value in their column statistics (min/max), which a Delta
+//! writer copies out of the data. A hashed subject column is searched for the value's hash.
+//! Deletion-vector files hold row positions only and are not searched.
+
+use std::collections::HashSet;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+#[allow(deprecated)]
+use deltalake::parquet::arrow::async_reader::{
+    ParquetObjectReader, ParquetRecordBatchStreamBuilder,
+};
+use deltalake::parquet::arrow::ProjectionMask;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use serde::Serialize;
+
+use super::PrivacyError;
+use crate::config::{Config, MaskRule};
+use crate::decode::mask::Hasher;
+use crate::sink::{SinkError, TableKind, Warehouse};
+
+/// `customer=42`: a subject named in `[privacy.subjects]` and its identifier, as Postgres prints
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub name: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Subject {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((n, v)) if !n.is_empty() && !v.is_empty() => Ok(Subject {
+                name: n.to_string(),
+                value: v.to_string(),
+            }),
+            _ => Err(format!(
+                "{s:?}: write the subject as name=identifier, e.g. customer=42"
+            )),
+        }
+    }
+}
+
+/// One file that still holds the subject.
+#[derive(Debug, Clone, Serialize)]
+pub struct Place {
+    /// `schema.table` at the source.
+    pub table: String,
+    /// `changelog` or `mirror`.
+    pub kind: &'static str,
+    /// The file, from the warehouse's root.
+    pub file: String,
+    /// Rows whose subject column holds the identifier (data files).
+    pub rows: u64,
+    /// A column statistic (min or max) of a Delta log entry holds the identifier.
+    pub in_statistics: bool,
+    /// The table's current version references the file (otherwise only older versions do, or
+    /// none).
+    pub current: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Scan {
+    pub subject: String,
+    pub tables: Vec<String>,
+    pub files_searched: usize,
+    pub places: Vec<Place>,
+}
+
+impl Scan {
+    pub fn render(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .places
+            .iter()
+            .map(|p| {
+                vec![
+                    p.table.clone(),
+                    p.kind.to_string(),
+                    p.file.clone(),
+                    p.rows.to_string(),
+                    if p.in_statistics { "yes" } else { "no" }.into(),
+                    if p.current { "current" } else { "old" }.into(),
+                ]
+            })
+            .collect();
+        let mut out = String::new();
+        if !rows.is_empty() {
+            out = crate::ops::text_table(
+                &["table", "kind", "file", "rows", "in_statistics", "version"],
+                &rows,
+            );
+        }
+        out.push_str(&format!(
+            "searched {} files of {} table(s) for subject {}: ",
+            self.files_searched,
+            self.tables.len(),
+            self.subject
+        ));
+        if self.places.is_empty() {
+            out.push_str("the subject is nowhere in the warehouse\n");
+        } else {
+            out.push_str(&format!(
+                "{} file(s) still hold it (rows in data files, or the identifier in a Delta log's \
+                 statistics)\n",
+                self.places.len()
+            ));
+        }
+        out
+    }
+}
+
+/// Searches every file of every table mapped to `subject.name`.
+pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError> {
+    let privacy = &cfg.privacy;
+    let tables =
+        privacy
+            .subjects
+            .get(&subject.name)
+            .ok_or_else(|| PrivacyError::UnknownSubject {
+                name: subject.name.clone(),
+                known: privacy
+                    .subjects
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+    let w = Warehouse::new(&cfg.warehouse)?;
+    let mut scan = Scan {
+        subject: subject.name.clone(),
+        tables: tables.keys().cloned().collect(),
+        files_searched: 0,
+        places: Vec::new(),
+    };
+    for (table, column) in tables {
+        let wanted = match privacy.rule(table, column) {
+            MaskRule::Hash => {
+                let key = privacy.key.as_deref().unwrap_or_default();
+                Hasher::new(key.as_bytes()).hex(subject.value.as_bytes())
+            }
+            _ => subject.value.clone(),
+        };
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        for kind in [TableKind::Changes, TableKind::Mirror] {
+            let target = Target {
+                w: &w,
+                table,
+                kind,
+                column,
+                wanted: &wanted,
+            };
+            target.search(schema, name, &mut scan).await?;
+        }
+    }
+    Ok(scan)
+}
+
+/// One Delta table searched for one value of one column.
+struct Target<'a> {
+    w: &'a Warehouse,
+    table: &'a str,
+    kind: TableKind,
+    column: &'a str,
+    wanted: &'a str,
+}
+
+impl Target<'_> {
+    async fn search(&self, schema: &str, name: &str, scan: &mut Scan) -> Result<(), PrivacyError> {
+        let url = self.w.table_url(self.kind, schema, name);
+        let dir = url
+            .as_str()
+            .strip_prefix(self.w.root().as_str())
+            .unwrap_or_default()
+            .to_string();
+        let current: HashSet<String> =
+            match self.w.open(&url).await.map_err(|source| SinkError::Delta {
+                table: url.to_string(),
+                source,
+            })? {
+                Some(t) => t
+                    .snapshot()
+                    .map(|s| s.log_data().iter().map(|f| f.path().to_string()).collect())
+                    .unwrap_or_default(),
+                None => HashSet::new(),
+            };
+        let store = self.w.object_store(&dir)?;
+        let objects: Vec<_> = store.list(None).try_collect().await.map_err(store_err)?;
+        for meta in objects {
+            let path = meta.location.to_string();
+            let in_log = path.starts_with("_delta_log/");
+            let (rows, in_statistics) = if in_log && path.ends_with(".json") {
+                let bytes = store.get(&meta.location).await.map_err(store_err)?;
+                let bytes = bytes.bytes().await.map_err(store_err)?;
+                (0, self.json_log_holds(&bytes))
+            } else if in_log && path.ends_with(".parquet") {
+                let stats = read_column(&store, &meta.location, "add").await?;
+                (0, self.checkpoint_holds(&stats))
+            } else if path.ends_with(".parquet") {
+                let batches = read_column(&store, &meta.location, self.column).await?;
+                (self.rows_holding(&batches), false)
+            } else {
+                continue;
+            };
+            scan.files_searched += 1;
+            if rows > 0 || in_statistics {
+                scan.places.push(Place {
+                    table: self.table.to_string(),
+                    kind: match self.kind {
+                        TableKind::Changes => "changelog",
+                        TableKind::Mirror => "mirror",
+                    },
+                    file: format!("{dir}{path}"),
+                    rows,
+                    in_statistics,
+                    current: current.contains(&path),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows of the subject column (cast to its text) equal to the value.
+    fn rows_holding(&self, batches: &[RecordBatch]) -> u64 {
+        let mut n = 0;
+        for b in batches {
+            let Some(col) = b.column_by_name(self.column) else {
+                continue;
+            };
+            let Ok(text) = arrow::compute::cast(col, &DataType::Utf8) else {
+                continue;
+            };
+            let text = text.as_string::<i32>();
+            n += text.iter().filter(|v| *v == Some(self.wanted)).count() as u64;
+        }
+        n
+    }
+
+    /// An add or remove action of a JSON commit whose statistics hold the value.
+    fn json_log_holds(&self, bytes: &[u8]) -> bool {
+        bytes.split(|b| *b == b'\n').any(|line| {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return false;
+            };
+            ["add", "remove"].iter().any(|a| {
+                v.get(a)
+                    .and_then(|x| x.get("stats"))
+                    .and_then(|s| s.as_str())
+                    .is_some_and(|s| self.stats_hold(s))
+            })
+        })
+    }
+
+    /// A checkpoint's add actions whose statistics hold the value.
+    fn checkpoint_holds(&self, batches: &[RecordBatch]) -> bool {
+        batches.iter().any(|b| {
+            let Some(add) = b.column_by_name("add").and_then(|a| a.as_struct_opt()) else {
+                return false;
+            };
+            let Some(stats) = add.column_by_name("stats") else {
+                return false;
+            };
+            let Ok(stats) = arrow::compute::cast(stats, &DataType::Utf8) else {
+                return false;
+            };
+            let stats = stats.as_string::<i32>();
+            stats.iter().flatten().any(|s| self.stats_hold(s))
+        })
+    }
+
+    /// A statistics object (`{"minValues": {...}, "maxValues": {...}}`) whose min or max of the
+    /// subject column is the value.
+    fn stats_hold(&self, stats: &str) -> bool {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(stats) else {
+            return false;
+        };
+        ["minValues", "maxValues"].iter().any(|m| {
+            v.get(m)
+                .and_then(|x| x.get(self.column))
+                .is_some_and(|x| match x {
+                    serde_json::Value::String(s) => s == self.wanted,
+                    other => {
+                        let text = other.to_string();
+                        text == self.wanted
+                    }
+                })
+        })
+    }
+}
+
+fn store_err(e: object_store::Error) -> PrivacyError {
+    PrivacyError::Sink(SinkError::Store(Box::new(e)))
+}
+
+/// The root column `column` of a Parquet file (nothing when the file has no such column).
+async fn read_column(
+    store: &deltalake::logstore::ObjectStoreRef,
+    path: &Path,
+    column: &str,
+) -> Result<Vec<RecordBatch>, PrivacyError> {
+    let parquet = |source| {
+        PrivacyError::Sink(SinkError::Parquet {
+            file: path.to_string(),
+            source,
+        })
+    };
+    #[allow(deprecated)]
+    let reader = ParquetObjectReader::new(store.clone(), path.clone());
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(parquet)?;
+    let schema = builder.parquet_schema();
+    let fields = schema.root_schema().get_fields();
+    let Some(root) = fields.iter().position(|f| f.name() == column) else {
+        return Ok(Vec::new());
+    };
+    let mask = ProjectionMask::roots(schema, [root]);
+    builder
+        .with_projection(mask)
+        .build()
+        .map_err(parquet)?
+        .try_collect()
+        .await
+        .map_err(parquet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target<'a>(w: &'a Warehouse) -> Target<'a> {
+        Target {
+            w,
+            table: "public.orders",
+            kind: TableKind::Mirror,
+            column: "customer_id",
+            wanted: "42",
+        }
+    }
+
+    #[test]
+    fn subjects_parse_as_name_equals_identifier() {
+        let s: Subject = "customer=42".parse().unwrap();
+        assert_eq!((s.name.as_str(), s.value.as_str()), ("customer", "42"));
+        assert!("customer"
+            .parse::<Subject>()
+            .unwrap_err()
+            .contains("name=identifier"));
+        assert!("=42".parse::<Subject>().is_err());
+    }
+
+    #[test]
+    fn statistics_hold_the_value_as_min_or_max_in_json_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warehouse::new(&crate::config::WarehouseConfig {
+            url: dir.path().display().to_string(),
+            storage_options: Default::default(),
+            deletion_vectors: true,
+            key_index_rows: 1,
+        })
+        .unwrap();
+        let t = target(&w);
+        assert!(t.stats_hold(
+            r#"{"numRecords":3,"minValues":{"customer_id":42},"maxValues":{"customer_id":50}}"#
+        ));
+        assert!(
+            t.stats_hold(r#"{"minValues":{"customer_id":"1"},"maxValues":{"customer_id":"42"}}"#)
+        );
+        assert!(!t.stats_hold(r#"{"minValues":{"customer_id":41},"maxValues":{"customer_id":43}}"#));
+        assert!(!t.stats_hold(r#"{"minValues":{"other":42}}"#));
+        let log = format!(
+            "{}\n{}\n",
+            r#"{"commitInfo":{"timestamp":1}}"#,
+            r#"{"add":{"path":"a.parquet","stats":"{\"minValues\":{\"customer_id\":42}}"}}"#
+        );
+        assert!(t.json_log_holds(log.as_bytes()));
+        assert!(!t.json_log_holds(br#"{"add":{"path":"a.parquet"}}"#));
+    }
+}

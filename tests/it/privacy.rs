@@ -1,0 +1,369 @@
+//! Personal data: columns masked at ingest never reach the warehouse in clear (snapshot, stream,
+//! spilled transactions, key changes of a hashed identity), the masked mirror still equals the
+//! source (walden verify), hashes equal Postgres's own HMAC (pgcrypto), and a `[privacy]` that
+//! names what the source does not have is refused.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::DataType;
+
+use crate::pg::{config, test_db, warehouse_dir, TestDb};
+use crate::warehouse::{assert_verified, run_once};
+use walden::config::{Config, PrivacyConfig};
+use walden::sink::{TableKind, Warehouse};
+
+const KEY: &str = "a test secret";
+
+/// Every string in clear that marks a masked value of the test's rows.
+const MARKERS: [&str; 5] = ["EMAILMARK", "SSNMARK", "PHONEMARK", "CARDMARK", "CODEMARK"];
+
+async fn exec(db: &TestDb, sql: &str) {
+    db.client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn privacy(text: &str) -> PrivacyConfig {
+    let p: PrivacyConfig = toml::from_str(text).unwrap();
+    p.validate().unwrap();
+    p
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// No file under the warehouse holds a marker: neither its bytes (Delta logs, checkpoints,
+/// walden's own records, the first occurrence in any Parquet page) nor, read as Parquet, any
+/// string value of any column. Returns how many Parquet files were read.
+fn assert_no_marker(wh: &Path) -> usize {
+    let mut files = Vec::new();
+    files_under(wh, &mut files);
+    let mut parquet = 0;
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        for m in MARKERS {
+            assert!(
+                memchr::memmem::find(&bytes, m.as_bytes()).is_none(),
+                "{} holds {m} in clear",
+                f.display()
+            );
+        }
+        if !f.to_string_lossy().ends_with(".parquet") {
+            continue;
+        }
+        parquet += 1;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(f).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            for col in batch.columns() {
+                let col = arrow::compute::cast(col, &DataType::Utf8).unwrap_or(col.clone());
+                let Some(s) = col.as_string_opt::<i32>() else {
+                    continue;
+                };
+                for v in s.iter().flatten() {
+                    assert!(
+                        !MARKERS.iter().any(|m| v.contains(m)),
+                        "{} holds {v:?}",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
+    parquet
+}
+
+async fn mirror_rows(cfg: &Config, table: &str, sql: &str) -> BTreeSet<(String, String)> {
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    let url = w.table_url(TableKind::Mirror, "public", table);
+    let t = w.open(&url).await.unwrap().expect("mirror exists");
+    let mut out = BTreeSet::new();
+    for b in walden::apply::inspect::query(&t, sql).await.unwrap() {
+        let a = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+        let c = arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap();
+        for i in 0..b.num_rows() {
+            let get = |x: &dyn Array| {
+                if x.is_null(i) {
+                    String::new()
+                } else {
+                    x.as_string::<i32>().value(i).to_string()
+                }
+            };
+            out.insert((get(&a), get(&c)));
+        }
+    }
+    out
+}
+
+async fn source_rows(db: &TestDb, sql: &str) -> BTreeSet<(String, String)> {
+    db.client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let get = |i| r.get::<_, Option<String>>(i).unwrap_or_default();
+            (get(0), get(1))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_columns_never_reach_the_warehouse_in_clear() {
+    let db = test_db("masking").await;
+    let wh = warehouse_dir("masking");
+    exec(
+        &db,
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto;
+         CREATE TABLE people (id int PRIMARY KEY, email text, ssn text, phone text, city text);
+         INSERT INTO people SELECT g, 'EMAILMARK' || g || '@example.com', 'SSNMARK' || g,
+             'PHONEMARK' || g, 'city' || (g % 7) FROM generate_series(1, 300) g;
+         CREATE TABLE orders (code text PRIMARY KEY, person int, card text);
+         INSERT INTO orders SELECT 'CODEMARK' || g, g % 300 + 1, 'CARDMARK' || g
+             FROM generate_series(1, 500) g;",
+    )
+    .await;
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy(&format!(
+        "key = {KEY:?}
+         [mask.\"public.people\"]
+         email = \"hash\"
+         ssn = \"drop\"
+         phone = \"null\"
+         [mask.\"public.orders\"]
+         code = \"hash\"
+         card = \"drop\""
+    ));
+    // Transactions past 16 KiB spill to disk (masked before they do) and land in parts.
+    cfg.spill.memory_bytes = 16 * 1024;
+    cfg.spill.dir = wh.with_extension("spill").display().to_string();
+    run_once(&cfg).await; // the snapshot
+
+    exec(
+        &db,
+        "INSERT INTO people VALUES (1001, 'EMAILMARK1001@x', 'SSNMARK1001', 'PHONEMARK1001', 'c');
+         UPDATE people SET email = 'EMAILMARKNEW' || id WHERE id <= 20;
+         UPDATE people SET city = 'moved' WHERE id BETWEEN 21 AND 40;
+         UPDATE people SET id = id + 5000 WHERE id BETWEEN 41 AND 45;
+         DELETE FROM people WHERE id BETWEEN 46 AND 60;
+         UPDATE orders SET code = code || 'X' WHERE person < 10;
+         UPDATE orders SET card = 'CARDMARKNEW' || person WHERE person BETWEEN 10 AND 20;
+         DELETE FROM orders WHERE person BETWEEN 21 AND 30;
+         INSERT INTO orders SELECT 'CODEMARKS' || g, g, 'CARDMARKS' || g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    run_once(&cfg).await;
+
+    // The masked mirror equals the source, masked the same way (verify hashes the source's text).
+    assert_verified(&cfg).await;
+    // Hashes are Postgres's own HMAC-SHA256 under the key (pgcrypto), so joins with values
+    // hashed elsewhere work: people by id, orders by person (their hashed key).
+    let hmac = |col: &str| format!("encode(hmac({col}, '{KEY}', 'sha256'), 'hex')");
+    let want = source_rows(
+        &db,
+        &format!("SELECT id::text, {} FROM people", hmac("email")),
+    )
+    .await;
+    let got = mirror_rows(&cfg, "people", "SELECT id, email FROM t").await;
+    assert_eq!(got.len(), 300 + 1 - 15);
+    assert_eq!(got, want);
+    let want = source_rows(
+        &db,
+        &format!("SELECT {}, person::text FROM orders", hmac("code")),
+    )
+    .await;
+    let got = mirror_rows(&cfg, "orders", "SELECT code, person FROM t").await;
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 500 - 20 + 2000); // persons 21–30 had two orders each
+    // Nulled: NULL in every row; dropped: not a column at all.
+    let phones = mirror_rows(&cfg, "people", "SELECT count(*), count(phone) FROM t").await;
+    assert_eq!(phones, BTreeSet::from([("286".into(), "0".into())]));
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    for (table, gone) in [("people", "ssn"), ("orders", "card")] {
+        for kind in [TableKind::Mirror, TableKind::Changes] {
+            let t = w
+                .open(&w.table_url(kind, "public", table))
+                .await
+                .unwrap()
+                .unwrap();
+            let schema = t.snapshot().unwrap().snapshot().arrow_schema();
+            assert!(schema.field_with_name(gone).is_err(), "{table} {kind:?}");
+        }
+    }
+
+    let parquet = assert_no_marker(&wh);
+    assert!(parquet >= 8, "read {parquet} Parquet files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_naming_what_the_source_lacks_is_refused() {
+    let db = test_db("privacy_names").await;
+    exec(
+        &db,
+        "CREATE TABLE customers (id int PRIMARY KEY, email text);
+         CREATE TABLE notes (id int PRIMARY KEY, body text);
+         CREATE PUBLICATION walden FOR TABLE customers;",
+    )
+    .await;
+    let check = |text: &str| {
+        let p = privacy(text);
+        let client = &db.client;
+        async move { walden::privacy::check_names(client, &p, "walden").await }
+    };
+    let ok = check("key = \"k\"\n[subjects.customer]\n\"public.customers\" = \"id\"").await;
+    assert_eq!(ok.unwrap(), Vec::<String>::new());
+    let unpublished = check("[mask.\"public.notes\"]\nbody = \"null\"").await;
+    assert_eq!(unpublished.unwrap(), vec!["public.notes".to_string()]);
+    let e = check("key = \"k\"\n[subjects.customer]\n\"public.customer\" = \"id\"")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("privacy.subjects.customer names table public.customer, which does not exist"),
+        "{e}"
+    );
+    let e = check("[mask.\"public.customers\"]\nmail = \"drop\"")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("column mail of public.customers"), "{e}");
+
+    // `walden check` says the same, as an error.
+    let wh = warehouse_dir("privacy_names");
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy("[mask.\"public.customers\"]\nmail = \"drop\"");
+    let report = walden::ops::check::run(&cfg).await;
+    assert!(!report.ok);
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.check == "privacy" && f.message.contains("column mail")),
+        "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_erasure_finds_every_file_that_still_holds_a_subject() {
+    let db = test_db("erasure_scan").await;
+    let wh = warehouse_dir("erasure_scan");
+    exec(
+        &db,
+        "CREATE TABLE customers (id int PRIMARY KEY, email text);
+         INSERT INTO customers SELECT g, 'c' || g || '@example.com' FROM generate_series(1, 200) g;
+         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total int);
+         INSERT INTO orders SELECT g, g % 200 + 1, g FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy(&format!(
+        "key = {KEY:?}
+         [subjects.customer]
+         \"public.customers\" = \"id\"
+         \"public.orders\" = \"customer_id\"
+         [mask.\"public.orders\"]
+         customer_id = \"hash\""
+    ));
+    run_once(&cfg).await;
+    let subject = |s: &str| s.parse::<walden::privacy::scan::Subject>().unwrap();
+    // Present: the mirror's current files hold customer 42 and its 5 orders (the hashed
+    // column is searched for the hash).
+    let scan = walden::privacy::scan::find(&cfg, &subject("customer=42"))
+        .await
+        .unwrap();
+    let rows = |kind: &str, table: &str, current: bool| -> u64 {
+        scan.places
+            .iter()
+            .filter(|p| p.kind == kind && p.table == table && p.current == current)
+            .map(|p| p.rows)
+            .sum()
+    };
+    assert_eq!(
+        rows("mirror", "public.customers", true),
+        1,
+        "{}",
+        scan.render()
+    );
+    assert_eq!(
+        rows("mirror", "public.orders", true),
+        5,
+        "{}",
+        scan.render()
+    );
+    assert_eq!(
+        rows("changelog", "public.orders", true),
+        5,
+        "{}",
+        scan.render()
+    );
+    assert!(scan.files_searched >= 8, "{}", scan.render());
+
+    // Deleted at the source: the mirror no longer shows the rows, but its files (marked by
+    // deletion vectors) and the changelog's history still hold them; verify-erasure says so.
+    exec(
+        &db,
+        "UPDATE customers SET email = 'new' WHERE id = 42;
+         DELETE FROM orders WHERE customer_id = 42;
+         DELETE FROM customers WHERE id = 42;",
+    )
+    .await;
+    run_once(&cfg).await;
+    assert_verified(&cfg).await;
+    let scan = walden::privacy::scan::find(&cfg, &subject("customer=42"))
+        .await
+        .unwrap();
+    let tables: BTreeSet<(&str, &str)> = scan
+        .places
+        .iter()
+        .map(|p| (p.table.as_str(), p.kind))
+        .collect();
+    assert_eq!(
+        tables,
+        BTreeSet::from([
+            ("public.customers", "changelog"),
+            ("public.customers", "mirror"),
+            ("public.orders", "changelog"),
+            ("public.orders", "mirror"),
+        ]),
+        "{}",
+        scan.render()
+    );
+    // Changelog: the snapshot row, the update's old+new… at least the snapshot and delete rows.
+    let changelog: u64 = scan
+        .places
+        .iter()
+        .filter(|p| p.kind == "changelog" && p.table == "public.customers")
+        .map(|p| p.rows)
+        .sum();
+    assert!(changelog >= 3, "{}", scan.render());
+    assert!(scan.render().contains("still hold it"));
+
+    // Someone never there is nowhere; an unknown subject is an error naming the known ones.
+    let none = walden::privacy::scan::find(&cfg, &subject("customer=4242"))
+        .await
+        .unwrap();
+    assert!(none.places.is_empty(), "{}", none.render());
+    assert!(none.render().contains("nowhere in the warehouse"));
+    let e = walden::privacy::scan::find(&cfg, &subject("patient=1"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("configured: customer"), "{e}");
+}
