@@ -192,7 +192,7 @@ async fn masked_columns_never_reach_the_warehouse_in_clear() {
     let got = mirror_rows(&cfg, "orders", "SELECT code, person FROM t").await;
     assert_eq!(got, want);
     assert_eq!(got.len(), 500 - 20 + 2000); // persons 21–30 had two orders each
-    // Nulled: NULL in every row; dropped: not a column at all.
+                                            // Nulled: NULL in every row; dropped: not a column at all.
     let phones = mirror_rows(&cfg, "people", "SELECT count(*), count(phone) FROM t").await;
     assert_eq!(phones, BTreeSet::from([("286".into(), "0".into())]));
     let w = Warehouse::new(&cfg.warehouse).unwrap();
