@@ -94,6 +94,23 @@ pub enum Command {
         #[arg(long)]
         table: String,
     },
+    /// Erase a data subject from the warehouse: rows out of every mapped table (changelog and
+    /// mirror), the files that held them deleted now, a receipt under `_walden/erasures/`.
+    Forget {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// `name=identifier`, the name from `[privacy.subjects]`, e.g. `customer=42`.
+        #[arg(long)]
+        subject: crate::privacy::scan::Subject,
+        /// Say what would be erased; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Erase even though the source still holds rows of the subject.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Search every file under the warehouse's tables of a data subject (referenced by a Delta
     /// version or not) for the subject's identifier; lists each file that holds it, exit 1 if any.
     VerifyErasure {
@@ -298,6 +315,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", v.render());
             }
             if v.ok {
+                Ok(())
+            } else {
+                Err(Failed.into())
+            }
+        }
+        Command::Forget {
+            config,
+            subject,
+            dry_run,
+            force,
+            json,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let receipt = crate::privacy::forget::forget(&cfg, &subject, dry_run, force).await?;
+            if json {
+                print_json(&receipt)?;
+            } else {
+                print!("{}", receipt.render());
+            }
+            if receipt.remaining == 0 {
                 Ok(())
             } else {
                 Err(Failed.into())

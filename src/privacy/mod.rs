@@ -3,8 +3,10 @@
 //! Owns the checks that the tables and columns `[privacy]` names exist at the source (a mask or a
 //! subject on a misspelt name would protect nothing, silently), run before `walden run` streams
 //! and by `walden check`. The masking itself happens where values are decoded
-//! (`crate::decode::mask`); where a data subject still is, in [`scan`].
+//! (`crate::decode::mask`); where a data subject still is, in [`scan`]; erasing one, in
+//! [`forget`].
 
+pub mod forget;
 pub mod scan;
 
 use crate::config::{MaskRule, PrivacyConfig};
@@ -15,6 +17,13 @@ use crate::source::SourceError;
 pub enum PrivacyError {
     #[error("subject {name:?} is not in [privacy.subjects] (configured: {known})")]
     UnknownSubject { name: String, known: String },
+    #[error(
+        "the source still holds {rows} row(s) of subject {subject}: the next change to them \
+        would bring them back into the warehouse. Delete them in Postgres first (the delete \
+        reaches the mirror by itself), then run forget again; --force erases the warehouse's \
+        copies anyway"
+    )]
+    StillAtSource { subject: String, rows: u64 },
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::DataType;
 #[allow(deprecated)]
 use deltalake::parquet::arrow::async_reader::{
@@ -22,7 +22,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
 use super::PrivacyError;
-use crate::config::{Config, MaskRule};
+use crate::config::{Config, MaskRule, PrivacyConfig};
 use crate::decode::mask::Hasher;
 use crate::sink::{SinkError, TableKind, Warehouse};
 
@@ -58,10 +58,15 @@ pub struct Place {
     pub kind: &'static str,
     /// The file, from the warehouse's root.
     pub file: String,
+    /// The file, from the table's root (as the Delta log names it).
+    #[serde(skip)]
+    pub path: String,
     /// Rows whose subject column holds the identifier (data files).
     pub rows: u64,
-    /// A column statistic (min or max) of a Delta log entry holds the identifier.
-    pub in_statistics: bool,
+    /// A Delta log entry (commit or checkpoint) describes a file holding the subject (its column
+    /// statistics copy min and max values out of the file), or its statistics hold the
+    /// identifier.
+    pub in_log: bool,
     /// The table's current version references the file (otherwise only older versions do, or
     /// none).
     pub current: bool,
@@ -86,7 +91,7 @@ impl Scan {
                     p.kind.to_string(),
                     p.file.clone(),
                     p.rows.to_string(),
-                    if p.in_statistics { "yes" } else { "no" }.into(),
+                    if p.in_log { "yes" } else { "no" }.into(),
                     if p.current { "current" } else { "old" }.into(),
                 ]
             })
@@ -94,7 +99,7 @@ impl Scan {
         let mut out = String::new();
         if !rows.is_empty() {
             out = crate::ops::text_table(
-                &["table", "kind", "file", "rows", "in_statistics", "version"],
+                &["table", "kind", "file", "rows", "log_entry", "version"],
                 &rows,
             );
         }
@@ -108,8 +113,8 @@ impl Scan {
             out.push_str("the subject is nowhere in the warehouse\n");
         } else {
             out.push_str(&format!(
-                "{} file(s) still hold it (rows in data files, or the identifier in a Delta log's \
-                 statistics)\n",
+                "{} file(s) still hold it (rows in data files; Delta log entries describing such \
+                 files, whose statistics copy their values, or holding the identifier)\n",
                 self.places.len()
             ));
         }
@@ -141,13 +146,7 @@ pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError>
         places: Vec::new(),
     };
     for (table, column) in tables {
-        let wanted = match privacy.rule(table, column) {
-            MaskRule::Hash => {
-                let key = privacy.key.as_deref().unwrap_or_default();
-                Hasher::new(key.as_bytes()).hex(subject.value.as_bytes())
-            }
-            _ => subject.value.clone(),
-        };
+        let wanted = stored_value(privacy, table, column, &subject.value);
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         for kind in [TableKind::Changes, TableKind::Mirror] {
             let target = Target {
@@ -161,6 +160,25 @@ pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError>
         }
     }
     Ok(scan)
+}
+
+/// The identifier as `column` of `table` stores it: its keyed hash when the column is hashed.
+pub fn stored_value(privacy: &PrivacyConfig, table: &str, column: &str, value: &str) -> String {
+    match privacy.rule(table, column) {
+        MaskRule::Hash => {
+            let key = privacy.key.as_deref().unwrap_or_default();
+            Hasher::new(key.as_bytes()).hex(value.as_bytes())
+        }
+        _ => value.to_string(),
+    }
+}
+
+/// The subject's rows in `batch`: the subject column, as text, equal to `wanted`.
+pub fn holding(batch: &RecordBatch, column: &str, wanted: &str) -> Option<BooleanArray> {
+    let col = batch.column_by_name(column)?;
+    let text = arrow::compute::cast(col, &DataType::Utf8).ok()?;
+    let text = text.as_string::<i32>();
+    Some(text.iter().map(|v| Some(v == Some(wanted))).collect())
 }
 
 /// One Delta table searched for one value of one column.
@@ -192,17 +210,21 @@ impl Target<'_> {
                 None => HashSet::new(),
             };
         let store = self.w.object_store(&dir)?;
-        let objects: Vec<_> = store.list(None).try_collect().await.map_err(store_err)?;
+        let mut objects: Vec<_> = store.list(None).try_collect().await.map_err(store_err)?;
+        // Data files first: a log entry that describes one of those holding the subject copies
+        // values of its rows into its column statistics.
+        objects.sort_by_key(|m| m.location.as_ref().starts_with("_delta_log/"));
+        let mut holders = HashSet::new();
         for meta in objects {
             let path = meta.location.to_string();
             let in_log = path.starts_with("_delta_log/");
-            let (rows, in_statistics) = if in_log && path.ends_with(".json") {
+            let (rows, in_log) = if in_log && path.ends_with(".json") {
                 let bytes = store.get(&meta.location).await.map_err(store_err)?;
                 let bytes = bytes.bytes().await.map_err(store_err)?;
-                (0, self.json_log_holds(&bytes))
+                (0, self.json_log_holds(&bytes, &holders))
             } else if in_log && path.ends_with(".parquet") {
-                let stats = read_column(&store, &meta.location, "add").await?;
-                (0, self.checkpoint_holds(&stats))
+                let adds = read_column(&store, &meta.location, "add").await?;
+                (0, self.checkpoint_holds(&adds, &holders))
             } else if path.ends_with(".parquet") {
                 let batches = read_column(&store, &meta.location, self.column).await?;
                 (self.rows_holding(&batches), false)
@@ -210,7 +232,10 @@ impl Target<'_> {
                 continue;
             };
             scan.files_searched += 1;
-            if rows > 0 || in_statistics {
+            if rows > 0 {
+                holders.insert(path.clone());
+            }
+            if rows > 0 || in_log {
                 scan.places.push(Place {
                     table: self.table.to_string(),
                     kind: match self.kind {
@@ -218,8 +243,9 @@ impl Target<'_> {
                         TableKind::Mirror => "mirror",
                     },
                     file: format!("{dir}{path}"),
+                    path: path.clone(),
                     rows,
-                    in_statistics,
+                    in_log,
                     current: current.contains(&path),
                 });
             }
@@ -229,49 +255,54 @@ impl Target<'_> {
 
     /// Rows of the subject column (cast to its text) equal to the value.
     fn rows_holding(&self, batches: &[RecordBatch]) -> u64 {
-        let mut n = 0;
-        for b in batches {
-            let Some(col) = b.column_by_name(self.column) else {
-                continue;
-            };
-            let Ok(text) = arrow::compute::cast(col, &DataType::Utf8) else {
-                continue;
-            };
-            let text = text.as_string::<i32>();
-            n += text.iter().filter(|v| *v == Some(self.wanted)).count() as u64;
-        }
-        n
+        batches
+            .iter()
+            .filter_map(|b| holding(b, self.column, self.wanted))
+            .map(|m| m.true_count() as u64)
+            .sum()
     }
 
-    /// An add or remove action of a JSON commit whose statistics hold the value.
-    fn json_log_holds(&self, bytes: &[u8]) -> bool {
+    /// A JSON commit with an add or remove action that describes a file holding the subject,
+    /// or whose statistics hold the value.
+    fn json_log_holds(&self, bytes: &[u8], holders: &HashSet<String>) -> bool {
         bytes.split(|b| *b == b'\n').any(|line| {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
                 return false;
             };
             ["add", "remove"].iter().any(|a| {
-                v.get(a)
-                    .and_then(|x| x.get("stats"))
-                    .and_then(|s| s.as_str())
-                    .is_some_and(|s| self.stats_hold(s))
+                let Some(action) = v.get(a) else {
+                    return false;
+                };
+                let describes = action
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .is_some_and(|p| holders.contains(&decoded(p)));
+                describes
+                    || action
+                        .get("stats")
+                        .and_then(|s| s.as_str())
+                        .is_some_and(|s| self.stats_hold(s))
             })
         })
     }
 
-    /// A checkpoint's add actions whose statistics hold the value.
-    fn checkpoint_holds(&self, batches: &[RecordBatch]) -> bool {
+    /// A checkpoint with an add action that describes a file holding the subject, or whose
+    /// statistics hold the value.
+    fn checkpoint_holds(&self, batches: &[RecordBatch], holders: &HashSet<String>) -> bool {
         batches.iter().any(|b| {
             let Some(add) = b.column_by_name("add").and_then(|a| a.as_struct_opt()) else {
                 return false;
             };
-            let Some(stats) = add.column_by_name("stats") else {
-                return false;
+            let text = |name: &str| {
+                add.column_by_name(name)
+                    .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
             };
-            let Ok(stats) = arrow::compute::cast(stats, &DataType::Utf8) else {
-                return false;
-            };
-            let stats = stats.as_string::<i32>();
-            stats.iter().flatten().any(|s| self.stats_hold(s))
+            let paths = text("path");
+            let stats = text("stats");
+            let paths = paths.as_ref().map(|p| p.as_string::<i32>());
+            let stats = stats.as_ref().map(|s| s.as_string::<i32>());
+            paths.is_some_and(|p| p.iter().flatten().any(|p| holders.contains(&decoded(p))))
+                || stats.is_some_and(|s| s.iter().flatten().any(|s| self.stats_hold(s)))
         })
     }
 
@@ -293,6 +324,14 @@ impl Target<'_> {
                 })
         })
     }
+}
+
+/// A log entry's path (percent-encoded, as the protocol writes it) as the store names the file.
+fn decoded(path: &str) -> String {
+    url::form_urlencoded::parse(format!("p={}", path.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| path.to_string())
 }
 
 fn store_err(e: object_store::Error) -> PrivacyError {
@@ -380,7 +419,11 @@ mod tests {
             r#"{"commitInfo":{"timestamp":1}}"#,
             r#"{"add":{"path":"a.parquet","stats":"{\"minValues\":{\"customer_id\":42}}"}}"#
         );
-        assert!(t.json_log_holds(log.as_bytes()));
-        assert!(!t.json_log_holds(br#"{"add":{"path":"a.parquet"}}"#));
+        let none = HashSet::new();
+        assert!(t.json_log_holds(log.as_bytes(), &none));
+        assert!(!t.json_log_holds(br#"{"add":{"path":"a.parquet"}}"#, &none));
+        // A file holding the subject: every entry describing it counts.
+        let holders = HashSet::from(["a b.parquet".to_string()]);
+        assert!(t.json_log_holds(br#"{"remove":{"path":"a%20b.parquet"}}"#, &holders));
     }
 }

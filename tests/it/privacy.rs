@@ -3,7 +3,7 @@
 //! source (walden verify), hashes equal Postgres's own HMAC (pgcrypto), and a `[privacy]` that
 //! names what the source does not have is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use arrow::array::{Array, AsArray};
@@ -366,4 +366,169 @@ async fn verify_erasure_finds_every_file_that_still_holds_a_subject() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("configured: customer"), "{e}");
+}
+
+/// Every file under `dir` as bytes, by path (to compare a warehouse before and after).
+fn snapshot_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = Vec::new();
+    files_under(dir, &mut files);
+    files
+        .into_iter()
+        .map(|f| (f.display().to_string(), std::fs::read(&f).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
+    let db = test_db("forget").await;
+    let wh = warehouse_dir("forget");
+    // Customer 42 has a unique marker in every row of theirs (ERASEME…), orders that share
+    // files with other customers', and a long history: updates, an order whose key changes.
+    exec(
+        &db,
+        "CREATE TABLE customers (id int PRIMARY KEY, email text, note text);
+         INSERT INTO customers SELECT g, 'c' || g || '@example.com',
+             CASE WHEN g = 42 THEN 'ERASEME-note' ELSE 'note' || g END FROM generate_series(1, 200) g;
+         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, item text);
+         INSERT INTO orders SELECT g, g % 200 + 1,
+             CASE WHEN g % 200 + 1 = 42 THEN 'ERASEME-item' || g ELSE 'item' || g END
+             FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy(&format!(
+        "key = {KEY:?}
+         [subjects.customer]
+         \"public.customers\" = \"id\"
+         \"public.orders\" = \"customer_id\""
+    ));
+    run_once(&cfg).await;
+    for round in 0..4 {
+        exec(
+            &db,
+            &format!(
+                "UPDATE customers SET email = 'ERASEME-mail{round}' WHERE id = 42;
+                 UPDATE customers SET note = 'other{round}' WHERE id % 10 = 0;
+                 UPDATE orders SET item = item || '+' WHERE customer_id IN (41, 42, 43);"
+            ),
+        )
+        .await;
+        run_once(&cfg).await;
+    }
+    exec(
+        &db,
+        "UPDATE orders SET id = id + 5000 WHERE customer_id = 42 AND id < 300;",
+    )
+    .await;
+    run_once(&cfg).await;
+    let subject = "customer=42"
+        .parse::<walden::privacy::scan::Subject>()
+        .unwrap();
+
+    // Still at the source: refused, and nothing changes.
+    let e = walden::privacy::forget::forget(&cfg, &subject, false, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the source still holds 6 row(s) of subject customer"),
+        "{e}"
+    );
+
+    // Deleted at the source (the delete streams to the mirror), then forgotten.
+    exec(
+        &db,
+        "DELETE FROM orders WHERE customer_id = 42; DELETE FROM customers WHERE id = 42;",
+    )
+    .await;
+    run_once(&cfg).await;
+    let marker = |wh: &Path| -> Vec<String> {
+        let mut files = Vec::new();
+        files_under(wh, &mut files);
+        files
+            .into_iter()
+            .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
+            .map(|f| f.display().to_string())
+            .collect()
+    };
+    assert!(
+        !marker(&wh).is_empty(),
+        "the history holds the subject before forget"
+    );
+
+    // A dry run lists what would go and changes nothing, byte for byte.
+    let before = snapshot_bytes(&wh);
+    let plan = walden::privacy::forget::forget(&cfg, &subject, true, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        snapshot_bytes(&wh),
+        before,
+        "a dry run changed the warehouse"
+    );
+    assert_eq!(plan.tables.len(), 4, "{}", plan.render());
+    assert!(plan.render().contains("dry run"));
+
+    let receipt = walden::privacy::forget::forget(&cfg, &subject, false, false)
+        .await
+        .unwrap();
+    assert_eq!(receipt.remaining, 0, "{}", receipt.render());
+    assert!(receipt.tables.iter().all(|t| !t.files_deleted.is_empty()));
+    // Nothing under the warehouse holds the marker any more (bytes of every file, and every
+    // string value of every Parquet file), nor the subject (verify-erasure).
+    assert_eq!(marker(&wh), Vec::<String>::new());
+    let scan = walden::privacy::scan::find(&cfg, &subject).await.unwrap();
+    assert!(scan.places.is_empty(), "{}", scan.render());
+    let mut files = Vec::new();
+    files_under(&wh, &mut files);
+    for f in files
+        .iter()
+        .filter(|f| f.to_string_lossy().ends_with(".parquet"))
+    {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(f).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        for b in reader {
+            for col in b.unwrap().columns() {
+                if let Some(s) = col.as_string_opt::<i32>() {
+                    assert!(
+                        s.iter().flatten().all(|v| !v.contains("ERASEME")),
+                        "{}",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
+    // The receipt is on disk, names the subject only by its hash.
+    let receipts = wh.join("_walden/erasures");
+    let names: Vec<_> = std::fs::read_dir(&receipts).unwrap().collect();
+    assert_eq!(names.len(), 1);
+    let text = std::fs::read_to_string(names[0].as_ref().unwrap().path()).unwrap();
+    assert!(text.contains(&receipt.subject_hmac) && text.contains("\"customer\""));
+    assert!(!text.contains("=42") && !text.contains("ERASEME"), "{text}");
+    // Everyone else is untouched: the mirror still equals the source, and the other customers'
+    // history is whole (4 updates of customers 10, 20, …).
+    assert_verified(&cfg).await;
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    let changes = w
+        .open(&w.table_url(TableKind::Changes, "public", "customers"))
+        .await
+        .unwrap()
+        .unwrap();
+    let n = walden::apply::inspect::query(&changes, "SELECT count(*) FROM t WHERE id = 10")
+        .await
+        .unwrap();
+    let n = n[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0);
+    assert_eq!(n, 5, "snapshot + 4 updates of customer 10");
+    // The stream goes on after the erasure.
+    exec(&db, "INSERT INTO customers VALUES (1000, 'new', 'n');").await;
+    run_once(&cfg).await;
+    assert_verified(&cfg).await;
 }
