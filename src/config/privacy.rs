@@ -23,7 +23,7 @@ pub enum MaskRule {
     Hash,
 }
 
-#[derive(Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyConfig {
     /// Secret of the keyed hashes (HMAC-SHA256) of hashed columns and erasure receipts; set it
@@ -31,6 +31,14 @@ pub struct PrivacyConfig {
     /// hash written from then on.
     #[serde(default, deserialize_with = "text")]
     pub key: Option<String>,
+    /// How soon a subject deleted at the source is erased from every file of the warehouse
+    /// (`30s`, `15m`, `1h`, `1d`): `walden run` looks for deleted subjects every half of it.
+    #[serde(default = "default_erase_within")]
+    pub erase_within: String,
+    /// Erase subjects deleted at the source from the warehouse's history by themselves. `false`:
+    /// the history keeps them until `walden forget`.
+    #[serde(default = "default_true")]
+    pub propagate_deletes: bool,
     /// Data subjects: per subject name, per table (`schema.table`), the column holding the
     /// subject's identifier. Those tables hold personal data.
     #[serde(default)]
@@ -41,10 +49,48 @@ pub struct PrivacyConfig {
     pub mask: BTreeMap<String, BTreeMap<String, MaskRule>>,
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn default_erase_within() -> String {
+    "1h".into()
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            key: None,
+            erase_within: default_erase_within(),
+            propagate_deletes: true,
+            subjects: BTreeMap::new(),
+            mask: BTreeMap::new(),
+        }
+    }
+}
+
+/// `30s`, `15m`, `1h`, `2d` as a duration.
+fn duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit.trim() {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return None,
+    };
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
 impl fmt::Debug for PrivacyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PrivacyConfig")
             .field("key", &self.key.as_ref().map(|_| "<secret>"))
+            .field("erase_within", &self.erase_within)
+            .field("propagate_deletes", &self.propagate_deletes)
             .field("subjects", &self.subjects)
             .field("mask", &self.mask)
             .finish()
@@ -61,9 +107,25 @@ fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 }
 
 impl PrivacyConfig {
+    /// Deletes at the source are erased from the history by `walden run`.
+    pub fn propagates(&self) -> bool {
+        self.propagate_deletes && !self.subjects.is_empty()
+    }
+
+    /// `erase_within` as a duration (validated: one hour if it does not parse).
+    pub fn erase_within(&self) -> std::time::Duration {
+        duration(&self.erase_within).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+
     /// The shape checks: table names qualified, a key wherever a hash is needed, no subject
     /// column masked away.
     pub fn validate(&self) -> Result<(), String> {
+        if duration(&self.erase_within).is_none() {
+            return Err(format!(
+                "privacy.erase_within {:?}: write a whole number and a unit, e.g. \"30s\", \"15m\", \"1h\" or \"1d\"",
+                self.erase_within
+            ));
+        }
         let qualified = |t: &str, what: &str| match t.split_once('.') {
             Some((s, n)) if !s.is_empty() && !n.is_empty() => Ok(()),
             _ => Err(format!(
@@ -155,5 +217,15 @@ mod tests {
         assert!(e.contains("shred"), "{e}");
         // Masks that need no key are fine without one.
         parse("[mask.\"public.c\"]\nemail = \"drop\"").unwrap();
+        let e = parse("erase_within = \"soon\"").unwrap_err();
+        assert!(e.contains("\"15m\""), "{e}");
+        assert_eq!(
+            parse("erase_within = \"15m\"")
+                .unwrap()
+                .erase_within()
+                .as_secs(),
+            900
+        );
+        assert_eq!(parse("").unwrap().erase_within().as_secs(), 3600);
     }
 }

@@ -209,9 +209,33 @@ pub fn start(warehouse: Warehouse, mut cfg: MaintenanceConfig) -> Background {
         );
         cfg.retention_hours = STREAMING_RETENTION_HOURS;
     }
+    let every = Duration::from_secs(cfg.interval_s.max(1));
+    background("walden-maintain", every, move || {
+        let (warehouse, cfg) = (warehouse.clone(), cfg.clone());
+        async move {
+            let started = Instant::now();
+            match round(&warehouse, &cfg, None).await {
+                Ok(r) => {
+                    METRICS.maintenance_rounds_total.inc();
+                    tracing::debug!(report = ?r, elapsed = ?started.elapsed(), "maintenance round");
+                }
+                Err(e) => tracing::warn!(error = %e, "maintenance round failed"),
+            }
+        }
+    })
+}
+
+/// Runs `task` every `every` on a thread of its own (`name`) with a current-thread runtime of
+/// its own, at a lower CPU priority (nice [`NICENESS`]), until the returned handle is dropped.
+/// Used by maintenance and by the erasure of deleted subjects (`privacy::propagate`).
+pub fn background<F, Fut>(name: &str, every: Duration, mut task: F) -> Background
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
-        .name("walden-maintain".into())
+        .name(name.into())
         .spawn(move || {
             // SAFETY: setpriority on the calling thread (a Linux thread id is a process id for
             // it); failing leaves the thread at the process's priority.
@@ -225,27 +249,19 @@ pub fn start(warehouse: Warehouse, mut cfg: MaintenanceConfig) -> Background {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "maintenance could not start");
+                    tracing::warn!(error = %e, "background work could not start");
                     return;
                 }
             };
             runtime.block_on(async move {
-                let every = Duration::from_secs(cfg.interval_s.max(1));
                 loop {
                     tokio::select! {
                         _ = &mut stopped => return,
                         _ = tokio::time::sleep(every) => {}
                     }
-                    let started = Instant::now();
                     tokio::select! {
                         _ = &mut stopped => return,
-                        r = round(&warehouse, &cfg, None) => match r {
-                            Ok(r) => {
-                                METRICS.maintenance_rounds_total.inc();
-                                tracing::debug!(report = ?r, elapsed = ?started.elapsed(), "maintenance round");
-                            }
-                            Err(e) => tracing::warn!(error = %e, "maintenance round failed"),
-                        },
+                        () = task() => {}
                     }
                 }
             });
@@ -253,7 +269,7 @@ pub fn start(warehouse: Warehouse, mut cfg: MaintenanceConfig) -> Background {
     match thread {
         Ok(t) => Background(Some((stop, t))),
         Err(e) => {
-            tracing::warn!(error = %e, "maintenance could not start");
+            tracing::warn!(error = %e, "background work could not start");
             Background(None)
         }
     }

@@ -171,6 +171,9 @@ pub async fn run(
     warehouse.check_store().await?;
     let _maintenance = (cfg.maintenance.enabled && mode == Mode::Continuous)
         .then(|| crate::maintain::start(warehouse.clone(), cfg.maintenance.clone()));
+    let _erasure = (mode == Mode::Continuous)
+        .then(|| crate::privacy::propagate::start(cfg))
+        .flatten();
     let mut backoff = Backoff::new(&cfg.retry);
     let mut total = Summary::default();
     // Until a session got as far as an open connection, errors stop the run: a wrong URL or a
@@ -191,6 +194,10 @@ pub async fn run(
         }
         match result {
             Ok(()) => {
+                if mode == Mode::Once && cfg.privacy.propagates() {
+                    // Cron-style runs propagate the deletes they brought before they end.
+                    crate::privacy::propagate::logged(cfg).await;
+                }
                 HEALTH.set(Phase::Stopping);
                 return Ok(total);
             }

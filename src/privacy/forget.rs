@@ -55,8 +55,9 @@ pub struct Receipt {
     pub at: String,
     /// The subject's name in `[privacy.subjects]`.
     pub subject: String,
-    /// HMAC-SHA256 of `name=identifier` under `privacy.key`: the identifier never in clear.
-    pub subject_hmac: String,
+    /// Per subject erased, HMAC-SHA256 of `name=identifier` under `privacy.key`: the
+    /// identifier never in clear.
+    pub subject_hmacs: Vec<String>,
     pub dry_run: bool,
     /// Rows the source still held (erased anyway: `--force`).
     pub source_rows: u64,
@@ -113,78 +114,83 @@ pub async fn forget(
     dry_run: bool,
     force: bool,
 ) -> Result<Receipt, PrivacyError> {
-    let found = scan::find(cfg, subject).await?;
-    let source_rows = at_source(cfg, subject).await?;
+    let values = std::slice::from_ref(&subject.value);
+    let present = at_source(cfg, &subject.name, values).await?;
+    let source_rows: u64 = present.values().sum();
     if source_rows > 0 && !force {
         return Err(PrivacyError::StillAtSource {
             subject: subject.name.clone(),
             rows: source_rows,
         });
     }
+    let mut receipt = erase_all(cfg, &subject.name, values, dry_run).await?;
+    receipt.source_rows = source_rows;
+    Ok(receipt)
+}
+
+/// Erases the subjects `values` of subject `name` from every table mapped to it, in one pass:
+/// each table's files are rewritten once for all of them. No look at the source (the caller's).
+pub async fn erase_all(
+    cfg: &Config,
+    name: &str,
+    values: &[String],
+    dry_run: bool,
+) -> Result<Receipt, PrivacyError> {
     let key = cfg.privacy.key.as_deref().unwrap_or_default();
     let hasher = Hasher::new(key.as_bytes());
     let at = chrono::Utc::now();
-    let subject_hmac = hasher.hex(format!("{}={}", subject.name, subject.value).as_bytes());
+    let subject_hmacs: Vec<String> = values
+        .iter()
+        .map(|v| hasher.hex(format!("{name}={v}").as_bytes()))
+        .collect();
     let mut receipt = Receipt {
         id: format!(
             "{}-{}",
             at.format("%Y%m%dT%H%M%S%.3fZ"),
-            &subject_hmac[..16]
+            &hasher.hex(subject_hmacs.concat().as_bytes())[..16]
         ),
         at: at.to_rfc3339(),
-        subject: subject.name.clone(),
-        subject_hmac,
+        subject: name.to_string(),
+        subject_hmacs,
         dry_run,
-        source_rows,
+        source_rows: 0,
         tables: Vec::new(),
         remaining: 0,
     };
-    let mut by_table: BTreeMap<(String, &'static str), Vec<Place>> = BTreeMap::new();
-    for p in found.places {
-        by_table
-            .entry((p.table.clone(), p.kind))
-            .or_default()
-            .push(p);
-    }
     let w = Warehouse::new(&cfg.warehouse)?;
-    let columns = &cfg.privacy.subjects[&subject.name];
-    for ((table, kind), places) in by_table {
-        let column = &columns[&table];
-        let wanted = stored_value(&cfg.privacy, &table, column, &subject.value);
-        let erasure = if dry_run {
-            plan_only(&table, kind, &places)
-        } else {
-            let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
-            let kind_of = if kind == "mirror" {
-                TableKind::Mirror
+    // Two phases: everything but the changelogs' delete rows, then those. The deletes are what
+    // makes a subject due (`propagate`), so until the last phase a crash leaves it due, and
+    // the next round finds whatever is left.
+    let phases: &[bool] = if dry_run { &[false] } else { &[true, false] };
+    for &keep_deletes in phases {
+        let found = scan::find_all(cfg, name, values).await?;
+        let mut by_table: BTreeMap<(String, &'static str), Vec<Place>> = BTreeMap::new();
+        for p in found.places {
+            by_table
+                .entry((p.table.clone(), p.kind))
+                .or_default()
+                .push(p);
+        }
+        for ((table, kind), places) in by_table {
+            let erasure = if dry_run {
+                plan_only(&table, kind, &places)
             } else {
-                TableKind::Changes
+                let target = Erasing {
+                    w: &w,
+                    cfg,
+                    column: &cfg.privacy.subjects[name][&table],
+                    table: &table,
+                    kind,
+                    values,
+                    keep_deletes,
+                };
+                target.run(&places, &receipt.id).await?
             };
-            let url = w.table_url(kind_of, schema, name);
-            let delta = |source| SinkError::Delta {
-                table: url.to_string(),
-                source,
-            };
-            let mut t = w
-                .open(&url)
-                .await
-                .map_err(delta)?
-                .ok_or_else(|| delta(DeltaTableError::NotATable(url.to_string())))?;
-            erase(
-                &mut t,
-                (&table, kind),
-                column,
-                &wanted,
-                &places,
-                &receipt.id,
-            )
-            .await
-            .map_err(delta)?
-        };
-        receipt.tables.push(erasure);
+            merge(&mut receipt.tables, erasure);
+        }
     }
     if !dry_run {
-        receipt.remaining = scan::find(cfg, subject).await?.places.len();
+        receipt.remaining = scan::find_all(cfg, name, values).await?.places.len();
         let store = w.object_store("_walden/erasures/")?;
         let body = serde_json::to_vec_pretty(&receipt).expect("a receipt serializes");
         store
@@ -194,33 +200,102 @@ pub async fn forget(
             )
             .await
             .map_err(|e| SinkError::Store(Box::new(e)))?;
-        tracing::info!(subject = %receipt.subject, receipt = %receipt.id, remaining = receipt.remaining,
-            "subject erased");
+        tracing::info!(subject = %receipt.subject, subjects = values.len(), receipt = %receipt.id,
+            remaining = receipt.remaining, "subjects erased");
     }
     Ok(receipt)
 }
 
-/// Rows of the subject the source still holds, over its mapped tables (compared as Postgres
-/// prints the column, as the scan compares the warehouse's).
-async fn at_source(cfg: &Config, subject: &Subject) -> Result<u64, PrivacyError> {
+/// Rows of each of the subjects `values` the source still holds over the tables mapped to
+/// subject `name` (compared as Postgres prints the column, as the scan compares the
+/// warehouse's); values it holds no row of are left out.
+pub async fn at_source(
+    cfg: &Config,
+    name: &str,
+    values: &[String],
+) -> Result<BTreeMap<String, u64>, PrivacyError> {
     let sql = crate::source::connect_sql(&cfg.source).await?;
-    let mut rows = 0u64;
-    for (table, column) in &cfg.privacy.subjects[&subject.name] {
-        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+    let mut out = BTreeMap::new();
+    for (table, column) in &cfg.privacy.subjects[name] {
+        let (schema, tname) = table.split_once('.').unwrap_or(("public", table));
         let q = format!(
-            "SELECT count(*) FROM {}.{} WHERE format('%s', {}) = $1",
+            "SELECT format('%s', {c}), count(*) FROM {}.{} WHERE format('%s', {c}) = ANY($1) GROUP BY 1",
             quote_ident(schema),
-            quote_ident(name),
-            quote_ident(column)
+            quote_ident(tname),
+            c = quote_ident(column)
         );
-        let n: i64 = sql
-            .query_one(&q, &[&subject.value])
+        for row in sql
+            .query(&q, &[&values])
             .await
             .map_err(crate::source::SourceError::from)?
-            .get(0);
-        rows += n.max(0) as u64;
+        {
+            let n: i64 = row.get(1);
+            *out.entry(row.get::<_, String>(0)).or_default() += n.max(0) as u64;
+        }
     }
-    Ok(rows)
+    Ok(out)
+}
+
+/// One table's erasure in one phase.
+struct Erasing<'a> {
+    w: &'a Warehouse,
+    cfg: &'a Config,
+    column: &'a str,
+    table: &'a str,
+    kind: &'static str,
+    values: &'a [String],
+    keep_deletes: bool,
+}
+
+impl Erasing<'_> {
+    async fn run(&self, places: &[Place], receipt: &str) -> Result<TableErasure, PrivacyError> {
+        let column = self.column;
+        let wanted: HashSet<String> = self
+            .values
+            .iter()
+            .map(|v| stored_value(&self.cfg.privacy, self.table, column, v))
+            .collect();
+        let (schema, tname) = self.table.split_once('.').unwrap_or(("public", self.table));
+        let kind_of = if self.kind == "mirror" {
+            TableKind::Mirror
+        } else {
+            TableKind::Changes
+        };
+        let url = self.w.table_url(kind_of, schema, tname);
+        let delta = |source| SinkError::Delta {
+            table: url.to_string(),
+            source,
+        };
+        let mut t = self
+            .w
+            .open(&url)
+            .await
+            .map_err(delta)?
+            .ok_or_else(|| delta(DeltaTableError::NotATable(url.to_string())))?;
+        let keep_deletes = self.keep_deletes && self.kind == "changelog";
+        let target = (self.table, self.kind, column, keep_deletes);
+        let pending = self.w.object_store(&pending_dir(&url, self.w))?;
+        Ok(erase(&mut t, target, &wanted, places, (receipt, &pending))
+            .await
+            .map_err(delta)?)
+    }
+}
+
+/// Adds one phase's erasure of a table to the receipt's entry for it.
+fn merge(tables: &mut Vec<TableErasure>, e: TableErasure) {
+    match tables
+        .iter_mut()
+        .find(|t| t.table == e.table && t.kind == e.kind)
+    {
+        Some(t) => {
+            t.rows_removed += e.rows_removed;
+            t.files_rewritten.extend(e.files_rewritten);
+            t.files_deleted.extend(e.files_deleted);
+            t.log_entries_deleted.extend(e.log_entries_deleted);
+            t.version = e.version.or(t.version);
+        }
+        None => tables.push(e),
+    }
 }
 
 /// What erasing `places` would do, without doing it.
@@ -249,20 +324,29 @@ fn files_of(places: &[Place], pick: impl Fn(&Place) -> bool) -> Vec<String> {
 /// the subject, and the log entries whose statistics did once a checkpoint covers them.
 async fn erase(
     t: &mut DeltaTable,
-    (table, kind): (&str, &'static str),
-    column: &str,
-    wanted: &str,
+    (table, kind, column, keep_deletes): (&str, &'static str, &str, bool),
+    wanted: &HashSet<String>,
     places: &[Place],
-    receipt: &str,
+    (receipt, pending_store): (&str, &deltalake::logstore::ObjectStoreRef),
 ) -> Result<TableErasure, DeltaTableError> {
     let mut out = plan_only(table, kind, places);
     out.files_rewritten.clear();
     out.rows_removed = 0;
+    let pending = Pending {
+        store: pending_store.clone(),
+        name: format!("{receipt}-{kind}-{table}.json"),
+        files: places
+            .iter()
+            .filter(|p| p.rows > 0)
+            .map(|p| p.path.clone())
+            .collect(),
+    };
     let holders: HashSet<&str> = places
         .iter()
         .filter(|p| p.rows > 0)
         .map(|p| p.path.as_str())
         .collect();
+    pending.write(places.iter().any(|p| p.in_log)).await?;
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -279,17 +363,27 @@ async fn erase(
                 .await
                 .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
             let mut rest = Vec::new();
+            let mut taken = 0;
             for b in batches.iter().filter(|b| b.num_rows() > 0) {
                 let b = evolve::align(b, &schema)?;
-                let keep = match holding(&b, column, wanted) {
-                    Some(hit) => {
-                        removed += hit.true_count() as u64;
-                        arrow::compute::not(&hit)?
-                    }
-                    None => continue,
+                let Some(mut hit) = holding(&b, column, wanted) else {
+                    rest.push(b);
+                    continue;
                 };
-                rest.push(arrow::compute::filter_record_batch(&b, &keep)?);
+                if keep_deletes {
+                    hit = arrow::compute::and_not(&hit, &is_delete(&b))?;
+                }
+                taken += hit.true_count() as u64;
+                rest.push(arrow::compute::filter_record_batch(
+                    &b,
+                    &arrow::compute::not(&hit)?,
+                )?);
             }
+            if taken == 0 && keep_deletes {
+                // Only the subject's deletes: they stay until the last phase.
+                continue;
+            }
+            removed += taken;
             rewritten.push(file.path().to_string());
             actions.push(Action::Remove(file.remove_action(true)));
             let rest: Vec<_> = rest.into_iter().filter(|b| b.num_rows() > 0).collect();
@@ -315,6 +409,7 @@ async fn erase(
             .await;
         match done {
             Ok(c) => {
+                crate::checkpoint::failpoint("after-erasure-commit");
                 out.version = Some(c.version() as i64);
                 t.state = Some(c.snapshot());
                 out.rows_removed = removed;
@@ -330,9 +425,16 @@ async fn erase(
         }
     }
     let store = t.object_store();
-    for p in places.iter().filter(|p| p.rows > 0) {
+    let gone = places
+        .iter()
+        .filter(|p| p.rows > 0)
+        .filter(|p| !p.current || out.files_rewritten.contains(&p.path));
+    let mut deleted = Vec::new();
+    for p in gone {
         delete(&store, &p.path).await?;
+        deleted.push(p.file.clone());
     }
+    out.files_deleted = deleted;
     out.log_entries_deleted.clear();
     if places.iter().any(|p| p.in_log) {
         // Entries describing files that held the subject copied values of its rows into their
@@ -362,7 +464,142 @@ async fn erase(
             }
         }
     }
+    delete(&pending.store, &pending.name).await?;
     Ok(out)
+}
+
+/// The directory of a table's pending erasure records: `_walden/erasures/pending/` plus the
+/// table's directory under the warehouse.
+fn pending_dir(url: &url::Url, w: &Warehouse) -> String {
+    let rel = url
+        .as_str()
+        .strip_prefix(w.root().as_str())
+        .unwrap_or_default();
+    format!("_walden/erasures/pending/{rel}")
+}
+
+/// What an erasure of one table still has to delete once its rewrite commits: written before
+/// the commit and removed when the files are gone, so a crash in between (after the commit took
+/// the subject's rows, and with them the deletes that made it pending, out of the changelog)
+/// leaves a record [`resume`] finishes. It names files only, never a value.
+struct Pending {
+    store: deltalake::logstore::ObjectStoreRef,
+    name: String,
+    files: Vec<String>,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct PendingRecord {
+    files: Vec<String>,
+    logs: bool,
+}
+
+impl Pending {
+    async fn write(&self, logs: bool) -> Result<(), DeltaTableError> {
+        let body = serde_json::to_vec(&PendingRecord {
+            files: self.files.clone(),
+            logs,
+        })
+        .expect("a record serializes");
+        self.store
+            .put(&Path::from(self.name.as_str()), PutPayload::from(body))
+            .await
+            .map_err(|source| DeltaTableError::ObjectStore { source })?;
+        Ok(())
+    }
+}
+
+/// Finishes erasures a crash cut short (see [`Pending`]): files a record names that the table's
+/// current version no longer references are deleted, and the log before a checkpoint at the
+/// current version, when the record says the log held the subject.
+pub async fn resume(cfg: &Config) -> Result<usize, PrivacyError> {
+    let w = Warehouse::new(&cfg.warehouse)?;
+    let store = w.object_store("_walden/erasures/pending/")?;
+    let records: Vec<_> = store
+        .list(None)
+        .try_collect()
+        .await
+        .map_err(|e| SinkError::Store(Box::new(e)))?;
+    let mut finished = 0;
+    for meta in records {
+        let path = meta.location.to_string();
+        let Some((dir, _)) = path.rsplit_once('/') else {
+            continue;
+        };
+        let url = w
+            .root()
+            .join(&format!("{dir}/"))
+            .map_err(|e| SinkError::BadLocation {
+                url: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let delta = |source| SinkError::Delta {
+            table: url.to_string(),
+            source,
+        };
+        let bytes = store
+            .get(&meta.location)
+            .await
+            .map_err(|e| SinkError::Store(Box::new(e)))?
+            .bytes()
+            .await
+            .map_err(|e| SinkError::Store(Box::new(e)))?;
+        let Ok(record) = serde_json::from_slice::<PendingRecord>(&bytes) else {
+            continue;
+        };
+        if let Some(mut t) = w.open(&url).await.map_err(delta)? {
+            let current: HashSet<String> = t
+                .snapshot()
+                .map(|s| s.log_data().iter().map(|f| f.path().to_string()).collect())
+                .unwrap_or_default();
+            let files = t.object_store();
+            for f in record.files.iter().filter(|f| !current.contains(*f)) {
+                delete(&files, f).await.map_err(delta)?;
+            }
+            if record.logs {
+                drop_log_before_checkpoint(&mut t).await.map_err(delta)?;
+            }
+        }
+        delete(&store, &path).await.map_err(|e| SinkError::Delta {
+            table: path.clone(),
+            source: e,
+        })?;
+        finished += 1;
+    }
+    Ok(finished)
+}
+
+/// Writes a checkpoint at the table's version and deletes every log entry before it.
+async fn drop_log_before_checkpoint(t: &mut DeltaTable) -> Result<Vec<String>, DeltaTableError> {
+    deltalake::checkpoints::create_checkpoint(t, None).await?;
+    let newest = t.version().unwrap_or(0) as i64;
+    let store = t.object_store();
+    let log: Vec<_> = store
+        .list(Some(&Path::from("_delta_log")))
+        .try_collect()
+        .await
+        .map_err(|source| DeltaTableError::ObjectStore { source })?;
+    let mut out = Vec::new();
+    for meta in log {
+        let path = meta.location.to_string();
+        if log_version(&path).is_some_and(|v| v < newest) {
+            delete(&store, &path).await?;
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Rows of a changelog batch that record a delete.
+fn is_delete(b: &arrow::array::RecordBatch) -> arrow::array::BooleanArray {
+    use arrow::array::AsArray;
+    match b.column_by_name(crate::batch::OP) {
+        Some(op) => op
+            .as_string_opt::<i32>()
+            .map(|op| op.iter().map(|v| Some(v == Some("delete"))).collect())
+            .unwrap_or_else(|| vec![false; b.num_rows()].into()),
+        None => vec![false; b.num_rows()].into(),
+    }
 }
 
 /// The version a `_delta_log/` entry belongs to (commit or checkpoint).

@@ -7,6 +7,7 @@
 //! [`forget`].
 
 pub mod forget;
+pub mod propagate;
 pub mod scan;
 
 use crate::config::{MaskRule, PrivacyConfig};
@@ -24,6 +25,8 @@ pub enum PrivacyError {
         copies anyway"
     )]
     StillAtSource { subject: String, rows: u64 },
+    #[error("reading a changelog for deleted subjects: {0}")]
+    Query(String),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]

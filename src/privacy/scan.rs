@@ -124,6 +124,16 @@ impl Scan {
 
 /// Searches every file of every table mapped to `subject.name`.
 pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError> {
+    find_all(cfg, &subject.name, std::slice::from_ref(&subject.value)).await
+}
+
+/// Searches every file of every table mapped to subject `name` for any of `values` (one pass
+/// for many subjects).
+pub async fn find_all(cfg: &Config, name: &str, values: &[String]) -> Result<Scan, PrivacyError> {
+    let subject = Subject {
+        name: name.to_string(),
+        value: String::new(),
+    };
     let privacy = &cfg.privacy;
     let tables =
         privacy
@@ -146,7 +156,10 @@ pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError>
         places: Vec::new(),
     };
     for (table, column) in tables {
-        let wanted = stored_value(privacy, table, column, &subject.value);
+        let wanted: HashSet<String> = values
+            .iter()
+            .map(|v| stored_value(privacy, table, column, v))
+            .collect();
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         for kind in [TableKind::Changes, TableKind::Mirror] {
             let target = Target {
@@ -173,12 +186,20 @@ pub fn stored_value(privacy: &PrivacyConfig, table: &str, column: &str, value: &
     }
 }
 
-/// The subject's rows in `batch`: the subject column, as text, equal to `wanted`.
-pub fn holding(batch: &RecordBatch, column: &str, wanted: &str) -> Option<BooleanArray> {
+/// The subjects' rows in `batch`: the subject column, as text, one of `wanted`.
+pub fn holding(
+    batch: &RecordBatch,
+    column: &str,
+    wanted: &HashSet<String>,
+) -> Option<BooleanArray> {
     let col = batch.column_by_name(column)?;
     let text = arrow::compute::cast(col, &DataType::Utf8).ok()?;
     let text = text.as_string::<i32>();
-    Some(text.iter().map(|v| Some(v == Some(wanted))).collect())
+    Some(
+        text.iter()
+            .map(|v| Some(v.is_some_and(|v| wanted.contains(v))))
+            .collect(),
+    )
 }
 
 /// One Delta table searched for one value of one column.
@@ -187,7 +208,7 @@ struct Target<'a> {
     table: &'a str,
     kind: TableKind,
     column: &'a str,
-    wanted: &'a str,
+    wanted: &'a HashSet<String>,
 }
 
 impl Target<'_> {
@@ -316,10 +337,10 @@ impl Target<'_> {
             v.get(m)
                 .and_then(|x| x.get(self.column))
                 .is_some_and(|x| match x {
-                    serde_json::Value::String(s) => s == self.wanted,
+                    serde_json::Value::String(s) => self.wanted.contains(s),
                     other => {
                         let text = other.to_string();
-                        text == self.wanted
+                        self.wanted.contains(&text)
                     }
                 })
         })
@@ -374,13 +395,13 @@ async fn read_column(
 mod tests {
     use super::*;
 
-    fn target<'a>(w: &'a Warehouse) -> Target<'a> {
+    fn target<'a>(w: &'a Warehouse, wanted: &'a HashSet<String>) -> Target<'a> {
         Target {
             w,
             table: "public.orders",
             kind: TableKind::Mirror,
             column: "customer_id",
-            wanted: "42",
+            wanted,
         }
     }
 
@@ -405,7 +426,8 @@ mod tests {
             key_index_rows: 1,
         })
         .unwrap();
-        let t = target(&w);
+        let wanted = HashSet::from(["42".to_string()]);
+        let t = target(&w, &wanted);
         assert!(t.stats_hold(
             r#"{"numRecords":3,"minValues":{"customer_id":42},"maxValues":{"customer_id":50}}"#
         ));

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub object_store_requests_total: IntCounterVec,
     pub object_store_errors_total: IntCounterVec,
     pub maintenance_rounds_total: IntCounter,
+    pub subjects_erased_total: IntCounter,
+    pub erasure_errors_total: IntCounter,
     pub maintenance_errors_total: IntCounter,
     pub maintenance_files_total: IntCounterVec,
     pub maintenance_duration_seconds: HistogramVec,
@@ -354,6 +356,16 @@ impl Metrics {
             &r,
             "walden_maintenance_rounds_total",
             "Background maintenance rounds finished",
+        ),
+        subjects_erased_total: counter(
+            &r,
+            "walden_subjects_erased_total",
+            "Data subjects erased from the warehouse (deletes propagated, and walden forget)",
+        ),
+        erasure_errors_total: counter(
+            &r,
+            "walden_erasure_errors_total",
+            "Rounds of propagated deletes that failed (tried again next round)",
         ),
         maintenance_errors_total: counter(
             &r,
