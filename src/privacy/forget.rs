@@ -439,30 +439,10 @@ async fn erase(
     if places.iter().any(|p| p.in_log) {
         // Entries describing files that held the subject copied values of its rows into their
         // statistics: the log before a checkpoint at this version goes, so time travel to
-        // before the erasure ends here (the data of those versions is gone anyway).
-        deltalake::checkpoints::create_checkpoint(t, None).await?;
-        let newest = t.version().unwrap_or(0) as i64;
-        let flagged: HashSet<&str> = places
-            .iter()
-            .filter(|p| p.in_log)
-            .map(|p| p.path.as_str())
-            .collect();
-        let log: Vec<_> = store
-            .list(Some(&Path::from("_delta_log")))
-            .try_collect()
-            .await
-            .map_err(|source| DeltaTableError::ObjectStore { source })?;
-        for meta in log {
-            let path = meta.location.to_string();
-            let Some(v) = log_version(&path) else {
-                continue;
-            };
-            let json_at_newest = v == newest && path.ends_with(".json");
-            if v < newest || (json_at_newest && flagged.contains(path.as_str())) {
-                delete(&store, &path).await?;
-                out.log_entries_deleted.push(path);
-            }
-        }
+        // before the erasure ends here (the data of those versions is gone anyway). The entry
+        // of this version stays (readers and writers need it): it is the erasure's own commit,
+        // whose adds are rewritten files and whose removes carry no statistics.
+        out.log_entries_deleted = drop_log_before_checkpoint(t).await?;
     }
     delete(&pending.store, &pending.name).await?;
     Ok(out)

@@ -662,3 +662,93 @@ async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
         .value(0);
     assert_eq!(n, 5, "snapshot + 4 updates of customer 10");
 }
+
+/// Every pending-erasure record under the warehouse.
+fn pending_records(wh: &Path) -> Vec<std::path::PathBuf> {
+    let dir = wh.join("_walden/erasures/pending");
+    let mut files = Vec::new();
+    if dir.exists() {
+        files_under(&dir, &mut files);
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_killed_after_its_commit_is_finished_by_the_next_run() {
+    let db = test_db("erase_crash").await;
+    let wh = warehouse_dir("erase_crash");
+    exec(
+        &db,
+        "CREATE TABLE customers (id int PRIMARY KEY, email text);
+         INSERT INTO customers SELECT g, CASE WHEN g = 42 THEN 'ERASEME-mail' ELSE 'm' || g END
+             FROM generate_series(1, 100) g;
+         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, item text);
+         INSERT INTO orders SELECT g, g % 100 + 1,
+             CASE WHEN g % 100 + 1 = 42 THEN 'ERASEME-item' ELSE 'item' END
+             FROM generate_series(1, 500) g;",
+    )
+    .await;
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy(&format!(
+        "key = {KEY:?}
+         [subjects.customer]
+         \"public.customers\" = \"id\"
+         \"public.orders\" = \"customer_id\""
+    ));
+    run_once(&cfg).await;
+    exec(
+        &db,
+        "UPDATE customers SET email = 'ERASEME-new' WHERE id = 42;
+         DELETE FROM orders WHERE customer_id = 42; DELETE FROM customers WHERE id = 42;",
+    )
+    .await;
+    let walden = |failpoint: Option<&str>| {
+        let mut c = crate::crash::walden(&db, &wh, &["run", "--once"], failpoint);
+        c.env("WALDEN_PRIVACY__KEY", KEY)
+            .env("WALDEN_PRIVACY__SUBJECTS__CUSTOMER__PUBLIC.CUSTOMERS", "id")
+            .env(
+                "WALDEN_PRIVACY__SUBJECTS__CUSTOMER__PUBLIC.ORDERS",
+                "customer_id",
+            );
+        c
+    };
+    // Killed right after the first table's erasure commit, before its files are deleted.
+    let out = walden(Some("after-erasure-commit")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("failpoint after-erasure-commit hit"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pending_records(&wh).len(),
+        1,
+        "a pending record names what is left to delete"
+    );
+
+    // The next run finishes it, and erases the rest.
+    let out = walden(None).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        pending_records(&wh),
+        Vec::<std::path::PathBuf>::new(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files = Vec::new();
+    files_under(&wh, &mut files);
+    let marked: Vec<_> = files
+        .iter()
+        .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
+        .collect();
+    assert!(marked.is_empty(), "{marked:?}");
+    let subject = "customer=42"
+        .parse::<walden::privacy::scan::Subject>()
+        .unwrap();
+    let scan = walden::privacy::scan::find(&cfg, &subject).await.unwrap();
+    assert!(scan.places.is_empty(), "{}", scan.render());
+    assert_verified(&cfg).await;
+}
