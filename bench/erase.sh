@@ -21,9 +21,14 @@ export WALDEN_SOURCE__URL="postgres://postgres@127.0.0.1:$PORT/postgres"
 export WALDEN_SOURCE__PUBLICATION=bench WALDEN_SOURCE__CREATE_PUBLICATION=false
 export WALDEN_WAREHOUSE__URL="$W/wh" WALDEN_SPILL__DIR="$W/spill" RUST_LOG=warn
 export WALDEN_PRIVACY__KEY="bench-secret" WALDEN_PRIVACY__PROPAGATE_DELETES=false
-export WALDEN_PRIVACY__SUBJECTS__CUSTOMER__PUBLIC.CUSTOMERS=id
-export WALDEN_PRIVACY__SUBJECTS__CUSTOMER__PUBLIC.ORDERS_SCATTERED=customer_id
-export WALDEN_PRIVACY__SUBJECTS__CUSTOMER__PUBLIC.ORDERS_CLUSTERED=customer_id
+cat > "$W/walden.toml" <<'TOML'
+[privacy.subjects.customer]
+"public.customers" = "id"
+"public.orders_scattered" = "customer_id"
+"public.orders_clustered" = "customer_id"
+TOML
+WALDEN=("$WALDEN")
+walden() { "${WALDEN[0]}" "$1" --config "$W/walden.toml" "${@:2}"; }
 
 per=$((ORDERS / CUSTOMERS))
 "${PSQL[@]}" <<SQL >/dev/null
@@ -36,19 +41,20 @@ INSERT INTO orders_clustered SELECT g, (g - 1) / $per + 1, 'item ' || g, (g % 10
 CREATE PUBLICATION bench FOR TABLE customers, orders_scattered, orders_clustered;
 SQL
 echo "==> snapshot of $((CUSTOMERS + 2 * ORDERS)) rows" >&2
-t0=$(date +%s.%N); "$WALDEN" run --once; t1=$(date +%s.%N)
+t0=$(date +%s.%N); walden run --once; t1=$(date +%s.%N)
 echo "snapshot $(echo "$t1 - $t0" | bc) s" >&2
 "${PSQL[@]}" -c "DELETE FROM orders_scattered WHERE customer_id = 42; DELETE FROM orders_clustered WHERE customer_id = 42; DELETE FROM customers WHERE id = 42;" >/dev/null
-"$WALDEN" run --once
+RUST_LOG=walden=info walden run --once 2>&1 | grep -v "^$" | cut -c1-250 >&2
 
+walden query "SELECT _walden_op, count(*) FROM changes.public.customers WHERE id = 42 GROUP BY 1" --format csv >&2
 # Sizes of every file before, to count the bytes the erasure rewrote.
 (cd "$W/wh" && find . -type f -printf '%P %s\n') > "$W/sizes"
 wh_before=$(du -sb "$W/wh" | cut -f1)
 t0=$(date +%s.%N)
-/usr/bin/time -f "%M" -o "$W/rss" "$WALDEN" forget --subject customer=42 --json > "$W/receipt.json"
+/usr/bin/time -f "%M" -o "$W/rss" "${WALDEN[0]}" forget --config "$W/walden.toml" --subject customer=42 --json > "$W/receipt.json"
 t1=$(date +%s.%N)
 secs=$(echo "$t1 - $t0" | bc)
-"$WALDEN" verify-erasure --subject customer=42 >/dev/null || { echo "verify-erasure still finds the subject" >&2; exit 1; }
+walden verify-erasure --subject customer=42 >/dev/null || { echo "verify-erasure still finds the subject" >&2; exit 1; }
 
 bytes_of() { awk 'NR==FNR {size[$1]=$2; next} {s += size[$1]} END {print s + 0}' "$W/sizes" -; }
 echo "| table | kind | rows erased | files rewritten | files deleted | bytes of files deleted |"

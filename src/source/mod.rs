@@ -324,10 +324,16 @@ pub async fn prepare(
     }
 }
 
-/// The server's current WAL write position (what `run --once` drains up to).
+/// The server's current WAL insert position (what `run --once` drains up to): every commit
+/// before it, also one made with `synchronous_commit = off` whose WAL is not written yet (the
+/// write position would leave it out; the stream gets there once the WAL writer does).
 pub async fn current_wal_lsn(sql: &tokio_postgres::Client) -> Result<Lsn, SourceError> {
     let s: String = sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_insert_lsn() END)::text",
+            &[],
+        )
         .await?
         .get(0);
     s.parse().map_err(SourceError::Protocol)

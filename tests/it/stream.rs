@@ -255,3 +255,42 @@ async fn idle_slot_confirms_keepalive_position() {
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+/// `--once` drains every transaction committed before it starts, also one committed
+/// asynchronously (`synchronous_commit = off`) whose WAL the server has not written yet: the
+/// target is the WAL insert position, and walden waits for the WAL writer to get there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_drains_transactions_committed_asynchronously() {
+    let db = test_db("async_commit").await;
+    let wh = warehouse_dir("async_commit");
+    db.client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await;
+    for round in 0..5 {
+        // A commit record follows a large body of WAL the WAL writer has not caught up with.
+        db.client
+            .batch_execute(&format!(
+                "SET synchronous_commit = off;
+                 INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series({0} * 20000 + 1, {0} * 20000 + 20000) g;",
+                round
+            ))
+            .await
+            .unwrap();
+        run_once(&cfg).await;
+        let rows = delta_rows(
+            &wh,
+            TableKind::Mirror,
+            "t",
+            "SELECT CAST(count(*) AS VARCHAR) FROM t",
+        )
+        .await;
+        assert_eq!(
+            rows,
+            vec![((round + 1) * 20000).to_string()],
+            "round {round}"
+        );
+    }
+}
