@@ -293,44 +293,35 @@ impl Applier {
         self.tables.remove(name);
     }
 
-    /// Makes every table's buffer durable in its two Delta tables ([`apply_pair`]), the tables
-    /// each in a task of their own: every table commits and records its own position, so they
-    /// are independent and one table's commit never waits for another's files. Returns each
-    /// table's outcome; a table that failed does not hold the others back.
+    /// Makes every table's buffer durable in its two Delta tables ([`apply_pair`]), one table
+    /// after another (each commits and records its own position). Returns each table's
+    /// outcome; a table that failed does not hold the others back. (Applying the tables side by
+    /// side, each in a task of its own, was measured under `bench/steady.sh`: no gain on two
+    /// cores, see bench/RESULTS.md.)
     pub async fn apply_all(
         &mut self,
         tables: impl IntoIterator<Item = (String, TableBuffer)>,
     ) -> Vec<(String, Result<ApplyStats, ApplyError>)> {
         let mut out = Vec::new();
-        let mut tasks = Vec::new();
         for (name, buf) in tables {
             if let Err(e) = self.pair(&name, &buf.relation).await {
                 out.push((name, Err(e)));
                 continue;
             }
-            let mut pair = self.tables.remove(&name).expect("opened above");
             let shared = Shared {
                 app_id: self.app_id.clone(),
                 storage: self.warehouse.storage_options().clone(),
                 history: self.history.clone().expect("opened by pair"),
             };
-            tasks.push(tokio::spawn(async move {
-                let done = apply_pair(&shared, &name, &mut pair, buf).await;
-                (name, pair, done)
-            }));
-        }
-        for task in tasks {
-            let (name, pair, done) = task
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-            self.tables.insert(name.clone(), pair);
+            let pair = self.tables.get_mut(&name).expect("opened above");
+            let done = apply_pair(&shared, &name, pair, buf).await;
             out.push((name, done));
         }
         out
     }
 }
 
-/// What the tables applied side by side share.
+/// What applying a table needs besides its pair.
 struct Shared {
     app_id: String,
     storage: HashMap<String, String>,

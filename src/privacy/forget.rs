@@ -16,11 +16,11 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
 use deltalake::protocol::DeltaOperation;
 use deltalake::{DeltaTable, DeltaTableError};
-use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 
+use super::pending::{delete, drop_log_before_checkpoint, pending_dir, Pending};
 use super::scan::{self, holding, stored_value, Place, Subject};
 use super::PrivacyError;
 use crate::apply::{evolve, files};
@@ -272,10 +272,15 @@ impl Erasing<'_> {
             .await
             .map_err(delta)?
             .ok_or_else(|| delta(DeltaTableError::NotATable(url.to_string())))?;
-        let keep_deletes = self.keep_deletes && self.kind == "changelog";
-        let target = (self.table, self.kind, column, keep_deletes);
+        let target = Target {
+            table: self.table,
+            kind: self.kind,
+            column,
+            keep_deletes: self.keep_deletes && self.kind == "changelog",
+            wanted: &wanted,
+        };
         let pending = self.w.object_store(&pending_dir(&url, self.w))?;
-        Ok(erase(&mut t, target, &wanted, places, (receipt, &pending))
+        Ok(erase(&mut t, &target, places, (receipt, &pending))
             .await
             .map_err(delta)?)
     }
@@ -319,83 +324,110 @@ fn files_of(places: &[Place], pick: impl Fn(&Place) -> bool) -> Vec<String> {
         .collect()
 }
 
-/// Rewrites the current files of `t` that hold the subject without its rows (in one commit,
-/// made again on a newer version when a writer raced it), then deletes every file that held
-/// the subject, and the log entries whose statistics did once a checkpoint covers them.
+/// What one table's erasure needs to know of its target.
+struct Target<'a> {
+    table: &'a str,
+    kind: &'static str,
+    column: &'a str,
+    /// The changelog's delete rows stay (first phase).
+    keep_deletes: bool,
+    wanted: &'a HashSet<String>,
+}
+
+/// What a rewrite committed.
+#[derive(Default)]
+struct Rewrite {
+    version: Option<i64>,
+    removed: u64,
+    files: Vec<String>,
+}
+
+/// Erases the subjects from `t`: rewrites the current files holding them ([`rewrite`]), then
+/// deletes every file that held them (and the log before a checkpoint when log entries
+/// described such files), with a pending record covering the time in between.
 async fn erase(
     t: &mut DeltaTable,
-    (table, kind, column, keep_deletes): (&str, &'static str, &str, bool),
-    wanted: &HashSet<String>,
+    target: &Target<'_>,
     places: &[Place],
     (receipt, pending_store): (&str, &deltalake::logstore::ObjectStoreRef),
 ) -> Result<TableErasure, DeltaTableError> {
-    let mut out = plan_only(table, kind, places);
-    out.files_rewritten.clear();
-    out.rows_removed = 0;
+    let holders: Vec<&Place> = places.iter().filter(|p| p.rows > 0).collect();
     let pending = Pending {
         store: pending_store.clone(),
-        name: format!("{receipt}-{kind}-{table}.json"),
-        files: places
-            .iter()
-            .filter(|p| p.rows > 0)
-            .map(|p| p.path.clone())
-            .collect(),
+        name: format!("{receipt}-{}-{}.json", target.kind, target.table),
+        files: holders.iter().map(|p| p.path.clone()).collect(),
     };
-    let holders: HashSet<&str> = places
-        .iter()
-        .filter(|p| p.rows > 0)
-        .map(|p| p.path.as_str())
-        .collect();
     pending.write(places.iter().any(|p| p.in_log)).await?;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
+    let done = rewrite(t, target, &pending.files, receipt).await?;
+    let store = t.object_store();
+    let mut deleted = Vec::new();
+    for p in holders
+        .iter()
+        .filter(|p| !p.current || done.files.contains(&p.path))
+    {
+        delete(&store, &p.path).await?;
+        deleted.push(p.file.clone());
+    }
+    // Entries describing files that held the subject copied values of its rows into their
+    // statistics: the log before a checkpoint at this version goes, so time travel to before
+    // the erasure ends here (the data of those versions is gone anyway). The entry of this
+    // version stays (readers and writers need it): it is the erasure's own commit, whose adds
+    // are rewritten files and whose removes carry no statistics.
+    let log_entries_deleted = if places.iter().any(|p| p.in_log) {
+        drop_log_before_checkpoint(t).await?
+    } else {
+        Vec::new()
+    };
+    delete(&pending.store, &pending.name).await?;
+    Ok(TableErasure {
+        table: target.table.to_string(),
+        kind: target.kind,
+        rows_removed: done.removed,
+        files_rewritten: done.files,
+        files_deleted: deleted,
+        log_entries_deleted,
+        version: done.version,
+    })
+}
+
+/// Rewrites the current files of `t` among `holders` without the subjects' rows, in one commit
+/// (made again on a newer version when a writer raced it: the stream's commits are blind
+/// appends or take rows out by deletion vectors, and a mirror commit that loses to this one is
+/// located anew by `apply::settle`).
+async fn rewrite(
+    t: &mut DeltaTable,
+    target: &Target<'_>,
+    holders: &[String],
+    receipt: &str,
+) -> Result<Rewrite, DeltaTableError> {
+    for attempt in 1.. {
         let state = t.snapshot()?.clone();
         let schema = evolve::table_schema(t)?;
         let mut actions = Vec::new();
-        let mut removed = 0u64;
-        let mut rewritten = Vec::new();
+        let mut out = Rewrite::default();
         for file in state.log_data().iter() {
-            if !holders.contains(file.path().as_ref()) {
+            if !holders.iter().any(|h| h.as_str() == file.path().as_ref()) {
                 continue;
             }
             let batches = files::read_live(t, &file)
                 .await
                 .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
-            let mut rest = Vec::new();
-            let mut taken = 0;
-            for b in batches.iter().filter(|b| b.num_rows() > 0) {
-                let b = evolve::align(b, &schema)?;
-                let Some(mut hit) = holding(&b, column, wanted) else {
-                    rest.push(b);
-                    continue;
-                };
-                if keep_deletes {
-                    hit = arrow::compute::and_not(&hit, &is_delete(&b))?;
-                }
-                taken += hit.true_count() as u64;
-                rest.push(arrow::compute::filter_record_batch(
-                    &b,
-                    &arrow::compute::not(&hit)?,
-                )?);
-            }
-            if taken == 0 && keep_deletes {
-                // Only the subject's deletes: they stay until the last phase.
+            let (rest, taken) = without(&batches, &schema, target)?;
+            if taken == 0 && target.keep_deletes {
+                // Only the subjects' deletes: they stay until the last phase.
                 continue;
             }
-            removed += taken;
-            rewritten.push(file.path().to_string());
+            out.removed += taken;
+            out.files.push(file.path().to_string());
             actions.push(Action::Remove(file.remove_action(true)));
-            let rest: Vec<_> = rest.into_iter().filter(|b| b.num_rows() > 0).collect();
-            if !rest.is_empty() {
-                let batch = arrow::compute::concat_batches(&schema, &rest)?;
+            if let Some(batch) = rest {
                 for add in files::write_files(t, batch, writer_properties()).await? {
                     actions.push(Action::Add(add));
                 }
             }
         }
         if actions.is_empty() {
-            break;
+            return Ok(Rewrite::default());
         }
         let done = CommitBuilder::from(CommitProperties::default().with_max_retries(0))
             .with_actions(actions)
@@ -412,162 +444,47 @@ async fn erase(
                 crate::checkpoint::failpoint("after-erasure-commit");
                 out.version = Some(c.version() as i64);
                 t.state = Some(c.snapshot());
-                out.rows_removed = removed;
-                out.files_rewritten = rewritten;
-                break;
+                return Ok(out);
             }
-            // A stream commit landed first: read the table again and redo the rewrite there.
-            Err(e) if attempts < 5 => {
-                tracing::info!(table, error = %e, "erasure commit lost a race; trying again");
+            Err(e) if attempt < 5 => {
+                tracing::info!(table = target.table, error = %e, "erasure commit lost a race; trying again");
                 t.update_state().await?;
             }
             Err(e) => return Err(e),
         }
     }
-    let store = t.object_store();
-    let gone = places
-        .iter()
-        .filter(|p| p.rows > 0)
-        .filter(|p| !p.current || out.files_rewritten.contains(&p.path));
-    let mut deleted = Vec::new();
-    for p in gone {
-        delete(&store, &p.path).await?;
-        deleted.push(p.file.clone());
-    }
-    out.files_deleted = deleted;
-    out.log_entries_deleted.clear();
-    if places.iter().any(|p| p.in_log) {
-        // Entries describing files that held the subject copied values of its rows into their
-        // statistics: the log before a checkpoint at this version goes, so time travel to
-        // before the erasure ends here (the data of those versions is gone anyway). The entry
-        // of this version stays (readers and writers need it): it is the erasure's own commit,
-        // whose adds are rewritten files and whose removes carry no statistics.
-        out.log_entries_deleted = drop_log_before_checkpoint(t).await?;
-    }
-    delete(&pending.store, &pending.name).await?;
-    Ok(out)
+    unreachable!("the loop returns by its fifth attempt")
 }
 
-/// The directory of a table's pending erasure records: `_walden/erasures/pending/` plus the
-/// table's directory under the warehouse.
-fn pending_dir(url: &url::Url, w: &Warehouse) -> String {
-    let rel = url
-        .as_str()
-        .strip_prefix(w.root().as_str())
-        .unwrap_or_default();
-    format!("_walden/erasures/pending/{rel}")
-}
-
-/// What an erasure of one table still has to delete once its rewrite commits: written before
-/// the commit and removed when the files are gone, so a crash in between (after the commit took
-/// the subject's rows, and with them the deletes that made it pending, out of the changelog)
-/// leaves a record [`resume`] finishes. It names files only, never a value.
-struct Pending {
-    store: deltalake::logstore::ObjectStoreRef,
-    name: String,
-    files: Vec<String>,
-}
-
-#[derive(Serialize, serde::Deserialize)]
-struct PendingRecord {
-    files: Vec<String>,
-    logs: bool,
-}
-
-impl Pending {
-    async fn write(&self, logs: bool) -> Result<(), DeltaTableError> {
-        let body = serde_json::to_vec(&PendingRecord {
-            files: self.files.clone(),
-            logs,
-        })
-        .expect("a record serializes");
-        self.store
-            .put(&Path::from(self.name.as_str()), PutPayload::from(body))
-            .await
-            .map_err(|source| DeltaTableError::ObjectStore { source })?;
-        Ok(())
-    }
-}
-
-/// Finishes erasures a crash cut short (see [`Pending`]): files a record names that the table's
-/// current version no longer references are deleted, and the log before a checkpoint at the
-/// current version, when the record says the log held the subject.
-pub async fn resume(cfg: &Config) -> Result<usize, PrivacyError> {
-    let w = Warehouse::new(&cfg.warehouse)?;
-    let store = w.object_store("_walden/erasures/pending/")?;
-    let records: Vec<_> = store
-        .list(None)
-        .try_collect()
-        .await
-        .map_err(|e| SinkError::Store(Box::new(e)))?;
-    let mut finished = 0;
-    for meta in records {
-        let path = meta.location.to_string();
-        let Some((dir, _)) = path.rsplit_once('/') else {
+/// A file's live rows without the subjects' (and, in the first phase, with their deletes): the
+/// rows that stay, as one batch of the table's schema (none when nothing stays), and how many
+/// were taken.
+fn without(
+    batches: &[arrow::array::RecordBatch],
+    schema: &arrow::datatypes::SchemaRef,
+    target: &Target<'_>,
+) -> Result<(Option<arrow::array::RecordBatch>, u64), DeltaTableError> {
+    let mut rest = Vec::new();
+    let mut taken = 0;
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        let b = evolve::align(b, schema)?;
+        let Some(mut hit) = holding(&b, target.column, target.wanted) else {
+            rest.push(b);
             continue;
         };
-        let url = w
-            .root()
-            .join(&format!("{dir}/"))
-            .map_err(|e| SinkError::BadLocation {
-                url: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let delta = |source| SinkError::Delta {
-            table: url.to_string(),
-            source,
-        };
-        let bytes = store
-            .get(&meta.location)
-            .await
-            .map_err(|e| SinkError::Store(Box::new(e)))?
-            .bytes()
-            .await
-            .map_err(|e| SinkError::Store(Box::new(e)))?;
-        let Ok(record) = serde_json::from_slice::<PendingRecord>(&bytes) else {
-            continue;
-        };
-        if let Some(mut t) = w.open(&url).await.map_err(delta)? {
-            let current: HashSet<String> = t
-                .snapshot()
-                .map(|s| s.log_data().iter().map(|f| f.path().to_string()).collect())
-                .unwrap_or_default();
-            let files = t.object_store();
-            for f in record.files.iter().filter(|f| !current.contains(*f)) {
-                delete(&files, f).await.map_err(delta)?;
-            }
-            if record.logs {
-                drop_log_before_checkpoint(&mut t).await.map_err(delta)?;
-            }
+        if target.keep_deletes {
+            hit = arrow::compute::and_not(&hit, &is_delete(&b))?;
         }
-        delete(&store, &path).await.map_err(|e| SinkError::Delta {
-            table: path.clone(),
-            source: e,
-        })?;
-        finished += 1;
-    }
-    Ok(finished)
-}
-
-/// Writes a checkpoint at the table's version and deletes every log entry before it.
-async fn drop_log_before_checkpoint(t: &mut DeltaTable) -> Result<Vec<String>, DeltaTableError> {
-    deltalake::checkpoints::create_checkpoint(t, None).await?;
-    let newest = t.version().unwrap_or(0) as i64;
-    let store = t.object_store();
-    let log: Vec<_> = store
-        .list(Some(&Path::from("_delta_log")))
-        .try_collect()
-        .await
-        .map_err(|source| DeltaTableError::ObjectStore { source })?;
-    let mut out = Vec::new();
-    for meta in log {
-        let path = meta.location.to_string();
-        if log_version(&path).is_some_and(|v| v < newest) {
-            delete(&store, &path).await?;
-            out.push(path);
+        taken += hit.true_count() as u64;
+        let kept = arrow::compute::filter_record_batch(&b, &arrow::compute::not(&hit)?)?;
+        if kept.num_rows() > 0 {
+            rest.push(kept);
         }
     }
-    Ok(out)
+    if rest.is_empty() {
+        return Ok((None, taken));
+    }
+    Ok((Some(arrow::compute::concat_batches(schema, &rest)?), taken))
 }
 
 /// Rows of a changelog batch that record a delete.
@@ -579,42 +496,5 @@ fn is_delete(b: &arrow::array::RecordBatch) -> arrow::array::BooleanArray {
             .map(|op| op.iter().map(|v| Some(v == Some("delete"))).collect())
             .unwrap_or_else(|| vec![false; b.num_rows()].into()),
         None => vec![false; b.num_rows()].into(),
-    }
-}
-
-/// The version a `_delta_log/` entry belongs to (commit or checkpoint).
-fn log_version(path: &str) -> Option<i64> {
-    path.strip_prefix("_delta_log/")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
-
-async fn delete(
-    store: &deltalake::logstore::ObjectStoreRef,
-    path: &str,
-) -> Result<(), DeltaTableError> {
-    match store.delete(&Path::from(path)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(DeltaTableError::ObjectStore { source: e }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_entries_name_their_version() {
-        assert_eq!(
-            log_version("_delta_log/00000000000000000012.json"),
-            Some(12)
-        );
-        assert_eq!(
-            log_version("_delta_log/00000000000000000010.checkpoint.parquet"),
-            Some(10)
-        );
-        assert_eq!(log_version("part-0001.parquet"), None);
     }
 }

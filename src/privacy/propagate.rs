@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use arrow::array::AsArray;
 use arrow::datatypes::DataType;
 
-use super::forget::{at_source, erase_all, resume, Receipt};
+use super::forget::{at_source, erase_all, Receipt};
+use super::pending::resume;
 use super::PrivacyError;
 use crate::apply::inspect;
 use crate::batch::OP;
