@@ -705,6 +705,7 @@ impl<'a> Session<'a> {
         METRICS
             .flush_duration_seconds
             .observe(done.started.elapsed().as_secs_f64());
+        self.batcher.flush_took(done.started.elapsed());
         tracing::debug!(rows = done.rows, tables = done.durable.len(), confirmed = %confirm,
             elapsed = ?done.started.elapsed(), "flushed");
         Ok(())
