@@ -82,9 +82,6 @@ pub struct Batcher {
     rows: usize,
     bytes: usize,
     oldest: Option<Instant>,
-    /// How long flushes take lately (a moving average): `max_delay` is when a change should be
-    /// visible, so its flush starts that much earlier (see [`Batcher::due_in`]).
-    flush_takes: Duration,
 }
 
 impl Batcher {
@@ -95,13 +92,7 @@ impl Batcher {
             rows: 0,
             bytes: 0,
             oldest: None,
-            flush_takes: Duration::ZERO,
         }
-    }
-
-    /// Tells the batcher how long a flush just took (a moving average of the last few).
-    pub fn flush_took(&mut self, took: Duration) {
-        self.flush_takes = (self.flush_takes * 3 + took) / 4;
     }
 
     /// Adds changes of transaction `txn` (all of them, or the next part of a large one whose
@@ -172,13 +163,10 @@ impl Batcher {
         self.bytes
     }
 
-    /// Time until `max_delay` forces a flush (None when nothing is buffered). `max_delay` is
-    /// when the oldest buffered change should be in the mirror, so the flush starts as long
-    /// before it as flushes take lately, but never before half of it (changes still batch).
+    /// Time until `max_delay` forces a flush (None when nothing is buffered).
     pub fn due_in(&self) -> Option<Duration> {
-        let max_delay = Duration::from_millis(self.cfg.max_delay_ms);
-        let start_by = max_delay.saturating_sub(self.flush_takes.min(max_delay / 2));
-        self.oldest.map(|t| start_by.saturating_sub(t.elapsed()))
+        self.oldest
+            .map(|t| Duration::from_millis(self.cfg.max_delay_ms).saturating_sub(t.elapsed()))
     }
 
     pub fn should_flush(&self) -> bool {
@@ -379,30 +367,4 @@ pub fn changelog_batch(
     arrays.push(Arc::new(StringArray::from(unchanged)));
     arrays.push(exact);
     Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flush_starts_early_by_what_flushes_take_but_not_before_half_the_delay() {
-        let cfg = BatchConfig {
-            max_delay_ms: 1000,
-            ..BatchConfig::default()
-        };
-        let mut b = Batcher::new(cfg);
-        assert_eq!(b.due_in(), None);
-        b.oldest = Some(Instant::now());
-        let due = |b: &Batcher| b.due_in().unwrap().as_millis();
-        assert!((990..=1000).contains(&due(&b)), "{}", due(&b));
-        for _ in 0..20 {
-            b.flush_took(Duration::from_millis(300));
-        }
-        assert!((690..=700).contains(&due(&b)), "{}", due(&b));
-        for _ in 0..20 {
-            b.flush_took(Duration::from_secs(3));
-        }
-        assert!((490..=500).contains(&due(&b)), "{}", due(&b));
-    }
 }

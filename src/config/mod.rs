@@ -241,9 +241,7 @@ pub struct BatchConfig {
     /// Flush when the buffered changes hold about this many bytes.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: usize,
-    /// How long after it arrives a change should be in the mirror: the flush starts this long
-    /// after the oldest buffered change arrived, less what flushes take lately (at most half
-    /// of it), so it ends about then.
+    /// Flush at the latest this long after the oldest buffered change arrived.
     #[serde(default = "default_max_delay_ms")]
     pub max_delay_ms: u64,
 }

@@ -705,7 +705,6 @@ impl<'a> Session<'a> {
         METRICS
             .flush_duration_seconds
             .observe(done.started.elapsed().as_secs_f64());
-        self.batcher.flush_took(done.started.elapsed());
         tracing::debug!(rows = done.rows, tables = done.durable.len(), confirmed = %confirm,
             elapsed = ?done.started.elapsed(), "flushed");
         Ok(())
