@@ -369,6 +369,49 @@ async fn verify_erasure_finds_every_file_that_still_holds_a_subject() {
     assert!(e.contains("configured: customer"), "{e}");
 }
 
+/// 200 customers and 1,000 orders; customer 42 has a unique marker (`ERASEME…`) in every row of
+/// theirs, and orders in files shared with other customers'.
+async fn customers_and_orders(db: &TestDb) {
+    exec(
+        db,
+        "CREATE TABLE customers (id int PRIMARY KEY, email text, note text);
+         INSERT INTO customers SELECT g, 'c' || g || '@example.com',
+             CASE WHEN g = 42 THEN 'ERASEME-note' ELSE 'note' || g END FROM generate_series(1, 200) g;
+         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, item text);
+         INSERT INTO orders SELECT g, g % 200 + 1,
+             CASE WHEN g % 200 + 1 = 42 THEN 'ERASEME-item' || g ELSE 'item' || g END
+             FROM generate_series(1, 1000) g;",
+    )
+    .await;
+}
+
+/// The files under `wh` whose bytes hold the `ERASEME` marker.
+fn marked(wh: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    files_under(wh, &mut files);
+    files
+        .into_iter()
+        .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
+        .map(|f| f.display().to_string())
+        .collect()
+}
+
+/// Changelog rows of `public.customers` with `id = 10` (a customer whose history must stay).
+async fn history_of_customer_10(cfg: &Config) -> i64 {
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    let changes = w
+        .open(&w.table_url(TableKind::Changes, "public", "customers"))
+        .await
+        .unwrap()
+        .unwrap();
+    let n = walden::apply::inspect::query(&changes, "SELECT count(*) FROM t WHERE id = 10")
+        .await
+        .unwrap();
+    n[0].column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0)
+}
+
 /// Every file under `dir` as bytes, by path (to compare a warehouse before and after).
 fn snapshot_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = Vec::new();
@@ -385,17 +428,7 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
     let wh = warehouse_dir("forget");
     // Customer 42 has a unique marker in every row of theirs (ERASEME…), orders that share
     // files with other customers', and a long history: updates, an order whose key changes.
-    exec(
-        &db,
-        "CREATE TABLE customers (id int PRIMARY KEY, email text, note text);
-         INSERT INTO customers SELECT g, 'c' || g || '@example.com',
-             CASE WHEN g = 42 THEN 'ERASEME-note' ELSE 'note' || g END FROM generate_series(1, 200) g;
-         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, item text);
-         INSERT INTO orders SELECT g, g % 200 + 1,
-             CASE WHEN g % 200 + 1 = 42 THEN 'ERASEME-item' || g ELSE 'item' || g END
-             FROM generate_series(1, 1000) g;",
-    )
-    .await;
+    customers_and_orders(&db).await;
     let mut cfg = config(&db, &wh);
     cfg.privacy = privacy(&format!(
         "key = {KEY:?}
@@ -444,17 +477,8 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
     )
     .await;
     run_once(&cfg).await;
-    let marker = |wh: &Path| -> Vec<String> {
-        let mut files = Vec::new();
-        files_under(wh, &mut files);
-        files
-            .into_iter()
-            .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
-            .map(|f| f.display().to_string())
-            .collect()
-    };
     assert!(
-        !marker(&wh).is_empty(),
+        !marked(&wh).is_empty(),
         "the history holds the subject before forget"
     );
 
@@ -478,7 +502,7 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
     assert!(receipt.tables.iter().all(|t| !t.files_deleted.is_empty()));
     // Nothing under the warehouse holds the marker any more (bytes of every file, and every
     // string value of every Parquet file), nor the subject (verify-erasure).
-    assert_eq!(marker(&wh), Vec::<String>::new());
+    assert_eq!(marked(&wh), Vec::<String>::new());
     let scan = walden::privacy::scan::find(&cfg, &subject).await.unwrap();
     assert!(scan.places.is_empty(), "{}", scan.render());
     let mut files = Vec::new();
@@ -519,20 +543,11 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
     // Everyone else is untouched: the mirror still equals the source, and the other customers'
     // history is whole (4 updates of customers 10, 20, …).
     assert_verified(&cfg).await;
-    let w = Warehouse::new(&cfg.warehouse).unwrap();
-    let changes = w
-        .open(&w.table_url(TableKind::Changes, "public", "customers"))
-        .await
-        .unwrap()
-        .unwrap();
-    let n = walden::apply::inspect::query(&changes, "SELECT count(*) FROM t WHERE id = 10")
-        .await
-        .unwrap();
-    let n = n[0]
-        .column(0)
-        .as_primitive::<arrow::datatypes::Int64Type>()
-        .value(0);
-    assert_eq!(n, 5, "snapshot + 4 updates of customer 10");
+    assert_eq!(
+        history_of_customer_10(&cfg).await,
+        5,
+        "snapshot + 4 updates of customer 10"
+    );
     // The stream goes on after the erasure.
     exec(&db, "INSERT INTO customers VALUES (1000, 'new', 'n');").await;
     run_once(&cfg).await;
@@ -543,17 +558,7 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
 async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
     let db = test_db("propagate").await;
     let wh = warehouse_dir("propagate");
-    exec(
-        &db,
-        "CREATE TABLE customers (id int PRIMARY KEY, email text, note text);
-         INSERT INTO customers SELECT g, 'c' || g || '@example.com',
-             CASE WHEN g = 42 THEN 'ERASEME-note' ELSE 'note' || g END FROM generate_series(1, 200) g;
-         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, item text);
-         INSERT INTO orders SELECT g, g % 200 + 1,
-             CASE WHEN g % 200 + 1 = 42 THEN 'ERASEME-item' || g ELSE 'item' || g END
-             FROM generate_series(1, 1000) g;",
-    )
-    .await;
+    customers_and_orders(&db).await;
     let mut cfg = config(&db, &wh);
     cfg.privacy = privacy(&format!(
         "key = {KEY:?}
@@ -591,14 +596,6 @@ async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
          DELETE FROM customers WHERE id = 43; INSERT INTO customers VALUES (43, 'back', 'again');",
     )
     .await;
-    let marked = |wh: &Path| -> usize {
-        let mut files = Vec::new();
-        files_under(wh, &mut files);
-        files
-            .iter()
-            .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
-            .count()
-    };
     // Within the bound (4 s, looked at every 2 s, plus the stream's 200 ms delay): nothing
     // under the warehouse holds the customer's marker. Waited for up to a minute.
     let receipts = |wh: &Path| -> Vec<std::path::PathBuf> {
@@ -612,10 +609,10 @@ async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
             .unwrap_or_default()
     };
     let deleted_at = std::time::Instant::now();
-    while marked(&wh) > 0 || receipts(&wh).is_empty() {
+    while !marked(&wh).is_empty() || receipts(&wh).is_empty() {
         assert!(
             deleted_at.elapsed() < std::time::Duration::from_secs(60),
-            "{} files still hold the deleted customer's values",
+            "files still hold the deleted customer's values: {:?}",
             marked(&wh)
         );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
@@ -647,20 +644,11 @@ async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
     assert!(!text.contains("ERASEME") && !text.contains("=42"), "{text}");
     assert!(text.contains("\"customer\""), "{text}");
     assert_verified(&cfg).await;
-    let w = Warehouse::new(&cfg.warehouse).unwrap();
-    let changes = w
-        .open(&w.table_url(TableKind::Changes, "public", "customers"))
-        .await
-        .unwrap()
-        .unwrap();
-    let n = walden::apply::inspect::query(&changes, "SELECT count(*) FROM t WHERE id = 10")
-        .await
-        .unwrap();
-    let n = n[0]
-        .column(0)
-        .as_primitive::<arrow::datatypes::Int64Type>()
-        .value(0);
-    assert_eq!(n, 5, "snapshot + 4 updates of customer 10");
+    assert_eq!(
+        history_of_customer_10(&cfg).await,
+        5,
+        "snapshot + 4 updates of customer 10"
+    );
 }
 
 /// Every pending-erasure record under the warehouse.
@@ -738,13 +726,7 @@ async fn an_erasure_killed_after_its_commit_is_finished_by_the_next_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut files = Vec::new();
-    files_under(&wh, &mut files);
-    let marked: Vec<_> = files
-        .iter()
-        .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
-        .collect();
-    assert!(marked.is_empty(), "{marked:?}");
+    assert_eq!(marked(&wh), Vec::<String>::new());
     let subject = "customer=42"
         .parse::<walden::privacy::scan::Subject>()
         .unwrap();
