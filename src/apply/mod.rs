@@ -293,58 +293,33 @@ impl Applier {
         self.tables.remove(name);
     }
 
-    /// Makes every table's buffer durable in its two Delta tables ([`apply_pair`]), one table
-    /// after another (each commits and records its own position). Returns each table's
-    /// outcome; a table that failed does not hold the others back. (Applying the tables side by
-    /// side, each in a task of its own, was measured under `bench/steady.sh`: no gain on two
-    /// cores, see bench/RESULTS.md.)
-    pub async fn apply_all(
+    /// Makes everything in `buf` durable in both tables; changes a table has already applied are
+    /// skipped there. The buffer's rows move into the mirror's plan (their values are not
+    /// copied); the changelog is written and committed in a task of its own meanwhile (each
+    /// table records its own position, so the two commits may land in either order).
+    pub async fn apply(
         &mut self,
-        tables: impl IntoIterator<Item = (String, TableBuffer)>,
-    ) -> Vec<(String, Result<ApplyStats, ApplyError>)> {
-        let mut out = Vec::new();
-        for (name, buf) in tables {
-            if let Err(e) = self.pair(&name, &buf.relation).await {
-                out.push((name, Err(e)));
-                continue;
-            }
-            let shared = Shared {
-                app_id: self.app_id.clone(),
-                storage: self.warehouse.storage_options().clone(),
-                history: self.history.clone().expect("opened by pair"),
-            };
-            let pair = self.tables.get_mut(&name).expect("opened above");
-            let done = apply_pair(&shared, &name, pair, buf).await;
-            out.push((name, done));
-        }
-        out
+        name: &str,
+        mut buf: TableBuffer,
+    ) -> Result<ApplyStats, ApplyError> {
+        let buf = &mut buf;
+        let app_id = self.app_id.clone();
+        let storage = self.warehouse.storage_options().clone();
+        self.pair(name, &buf.relation).await?;
+        let history = self.history.clone().expect("opened by pair");
+        let pair = self.tables.get_mut(name).expect("opened above");
+        apply_pair(pair, name, buf, (&app_id, &storage, &history)).await
     }
 }
 
-/// What applying a table needs besides its pair.
-struct Shared {
-    app_id: String,
-    storage: HashMap<String, String>,
-    history: SchemaHistory,
-}
-
-/// Makes everything in `buf` durable in both tables of `pair`; changes a table has already
-/// applied are skipped there. The buffer's rows move into the mirror's plan (their values are
-/// not copied); the changelog is written and committed in a task of its own meanwhile (each
-/// table records its own position, so the two commits may land in either order).
+/// [`Applier::apply`] on the opened `pair`.
 async fn apply_pair(
-    shared: &Shared,
-    name: &str,
     pair: &mut Pair,
-    mut buf: TableBuffer,
+    name: &str,
+    buf: &mut TableBuffer,
+    (app_id, storage, history): (&str, &HashMap<String, String>, &SchemaHistory),
 ) -> Result<ApplyStats, ApplyError> {
-    let buf = &mut buf;
-    let Shared {
-        app_id,
-        storage,
-        history,
-    } = shared;
-    let app_id = app_id.clone();
+    let app_id = app_id.to_string();
     let versions = versions(pair.schema.as_ref(), buf);
     let renames = renamed_columns(pair.schema.as_ref(), &versions);
     if !renames.is_empty() {

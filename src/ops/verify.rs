@@ -102,6 +102,7 @@ async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Res
     }
     sql.push_str(") TO STDOUT");
     let mut d = Digester::default();
+    let hashed = spec.scope.mask.as_ref().map(|m| (m, m.kept()));
     let mut pending: Vec<u8> = Vec::new();
     let mut stream = std::pin::pin!(reader.copy_raw(&sql).await?);
     while let Some(chunk) = stream.next().await {
@@ -109,8 +110,8 @@ async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Res
         let mut start = 0;
         while let Some(at) = memchr::memchr(b'\n', &pending[start..]) {
             let line = &pending[start..start + at];
-            match &spec.scope.mask {
-                Some(m) => d.add_line(&hash_fields(line, m)),
+            match &hashed {
+                Some((m, rules)) => d.add_line(&hash_fields(line, m, rules)),
                 None => d.add_line(line),
             }
             start += at + 1;
@@ -122,10 +123,11 @@ async fn source_digest(reader: &SnapshotReader, spec: &TableSpec) -> anyhow::Res
 
 /// A source line with the values of hashed columns replaced by their keyed hash, as the
 /// warehouse holds them (walden hashes them: Postgres has no HMAC without pgcrypto).
-fn hash_fields(line: &[u8], mask: &TableMask) -> Vec<u8> {
+/// `rules`: the mask's rules of the columns read ([`TableMask::kept`]).
+fn hash_fields(line: &[u8], mask: &TableMask, rules: &[Rule]) -> Vec<u8> {
     let mut out = Vec::with_capacity(line.len());
     let mut text = Vec::new();
-    for (i, (field, rule)) in line.split(|b| *b == b'\t').zip(mask.kept()).enumerate() {
+    for (i, (field, &rule)) in line.split(|b| *b == b'\t').zip(rules).enumerate() {
         if i > 0 {
             out.push(b'\t');
         }

@@ -656,13 +656,11 @@ impl<'a> Session<'a> {
             let started = Instant::now();
             let mut durable = Vec::with_capacity(tables.len());
             let mut error = None;
-            let ops: HashMap<String, [u64; 4]> = tables
-                .iter()
-                .map(|(n, b)| (n.clone(), operations(b)))
-                .collect();
-            for (name, done) in applier.apply_all(tables).await {
-                match done {
-                    Ok(stats) => durable.push((name.clone(), stats, ops[&name])),
+            // A table that failed does not hold the others back; the first error is reported.
+            for (name, buf) in tables {
+                let ops = operations(&buf);
+                match applier.apply(&name, buf).await {
+                    Ok(stats) => durable.push((name, stats, ops)),
                     Err(e) => error = error.or(Some(e)),
                 }
             }

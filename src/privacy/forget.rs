@@ -217,7 +217,7 @@ pub async fn at_source(
     let sql = crate::source::connect_sql(&cfg.source).await?;
     let mut out = BTreeMap::new();
     for (table, column) in &cfg.privacy.subjects[name] {
-        let (schema, tname) = table.split_once('.').unwrap_or(("public", table));
+        let (schema, tname) = super::split(table);
         let q = format!(
             "SELECT format('%s', {c}), count(*) FROM {}.{} WHERE format('%s', {c}) = ANY($1) GROUP BY 1",
             quote_ident(schema),
@@ -249,33 +249,26 @@ struct Erasing<'a> {
 
 impl Erasing<'_> {
     async fn run(&self, places: &[Place], receipt: &str) -> Result<TableErasure, PrivacyError> {
-        let column = self.column;
         let wanted: HashSet<String> = self
             .values
             .iter()
-            .map(|v| stored_value(&self.cfg.privacy, self.table, column, v))
+            .map(|v| stored_value(&self.cfg.privacy, self.table, self.column, v))
             .collect();
-        let (schema, tname) = self.table.split_once('.').unwrap_or(("public", self.table));
-        let kind_of = if self.kind == "mirror" {
+        let kind = if self.kind == "mirror" {
             TableKind::Mirror
         } else {
             TableKind::Changes
         };
-        let url = self.w.table_url(kind_of, schema, tname);
+        let (url, t) = super::open(self.w, kind, self.table).await?;
         let delta = |source| SinkError::Delta {
             table: url.to_string(),
             source,
         };
-        let mut t = self
-            .w
-            .open(&url)
-            .await
-            .map_err(delta)?
-            .ok_or_else(|| delta(DeltaTableError::NotATable(url.to_string())))?;
+        let mut t = t.ok_or_else(|| delta(DeltaTableError::NotATable(url.to_string())))?;
         let target = Target {
             table: self.table,
             kind: self.kind,
-            column,
+            column: self.column,
             keep_deletes: self.keep_deletes && self.kind == "changelog",
             wanted: &wanted,
         };

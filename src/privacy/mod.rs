@@ -11,8 +11,12 @@ mod pending;
 pub mod propagate;
 pub mod scan;
 
+use std::collections::HashSet;
+
+use deltalake::DeltaTable;
+
 use crate::config::{MaskRule, PrivacyConfig};
-use crate::sink::SinkError;
+use crate::sink::{SinkError, TableKind, Warehouse};
 use crate::source::SourceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,34 @@ pub enum PrivacyError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Source(#[from] SourceError),
+}
+
+/// `schema.table` (as `[privacy]` names tables, checked by its validation) split in two.
+fn split(table: &str) -> (&str, &str) {
+    table.split_once('.').unwrap_or(("public", table))
+}
+
+/// The Delta table of `kind` of the source table `table` (`schema.table`), with its location;
+/// `None` when there is none.
+async fn open(
+    w: &Warehouse,
+    kind: TableKind,
+    table: &str,
+) -> Result<(url::Url, Option<DeltaTable>), SinkError> {
+    let (schema, name) = split(table);
+    let url = w.table_url(kind, schema, name);
+    let t = w.open(&url).await.map_err(|source| SinkError::Delta {
+        table: url.to_string(),
+        source,
+    })?;
+    Ok((url, t))
+}
+
+/// The files the loaded version of `t` references, as its log names them.
+fn current_files(t: &DeltaTable) -> HashSet<String> {
+    t.snapshot()
+        .map(|s| s.log_data().iter().map(|f| f.path().to_string()).collect())
+        .unwrap_or_default()
 }
 
 /// Every table and column `[privacy]` names, with what names it.
@@ -70,7 +102,7 @@ pub async fn check_names(
 ) -> Result<Vec<String>, SourceError> {
     let mut unpublished = Vec::new();
     for (table, column, origin) in named(cfg) {
-        let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
+        let (schema, name) = split(&table);
         let row = sql
             .query_opt(
                 "SELECT c.oid, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid \

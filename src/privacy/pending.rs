@@ -4,8 +4,6 @@
 //! Owns the pending records (paths only, never a value), the deletion of files and of the Delta
 //! log before a checkpoint, which the erasure itself (`forget`) and the resume share.
 
-use std::collections::HashSet;
-
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -96,10 +94,7 @@ pub async fn resume(cfg: &Config) -> Result<usize, PrivacyError> {
             continue;
         };
         if let Some(mut t) = w.open(&url).await.map_err(delta)? {
-            let current: HashSet<String> = t
-                .snapshot()
-                .map(|s| s.log_data().iter().map(|f| f.path().to_string()).collect())
-                .unwrap_or_default();
+            let current = super::current_files(&t);
             let files = t.object_store();
             for f in record.files.iter().filter(|f| !current.contains(*f)) {
                 delete(&files, f).await.map_err(delta)?;

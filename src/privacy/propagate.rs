@@ -24,7 +24,7 @@ use super::PrivacyError;
 use crate::apply::inspect;
 use crate::batch::OP;
 use crate::config::{Config, MaskRule};
-use crate::sink::{SinkError, TableKind, Warehouse};
+use crate::sink::{TableKind, Warehouse};
 
 /// The identifiers of each subject that deletes at the source carried, per subject name.
 async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
@@ -35,13 +35,7 @@ async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyE
             if cfg.privacy.rule(table, column) == MaskRule::Hash {
                 continue;
             }
-            let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-            let url = w.table_url(TableKind::Changes, schema, name);
-            let delta = |source| SinkError::Delta {
-                table: url.to_string(),
-                source,
-            };
-            let Some(t) = w.open(&url).await.map_err(delta)? else {
+            let Some(t) = super::open(&w, TableKind::Changes, table).await?.1 else {
                 continue;
             };
             let has_column = t

@@ -130,27 +130,22 @@ pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError>
 /// Searches every file of every table mapped to subject `name` for any of `values` (one pass
 /// for many subjects).
 pub async fn find_all(cfg: &Config, name: &str, values: &[String]) -> Result<Scan, PrivacyError> {
-    let subject = Subject {
-        name: name.to_string(),
-        value: String::new(),
-    };
     let privacy = &cfg.privacy;
-    let tables =
-        privacy
-            .subjects
-            .get(&subject.name)
-            .ok_or_else(|| PrivacyError::UnknownSubject {
-                name: subject.name.clone(),
-                known: privacy
-                    .subjects
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+    let tables = privacy
+        .subjects
+        .get(name)
+        .ok_or_else(|| PrivacyError::UnknownSubject {
+            name: name.to_string(),
+            known: privacy
+                .subjects
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
     let w = Warehouse::new(&cfg.warehouse)?;
     let mut scan = Scan {
-        subject: subject.name.clone(),
+        subject: name.to_string(),
         tables: tables.keys().cloned().collect(),
         files_searched: 0,
         places: Vec::new(),
@@ -160,7 +155,6 @@ pub async fn find_all(cfg: &Config, name: &str, values: &[String]) -> Result<Sca
             .iter()
             .map(|v| stored_value(privacy, table, column, v))
             .collect();
-        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         for kind in [TableKind::Changes, TableKind::Mirror] {
             let target = Target {
                 w: &w,
@@ -169,7 +163,7 @@ pub async fn find_all(cfg: &Config, name: &str, values: &[String]) -> Result<Sca
                 column,
                 wanted: &wanted,
             };
-            target.search(schema, name, &mut scan).await?;
+            target.search(&mut scan).await?;
         }
     }
     Ok(scan)
@@ -212,24 +206,14 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
-    async fn search(&self, schema: &str, name: &str, scan: &mut Scan) -> Result<(), PrivacyError> {
-        let url = self.w.table_url(self.kind, schema, name);
+    async fn search(&self, scan: &mut Scan) -> Result<(), PrivacyError> {
+        let (url, table) = super::open(self.w, self.kind, self.table).await?;
         let dir = url
             .as_str()
             .strip_prefix(self.w.root().as_str())
             .unwrap_or_default()
             .to_string();
-        let current: HashSet<String> =
-            match self.w.open(&url).await.map_err(|source| SinkError::Delta {
-                table: url.to_string(),
-                source,
-            })? {
-                Some(t) => t
-                    .snapshot()
-                    .map(|s| s.log_data().iter().map(|f| f.path().to_string()).collect())
-                    .unwrap_or_default(),
-                None => HashSet::new(),
-            };
+        let current = table.as_ref().map(super::current_files).unwrap_or_default();
         let store = self.w.object_store(&dir)?;
         let mut objects: Vec<_> = store.list(None).try_collect().await.map_err(store_err)?;
         // Data files first: a log entry that describes one of those holding the subject copies
