@@ -33,9 +33,17 @@ fn privacy(text: &str) -> PrivacyConfig {
 }
 
 /// Every file under `dir`, recursively.
+/// A running walden removes files and directories (erasures, vacuum, renamed staging files)
+/// while this walks: what is gone by the time it is looked at is left out.
 fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => panic!("{}: {e}", dir.display()),
+    };
+    for e in entries {
+        let Ok(e) = e else { continue };
+        let p = e.path();
         if p.is_dir() {
             files_under(&p, out);
         } else {
@@ -385,13 +393,18 @@ async fn customers_and_orders(db: &TestDb) {
     .await;
 }
 
-/// The files under `wh` whose bytes hold the `ERASEME` marker.
+/// The files under `wh` whose bytes hold the `ERASEME` marker (walden may be running: a file
+/// removed between listing and reading holds nothing).
 fn marked(wh: &Path) -> Vec<String> {
     let mut files = Vec::new();
     files_under(wh, &mut files);
     files
         .into_iter()
-        .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"ERASEME").is_some())
+        .filter(|f| match std::fs::read(f) {
+            Ok(bytes) => memchr::memmem::find(&bytes, b"ERASEME").is_some(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => panic!("{}: {e}", f.display()),
+        })
         .map(|f| f.display().to_string())
         .collect()
 }
