@@ -111,14 +111,22 @@ impl FileKeys {
     }
 
     /// Positions of `key` in the file, ascending.
-    pub fn positions(&self, key: i64) -> Vec<u64> {
+    #[cfg(test)]
+    fn positions(&self, key: i64) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.push_positions(key, &mut out);
+        out.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Appends `(key, position)` for each position of `key` in the file, ascending.
+    pub fn push_positions(&self, key: i64, out: &mut Vec<(i64, u64)>) {
         let found = self.keys.find(key);
+        let from = out.len();
         match &self.positions {
-            None => found.map(|p| p as u64).collect(),
+            None => out.extend(found.map(|p| (key, p as u64))),
             Some(p) => {
-                let mut out: Vec<u64> = p[found].iter().map(|&p| p as u64).collect();
-                out.sort_unstable();
-                out
+                out.extend(p[found].iter().map(|&p| (key, p as u64)));
+                out[from..].sort_unstable();
             }
         }
     }

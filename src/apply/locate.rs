@@ -203,8 +203,9 @@ async fn rewrite(
     Ok(())
 }
 
-/// The positions in `file` of the integer identity values the matcher still wants, per value,
-/// from the key index (the file's entry built now if it has none).
+/// The positions in `file` of the integer identity values the matcher still wants, as
+/// `(value, position)` ascending by value, then position, from the key index (the file's entry
+/// built now if it has none).
 async fn candidates(
     table: &DeltaTable,
     file: &LogicalFileView,
@@ -212,7 +213,7 @@ async fn candidates(
     column: usize,
     target: &SchemaRef,
     index: &mut KeyIndex,
-) -> Result<Vec<(i64, Vec<u64>)>, ApplyError> {
+) -> Result<Vec<(i64, u64)>, ApplyError> {
     let path = file.path().to_string();
     let mut unkept = None;
     if index.get(&path).is_none() {
@@ -246,27 +247,28 @@ async fn candidates(
     let Some((min, max)) = keys.range() else {
         return Ok(Vec::new());
     };
-    Ok(matcher
-        .pending_ints(min, max)
-        .into_iter()
-        .map(|k| (k, keys.positions(k)))
-        .filter(|(_, p)| !p.is_empty())
-        .collect())
+    let mut out = Vec::new();
+    for k in matcher.pending_ints(min, max) {
+        keys.push_positions(k, &mut out);
+    }
+    Ok(out)
 }
 
 /// Takes the matcher's removes for the candidates' live positions, one position per remove.
 fn take_indexed(
-    candidates: Vec<(i64, Vec<u64>)>,
+    candidates: Vec<(i64, u64)>,
     deleted: &RoaringTreemap,
     matcher: &mut Matcher,
 ) -> Vec<(u64, usize)> {
-    let mut hits = Vec::new();
-    for (key, positions) in candidates {
-        for p in positions.into_iter().filter(|&p| !deleted.contains(p)) {
-            match matcher.take_int(key) {
-                Some(remove) => hits.push((p, remove)),
-                None => break,
-            }
+    let mut hits = Vec::with_capacity(candidates.len());
+    let mut exhausted = None;
+    for (key, p) in candidates {
+        if exhausted == Some(key) || deleted.contains(p) {
+            continue;
+        }
+        match matcher.take_int(key) {
+            Some(remove) => hits.push((p, remove)),
+            None => exhausted = Some(key),
         }
     }
     hits.sort_unstable();

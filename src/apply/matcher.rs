@@ -31,8 +31,6 @@ struct Group {
     by_int: Option<IntWanted>,
 }
 
-type IntWanted = hashbrown::HashMap<i64, Vec<usize>, foldhash::fast::RandomState>;
-
 impl Group {
     fn is_done(&self) -> bool {
         match &self.by_int {
@@ -42,14 +40,55 @@ impl Group {
     }
 }
 
-/// Takes the remove waiting for `key`, if any.
-fn pop(by_int: &mut IntWanted, key: i64) -> Option<usize> {
-    let stack = by_int.get_mut(&key)?;
-    let remove = stack.pop();
-    if stack.is_empty() {
-        by_int.remove(&key);
+/// The removes wanting each integer identity value: a stack per value (several for identical
+/// keyless rows), kept as the top remove per value and a link down, so no value costs an
+/// allocation of its own.
+#[derive(Default)]
+struct IntWanted {
+    /// value → the remove on top of its stack
+    heads: hashbrown::HashMap<i64, usize, foldhash::fast::RandomState>,
+    /// the next remove down the stack, by remove index (only values wanted more than once)
+    below: hashbrown::HashMap<usize, usize, foldhash::fast::RandomState>,
+}
+
+impl IntWanted {
+    fn with_capacity(n: usize) -> Self {
+        IntWanted {
+            heads: hashbrown::HashMap::with_capacity_and_hasher(n, Default::default()),
+            below: Default::default(),
+        }
     }
-    remove
+
+    fn push(&mut self, key: i64, remove: usize) {
+        if let Some(top) = self.heads.insert(key, remove) {
+            self.below.insert(remove, top);
+        }
+    }
+
+    /// Takes the remove waiting for `key`, if any (the last one queued).
+    fn pop(&mut self, key: i64) -> Option<usize> {
+        let top = self.heads.get_mut(&key)?;
+        let remove = *top;
+        let below = match self.below.is_empty() {
+            true => None,
+            false => self.below.remove(&remove),
+        };
+        match below {
+            Some(next) => *top = next,
+            None => {
+                self.heads.remove(&key);
+            }
+        }
+        Some(remove)
+    }
+
+    fn contains(&self, key: i64) -> bool {
+        self.heads.contains_key(&key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
 }
 
 /// The encoded identities of one group's removes, each distinct one a stack of the removes
@@ -168,7 +207,6 @@ impl Matcher {
                     }
                 })
                 .collect::<Result<Vec<ArrayRef>, _>>()?;
-            let rows = converter.convert_columns(&arrays)?;
             let ints = int_values(&arrays[0]).map(|mut v| {
                 v.sort_unstable();
                 (target.field(columns[0]).name().clone(), v)
@@ -180,18 +218,23 @@ impl Matcher {
                         .as_any()
                         .downcast_ref::<Int64Array>()
                         .expect("cast to i64");
-                    let mut m = IntWanted::default();
+                    let mut m = IntWanted::with_capacity(members.len());
                     for (k, &member) in a.values().iter().zip(&members) {
-                        m.entry(*k).or_default().push(member);
+                        m.push(*k, member);
                     }
                     Some(m)
                 }
                 _ => None,
             };
+            // Matched on the integer itself: no encoded identities needed.
+            let wanted = match by_int {
+                Some(_) => Wanted::new(converter.empty_rows(0, 0), Vec::new()),
+                None => Wanted::new(converter.convert_columns(&arrays)?, members),
+            };
             groups.push(Group {
                 columns,
                 converter,
-                wanted: Wanted::new(rows, members),
+                wanted,
                 ints,
                 by_int,
             });
@@ -252,7 +295,7 @@ impl Matcher {
         let mut out: Vec<i64> = sorted[from..]
             .iter()
             .take_while(|&&v| v <= max)
-            .filter(|&&v| by_int.contains_key(&v))
+            .filter(|&&v| by_int.contains(v))
             .copied()
             .collect();
         out.dedup();
@@ -262,7 +305,7 @@ impl Matcher {
     /// Takes the remove waiting for the integer identity `key`, if any.
     pub fn take_int(&mut self, key: i64) -> Option<usize> {
         let by_int = self.groups.first_mut()?.by_int.as_mut()?;
-        let remove = pop(by_int, key)?;
+        let remove = by_int.pop(key)?;
         self.pending -= 1;
         Some(remove)
     }
@@ -291,7 +334,7 @@ impl Matcher {
                     if a.is_null(i) || gone.as_ref().is_some_and(|k| k[i]) || !live(i) {
                         continue;
                     }
-                    let Some(remove) = pop(by_int, a.value(i)) else {
+                    let Some(remove) = by_int.pop(a.value(i)) else {
                         continue;
                     };
                     self.pending -= 1;

@@ -99,43 +99,37 @@ impl Batcher {
     /// first change is number `first_seq`); returns the tables they touched.
     pub fn push(&mut self, txn: &Transaction, changes: Vec<Change>, first_seq: i64) -> Vec<String> {
         let mut touched: Vec<String> = Vec::new();
-        let mut last: Option<(*const Relation, String)> = None;
-        for (i, change) in changes.into_iter().enumerate() {
-            let ptr = Arc::as_ptr(&change.relation);
-            let name = match &last {
-                Some((p, n)) if *p == ptr => n.clone(),
-                _ => {
-                    let n = table_name(&change.relation);
-                    last = Some((ptr, n.clone()));
-                    n
-                }
-            };
-            let size = change_bytes(&change);
-            let buf = self
-                .tables
-                .entry(name.clone())
-                .or_insert_with(|| TableBuffer {
-                    relation: change.relation.clone(),
-                    rows: Vec::new(),
-                    bytes: 0,
-                    partial: false,
-                    generation: None,
-                });
-            if !Arc::ptr_eq(&buf.relation, &change.relation) {
-                buf.relation = change.relation.clone();
+        let mut changes = changes.into_iter().zip(first_seq..).peekable();
+        // One table lookup per run of changes to the same relation (a large transaction's part
+        // is often one long run).
+        while let Some((change, seq)) = changes.next() {
+            let relation = change.relation.clone();
+            let name = table_name(&relation);
+            if !touched.contains(&name) {
+                touched.push(name.clone());
             }
-            buf.bytes += size;
-            buf.rows.push(Row {
-                change,
-                commit_lsn: txn.commit_lsn,
-                commit_ts_us: txn.commit_ts_us,
-                xid: txn.xid,
-                seq: first_seq + i as i64,
+            let buf = self.tables.entry(name).or_insert_with(|| TableBuffer {
+                relation: relation.clone(),
+                rows: Vec::new(),
+                bytes: 0,
+                partial: false,
+                generation: None,
             });
-            self.rows += 1;
-            self.bytes += size;
-            if touched.last() != Some(&name) && !touched.contains(&name) {
-                touched.push(name);
+            buf.relation = relation.clone();
+            let mut next = Some((change, seq));
+            while let Some((change, seq)) = next {
+                let size = change_bytes(&change);
+                buf.bytes += size;
+                buf.rows.push(Row {
+                    change,
+                    commit_lsn: txn.commit_lsn,
+                    commit_ts_us: txn.commit_ts_us,
+                    xid: txn.xid,
+                    seq,
+                });
+                self.rows += 1;
+                self.bytes += size;
+                next = changes.next_if(|(c, _)| Arc::ptr_eq(&c.relation, &relation));
             }
         }
         if self.rows > 0 && self.oldest.is_none() {

@@ -585,26 +585,38 @@ impl<'a> Session<'a> {
         let part = self.cfg.batch.max_rows.max(1);
         let part_bytes = (self.cfg.spill.memory_bytes / 2).min(self.cfg.batch.max_bytes);
         let mut seq = 0i64;
-        let mut changes = txn.changes.next_chunk(part, part_bytes)?;
-        loop {
-            let n = changes.len();
-            self.count(n);
-            let touched = self.batcher.push(txn, changes, seq);
-            seq += n as i64;
-            if txn.changes.is_done() {
-                return Ok(touched);
-            }
+        let mut touched = self.push_part(txn, part, part_bytes, &mut seq)?;
+        while !txn.changes.is_done() {
             self.batcher.mark_partial();
             self.start_flush(stream).await?;
-            // The next part is read from the spill file while this one applies.
-            let left = txn.changes.remaining();
-            changes = txn.changes.next_chunk(part, part_bytes)?;
+            // The next part is read from the spill file and buffered while this one applies.
+            let (applied, left) = (seq, txn.changes.remaining());
+            touched = self.push_part(txn, part, part_bytes, &mut seq)?;
             self.finish_flush(stream).await?;
             METRICS.large_transaction_parts_total.inc();
-            tracing::info!(xid = txn.xid, lsn = %txn.commit_lsn, changes_applied = seq,
+            tracing::info!(xid = txn.xid, lsn = %txn.commit_lsn, changes_applied = applied,
                 changes_left = left, "large transaction: part durable");
             crate::checkpoint::failpoint("after-large-part");
         }
+        // The last part stays buffered like a whole transaction.
+        Ok(touched)
+    }
+
+    /// Buffers the next part of `txn` (changes from number `seq` on, which it advances);
+    /// returns the tables it touches.
+    fn push_part(
+        &mut self,
+        txn: &mut Transaction,
+        rows: usize,
+        bytes: usize,
+        seq: &mut i64,
+    ) -> Result<Vec<String>, PipelineError> {
+        let changes = txn.changes.next_chunk(rows, bytes)?;
+        let n = changes.len();
+        self.count(n);
+        let touched = self.batcher.push(txn, changes, *seq);
+        *seq += n as i64;
+        Ok(touched)
     }
 
     /// Confirms to the server what the frontier allows; returns it.
