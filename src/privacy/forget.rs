@@ -10,7 +10,7 @@
 //! only as its keyed hash. The source is asked first: while it still holds the subject's rows,
 //! the next change would bring them back, so `forget` refuses without `--force`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
@@ -21,7 +21,8 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 
 use super::pending::{delete, drop_log_before_checkpoint, pending_dir, Pending};
-use super::scan::{self, holding, stored_value, Place, Subject};
+use super::scan::{self, Place, Subject};
+use super::select::Selector;
 use super::PrivacyError;
 use crate::apply::{evolve, files};
 use crate::config::Config;
@@ -136,13 +137,27 @@ pub async fn erase_all(
     values: &[String],
     dry_run: bool,
 ) -> Result<Receipt, PrivacyError> {
+    let selection = scan::subject_selection(&cfg.privacy, name, values)
+        .ok_or_else(|| scan::unknown_subject(&cfg.privacy, name))?;
+    let erased: Vec<String> = values.iter().map(|v| format!("{name}={v}")).collect();
+    erase_selected(cfg, name, &erased, &selection, dry_run).await
+}
+
+/// Erases the rows `selection` picks from each of its tables (changelog and mirror), in one
+/// pass: each table's files are rewritten once. `erased` names what goes (subjects as
+/// `name=identifier`, rows as `table:key`), in the receipt only as keyed hashes; `label` is the
+/// receipt's subject. No look at the source (the caller's).
+pub async fn erase_selected(
+    cfg: &Config,
+    label: &str,
+    erased: &[String],
+    selection: &[(String, Selector)],
+    dry_run: bool,
+) -> Result<Receipt, PrivacyError> {
     let key = cfg.privacy.key.as_deref().unwrap_or_default();
     let hasher = Hasher::new(key.as_bytes());
     let at = chrono::Utc::now();
-    let subject_hmacs: Vec<String> = values
-        .iter()
-        .map(|v| hasher.hex(format!("{name}={v}").as_bytes()))
-        .collect();
+    let subject_hmacs: Vec<String> = erased.iter().map(|v| hasher.hex(v.as_bytes())).collect();
     let mut receipt = Receipt {
         id: format!(
             "{}-{}",
@@ -150,7 +165,7 @@ pub async fn erase_all(
             &hasher.hex(subject_hmacs.concat().as_bytes())[..16]
         ),
         at: at.to_rfc3339(),
-        subject: name.to_string(),
+        subject: label.to_string(),
         subject_hmacs,
         dry_run,
         source_rows: 0,
@@ -159,11 +174,11 @@ pub async fn erase_all(
     };
     let w = Warehouse::new(&cfg.warehouse)?;
     // Two phases: everything but the changelogs' delete rows, then those. The deletes are what
-    // makes a subject due (`propagate`), so until the last phase a crash leaves it due, and
-    // the next round finds whatever is left.
+    // makes rows or a subject due (`propagate`), so until the last phase a crash leaves them
+    // due, and the next round finds whatever is left.
     let phases: &[bool] = if dry_run { &[false] } else { &[true, false] };
     for &keep_deletes in phases {
-        let found = scan::find_all(cfg, name, values).await?;
+        let found = scan::find_selected(cfg, label, selection).await?;
         let mut by_table: BTreeMap<(String, &'static str), Vec<Place>> = BTreeMap::new();
         for p in found.places {
             by_table
@@ -175,13 +190,16 @@ pub async fn erase_all(
             let erasure = if dry_run {
                 plan_only(&table, kind, &places)
             } else {
+                let selector = &selection
+                    .iter()
+                    .find(|(t, _)| *t == table)
+                    .expect("places are of selected tables")
+                    .1;
                 let target = Erasing {
                     w: &w,
-                    cfg,
-                    column: &cfg.privacy.subjects[name][&table],
                     table: &table,
                     kind,
-                    values,
+                    selector,
                     keep_deletes,
                 };
                 target.run(&places, &receipt.id).await?
@@ -190,7 +208,10 @@ pub async fn erase_all(
         }
     }
     if !dry_run {
-        receipt.remaining = scan::find_all(cfg, name, values).await?.places.len();
+        receipt.remaining = scan::find_selected(cfg, label, selection)
+            .await?
+            .places
+            .len();
         let store = w.object_store("_walden/erasures/")?;
         let body = serde_json::to_vec_pretty(&receipt).expect("a receipt serializes");
         store
@@ -200,8 +221,8 @@ pub async fn erase_all(
             )
             .await
             .map_err(|e| SinkError::Store(Box::new(e)))?;
-        tracing::info!(subject = %receipt.subject, subjects = values.len(), receipt = %receipt.id,
-            remaining = receipt.remaining, "subjects erased");
+        tracing::info!(subject = %receipt.subject, erased = erased.len(), receipt = %receipt.id,
+            remaining = receipt.remaining, "erased from the warehouse");
     }
     Ok(receipt)
 }
@@ -239,21 +260,14 @@ pub async fn at_source(
 /// One table's erasure in one phase.
 struct Erasing<'a> {
     w: &'a Warehouse,
-    cfg: &'a Config,
-    column: &'a str,
     table: &'a str,
     kind: &'static str,
-    values: &'a [String],
+    selector: &'a Selector,
     keep_deletes: bool,
 }
 
 impl Erasing<'_> {
     async fn run(&self, places: &[Place], receipt: &str) -> Result<TableErasure, PrivacyError> {
-        let wanted: HashSet<String> = self
-            .values
-            .iter()
-            .map(|v| stored_value(&self.cfg.privacy, self.table, self.column, v))
-            .collect();
         let kind = if self.kind == "mirror" {
             TableKind::Mirror
         } else {
@@ -268,9 +282,8 @@ impl Erasing<'_> {
         let target = Target {
             table: self.table,
             kind: self.kind,
-            column: self.column,
             keep_deletes: self.keep_deletes && self.kind == "changelog",
-            wanted: &wanted,
+            selector: self.selector,
         };
         let pending = self.w.object_store(&pending_dir(&url, self.w))?;
         Ok(erase(&mut t, &target, places, (receipt, &pending))
@@ -321,10 +334,9 @@ fn files_of(places: &[Place], pick: impl Fn(&Place) -> bool) -> Vec<String> {
 struct Target<'a> {
     table: &'a str,
     kind: &'static str,
-    column: &'a str,
     /// The changelog's delete rows stay (first phase).
     keep_deletes: bool,
-    wanted: &'a HashSet<String>,
+    selector: &'a Selector,
 }
 
 /// What a rewrite committed.
@@ -461,7 +473,7 @@ fn without(
     let mut taken = 0;
     for b in batches.iter().filter(|b| b.num_rows() > 0) {
         let b = evolve::align(b, schema)?;
-        let Some(mut hit) = holding(&b, target.column, target.wanted) else {
+        let Some(mut hit) = target.selector.hits(&b) else {
             rest.push(b);
             continue;
         };

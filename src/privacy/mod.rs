@@ -10,6 +10,7 @@ pub mod forget;
 mod pending;
 pub mod propagate;
 pub mod scan;
+pub mod select;
 
 use std::collections::HashSet;
 
@@ -30,7 +31,7 @@ pub enum PrivacyError {
         copies anyway"
     )]
     StillAtSource { subject: String, rows: u64 },
-    #[error("reading a changelog for deleted subjects: {0}")]
+    #[error("reading a changelog for deleted rows and subjects: {0}")]
     Query(String),
     #[error(transparent)]
     Sink(#[from] SinkError),

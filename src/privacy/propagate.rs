@@ -1,7 +1,14 @@
-//! Deletes at the source reach the warehouse's history: subjects deleted in Postgres are erased
-//! from every file of every version, in batches, while `walden run` streams.
+//! Deletes at the source reach the warehouse's history: rows and subjects deleted in Postgres
+//! are erased from every file of every version, in batches, while `walden run` streams.
 //!
-//! Owns which subjects are due and when. A subject is due when a delete at the source carried
+//! Owns which rows and subjects are due and when. **Rows**: every delete at the source of a row
+//! of a table holding personal data (one that `[privacy.subjects]` maps) makes that row's
+//! history due: its versions written before the delete, found by the row's replica identity
+//! (`select::Selector::Deleted`), in changelog and mirror, once the mirror has applied the
+//! delete. A row inserted again under the same key afterwards is newer and stays. Tables under
+//! REPLICA IDENTITY FULL or NOTHING name no key for a deleted row and are left to subjects; a
+//! row's versions under an earlier key (before a key change) are not followed. **Subjects**: a
+//! subject is due when a delete at the source carried
 //! its identifier (the delete rows of a mapped table whose subject column is in the deleted
 //! row's old image: its key, or every column under REPLICA IDENTITY FULL) and the source no
 //! longer holds any row of it in any mapped table. The changelogs' delete rows are the durable
@@ -13,18 +20,24 @@
 //! delay). A subject whose column is hashed is searched for by its hash and cannot be read back
 //! from a delete: only tables that store the identifier in clear make subjects due.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use arrow::array::AsArray;
-use arrow::datatypes::DataType;
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Int64Type};
 
-use super::forget::{at_source, erase_all, Receipt};
+use super::forget::{at_source, erase_all, erase_selected, Receipt};
 use super::pending::resume;
+use super::select::Selector;
 use super::PrivacyError;
 use crate::apply::inspect;
-use crate::batch::OP;
+use crate::batch::{LSN, OP, SEQ};
 use crate::config::{Config, MaskRule};
+use crate::sink::schemas::SchemaHistory;
 use crate::sink::{TableKind, Warehouse};
+use crate::source::replication::quote_ident;
+
+/// The receipt's subject for an erasure of deleted rows' histories.
+pub const DELETED_ROWS: &str = "deleted rows";
 
 /// The identifiers of each subject that deletes at the source carried, per subject name.
 async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
@@ -67,8 +80,90 @@ async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyE
     Ok(out)
 }
 
-/// One round: finishes erasures a crash cut short, then erases every subject that is due (see
-/// the module docs). Returns the receipts written.
+/// Per table holding personal data whose replica identity is a key, the rows deletes at the
+/// source removed that the mirror has applied: by key (as text), the `(commit LSN, sequence)`
+/// of the row's last delete.
+async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyError> {
+    let w = Warehouse::new(&cfg.warehouse)?;
+    let history = SchemaHistory::new(&w)?;
+    let app_id = crate::apply::app_id(&cfg.source.slot);
+    let tables: BTreeSet<&String> = cfg
+        .privacy
+        .subjects
+        .values()
+        .flat_map(|t| t.keys())
+        .collect();
+    let mut out = Vec::new();
+    for table in tables {
+        let (schema, name) = super::split(table);
+        let Some(version) = history.latest(schema, name).await? else {
+            continue;
+        };
+        let columns: Vec<String> = version
+            .columns
+            .iter()
+            .filter(|c| c.identity)
+            .map(|c| c.name.clone())
+            .collect();
+        if !matches!(version.replica_identity.as_str(), "d" | "i") || columns.is_empty() {
+            continue;
+        }
+        let (Some(changes), Some(mirror)) = (
+            super::open(&w, TableKind::Changes, table).await?.1,
+            super::open(&w, TableKind::Mirror, table).await?.1,
+        ) else {
+            continue;
+        };
+        let applied = crate::apply::applied_lsn(&mirror, &app_id)
+            .await
+            .map_err(|e| PrivacyError::Query(e.to_string()))?;
+        let keys: Vec<String> = columns
+            .iter()
+            .map(|c| format!("CAST({} AS VARCHAR)", quote_ident(c)))
+            .collect();
+        let sql = format!(
+            "SELECT {}, {LSN}, {SEQ} FROM t WHERE {OP} = 'delete' AND {LSN} <= {}",
+            keys.join(", "),
+            applied.0
+        );
+        let batches = inspect::query(&changes, &sql)
+            .await
+            .map_err(|e| PrivacyError::Query(e.to_string()))?;
+        let mut deletes: HashMap<Vec<String>, (i64, i64)> = HashMap::new();
+        let query = |e: arrow::error::ArrowError| PrivacyError::Query(e.to_string());
+        let cast = arrow::compute::cast;
+        for b in batches {
+            let n = columns.len();
+            let text = (0..n)
+                .map(|c| cast(b.column(c), &DataType::Utf8))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(query)?;
+            let text: Vec<_> = text.iter().map(|t| t.as_string::<i32>()).collect();
+            let (lsn, seq) = (
+                cast(b.column(n), &DataType::Int64).map_err(query)?,
+                cast(b.column(n + 1), &DataType::Int64).map_err(query)?,
+            );
+            let (lsn, seq) = (
+                lsn.as_primitive::<Int64Type>(),
+                seq.as_primitive::<Int64Type>(),
+            );
+            for i in (0..b.num_rows()).filter(|&i| text.iter().all(|t| t.is_valid(i))) {
+                let key = text.iter().map(|t| t.value(i).to_string()).collect();
+                let at = (lsn.value(i), seq.value(i));
+                let last = deletes.entry(key).or_insert(at);
+                *last = (*last).max(at);
+            }
+        }
+        if !deletes.is_empty() {
+            out.push((table.clone(), Selector::Deleted { columns, deletes }));
+        }
+    }
+    Ok(out)
+}
+
+/// One round: finishes erasures a crash cut short, then erases every subject that is due and
+/// the histories of rows deleted at the source (see the module docs). Returns the receipts
+/// written.
 pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
     resume(cfg).await?;
     let mut receipts = Vec::new();
@@ -85,6 +180,20 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
             continue;
         }
         receipts.push(erase_all(cfg, &subject, &due, false).await?);
+    }
+    let rows = deleted_rows(cfg).await?;
+    if !rows.is_empty() {
+        let erased: Vec<String> = rows
+            .iter()
+            .flat_map(|(table, s)| match s {
+                Selector::Deleted { deletes, .. } => deletes
+                    .keys()
+                    .map(|k| format!("{table}:{}", k.join(",")))
+                    .collect(),
+                Selector::Subject { .. } => Vec::new(),
+            })
+            .collect();
+        receipts.push(erase_selected(cfg, DELETED_ROWS, &erased, &rows, false).await?);
     }
     Ok(receipts)
 }
@@ -113,9 +222,15 @@ pub async fn logged(cfg: &Config) {
     match round(cfg).await {
         Ok(receipts) => {
             for r in receipts {
-                crate::telemetry::METRICS
-                    .subjects_erased_total
-                    .inc_by(r.subject_hmacs.len() as u64);
+                let erased = r.subject_hmacs.len() as u64;
+                match r.subject.as_str() {
+                    DELETED_ROWS => crate::telemetry::METRICS
+                        .deleted_rows_erased_total
+                        .inc_by(erased),
+                    _ => crate::telemetry::METRICS
+                        .subjects_erased_total
+                        .inc_by(erased),
+                }
             }
         }
         Err(e) => {

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 #[allow(deprecated)]
 use deltalake::parquet::arrow::async_reader::{
@@ -21,6 +21,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
+use super::select::Selector;
 use super::PrivacyError;
 use crate::config::{Config, MaskRule, PrivacyConfig};
 use crate::decode::mask::Hasher;
@@ -130,38 +131,67 @@ pub async fn find(cfg: &Config, subject: &Subject) -> Result<Scan, PrivacyError>
 /// Searches every file of every table mapped to subject `name` for any of `values` (one pass
 /// for many subjects).
 pub async fn find_all(cfg: &Config, name: &str, values: &[String]) -> Result<Scan, PrivacyError> {
-    let privacy = &cfg.privacy;
-    let tables = privacy
-        .subjects
-        .get(name)
-        .ok_or_else(|| PrivacyError::UnknownSubject {
-            name: name.to_string(),
-            known: privacy
-                .subjects
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+    let selection = subject_selection(&cfg.privacy, name, values)
+        .ok_or_else(|| unknown_subject(&cfg.privacy, name))?;
+    find_selected(cfg, name, &selection).await
+}
+
+/// The rows of the subjects `values` of subject `name`, per table mapped to it (`None` for a
+/// subject not in `[privacy.subjects]`).
+pub fn subject_selection(
+    privacy: &PrivacyConfig,
+    name: &str,
+    values: &[String],
+) -> Option<Vec<(String, Selector)>> {
+    let tables = privacy.subjects.get(name)?;
+    Some(
+        tables
+            .iter()
+            .map(|(table, column)| {
+                let values = values
+                    .iter()
+                    .map(|v| stored_value(privacy, table, column, v))
+                    .collect();
+                let column = column.clone();
+                (table.clone(), Selector::Subject { column, values })
+            })
+            .collect(),
+    )
+}
+
+pub fn unknown_subject(privacy: &PrivacyConfig, name: &str) -> PrivacyError {
+    PrivacyError::UnknownSubject {
+        name: name.to_string(),
+        known: privacy
+            .subjects
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Searches every file of each table (changelog and mirror) for the rows its selector picks;
+/// `label` names what is searched for in the result.
+pub async fn find_selected(
+    cfg: &Config,
+    label: &str,
+    selection: &[(String, Selector)],
+) -> Result<Scan, PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let mut scan = Scan {
-        subject: name.to_string(),
-        tables: tables.keys().cloned().collect(),
+        subject: label.to_string(),
+        tables: selection.iter().map(|(t, _)| t.clone()).collect(),
         files_searched: 0,
         places: Vec::new(),
     };
-    for (table, column) in tables {
-        let wanted: HashSet<String> = values
-            .iter()
-            .map(|v| stored_value(privacy, table, column, v))
-            .collect();
+    for (table, selector) in selection {
         for kind in [TableKind::Changes, TableKind::Mirror] {
             let target = Target {
                 w: &w,
                 table,
                 kind,
-                column,
-                wanted: &wanted,
+                selector,
             };
             target.search(&mut scan).await?;
         }
@@ -180,29 +210,12 @@ pub fn stored_value(privacy: &PrivacyConfig, table: &str, column: &str, value: &
     }
 }
 
-/// The subjects' rows in `batch`: the subject column, as text, one of `wanted`.
-pub fn holding(
-    batch: &RecordBatch,
-    column: &str,
-    wanted: &HashSet<String>,
-) -> Option<BooleanArray> {
-    let col = batch.column_by_name(column)?;
-    let text = arrow::compute::cast(col, &DataType::Utf8).ok()?;
-    let text = text.as_string::<i32>();
-    Some(
-        text.iter()
-            .map(|v| Some(v.is_some_and(|v| wanted.contains(v))))
-            .collect(),
-    )
-}
-
-/// One Delta table searched for one value of one column.
+/// One Delta table searched for the rows of a selector.
 struct Target<'a> {
     w: &'a Warehouse,
     table: &'a str,
     kind: TableKind,
-    column: &'a str,
-    wanted: &'a HashSet<String>,
+    selector: &'a Selector,
 }
 
 impl Target<'_> {
@@ -222,19 +235,13 @@ impl Target<'_> {
         let mut holders = HashSet::new();
         for meta in objects {
             let path = meta.location.to_string();
-            let in_log = path.starts_with("_delta_log/");
-            let (rows, in_log) = if in_log && path.ends_with(".json") {
-                let bytes = store.get(&meta.location).await.map_err(store_err)?;
-                let bytes = bytes.bytes().await.map_err(store_err)?;
-                (0, self.json_log_holds(&bytes, &holders))
-            } else if in_log && path.ends_with(".parquet") {
-                let adds = read_column(&store, &meta.location, "add").await?;
-                (0, self.checkpoint_holds(&adds, &holders))
-            } else if path.ends_with(".parquet") {
-                let batches = read_column(&store, &meta.location, self.column).await?;
-                (self.rows_holding(&batches), false)
-            } else {
-                continue;
+            let (rows, in_log) = match self.look(&store, &meta.location, &holders).await {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                // Removed since it was listed (a vacuum or an erasure of a running walden):
+                // it holds nothing any more.
+                Err(_) if gone(&store, &meta.location).await => continue,
+                Err(e) => return Err(e),
             };
             scan.files_searched += 1;
             if rows > 0 {
@@ -258,11 +265,36 @@ impl Target<'_> {
         Ok(())
     }
 
-    /// Rows of the subject column (cast to its text) equal to the value.
+    /// What one object holds: selected rows (a data file), or whether it is a log entry that
+    /// holds them; `None` for objects of other kinds.
+    async fn look(
+        &self,
+        store: &deltalake::logstore::ObjectStoreRef,
+        location: &Path,
+        holders: &HashSet<String>,
+    ) -> Result<Option<(u64, bool)>, PrivacyError> {
+        let path = location.as_ref();
+        let in_log = path.starts_with("_delta_log/");
+        Ok(Some(if in_log && path.ends_with(".json") {
+            let bytes = store.get(location).await.map_err(store_err)?;
+            let bytes = bytes.bytes().await.map_err(store_err)?;
+            (0, self.json_log_holds(&bytes, holders))
+        } else if in_log && path.ends_with(".parquet") {
+            let adds = read_columns(store, location, &["add"]).await?;
+            (0, self.checkpoint_holds(&adds, holders))
+        } else if path.ends_with(".parquet") {
+            let batches = read_columns(store, location, &self.selector.columns()).await?;
+            (self.rows_holding(&batches), false)
+        } else {
+            return Ok(None);
+        }))
+    }
+
+    /// Rows the selector picks.
     fn rows_holding(&self, batches: &[RecordBatch]) -> u64 {
         batches
             .iter()
-            .filter_map(|b| holding(b, self.column, self.wanted))
+            .filter_map(|b| self.selector.hits(b))
             .map(|m| m.true_count() as u64)
             .sum()
     }
@@ -311,23 +343,10 @@ impl Target<'_> {
         })
     }
 
-    /// A statistics object (`{"minValues": {...}, "maxValues": {...}}`) whose min or max of the
-    /// subject column is the value.
+    /// A statistics object (`{"minValues": {...}, "maxValues": {...}}`) holding a selected
+    /// value.
     fn stats_hold(&self, stats: &str) -> bool {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(stats) else {
-            return false;
-        };
-        ["minValues", "maxValues"].iter().any(|m| {
-            v.get(m)
-                .and_then(|x| x.get(self.column))
-                .is_some_and(|x| match x {
-                    serde_json::Value::String(s) => self.wanted.contains(s),
-                    other => {
-                        let text = other.to_string();
-                        self.wanted.contains(&text)
-                    }
-                })
-        })
+        serde_json::from_str::<serde_json::Value>(stats).is_ok_and(|v| self.selector.stats_hold(&v))
     }
 }
 
@@ -339,15 +358,23 @@ fn decoded(path: &str) -> String {
         .unwrap_or_else(|| path.to_string())
 }
 
+/// The object is no longer in the store.
+async fn gone(store: &deltalake::logstore::ObjectStoreRef, location: &Path) -> bool {
+    matches!(
+        store.head(location).await,
+        Err(object_store::Error::NotFound { .. })
+    )
+}
+
 fn store_err(e: object_store::Error) -> PrivacyError {
     PrivacyError::Sink(SinkError::Store(Box::new(e)))
 }
 
-/// The root column `column` of a Parquet file (nothing when the file has no such column).
-async fn read_column(
+/// The root columns `columns` of a Parquet file (nothing when the file has none of them).
+async fn read_columns(
     store: &deltalake::logstore::ObjectStoreRef,
     path: &Path,
-    column: &str,
+    columns: &[&str],
 ) -> Result<Vec<RecordBatch>, PrivacyError> {
     let parquet = |source| {
         PrivacyError::Sink(SinkError::Parquet {
@@ -362,10 +389,13 @@ async fn read_column(
         .map_err(parquet)?;
     let schema = builder.parquet_schema();
     let fields = schema.root_schema().get_fields();
-    let Some(root) = fields.iter().position(|f| f.name() == column) else {
+    let roots: Vec<usize> = (0..fields.len())
+        .filter(|&i| columns.contains(&fields[i].name()))
+        .collect();
+    if roots.is_empty() {
         return Ok(Vec::new());
-    };
-    let mask = ProjectionMask::roots(schema, [root]);
+    }
+    let mask = ProjectionMask::roots(schema, roots);
     builder
         .with_projection(mask)
         .build()
@@ -379,13 +409,12 @@ async fn read_column(
 mod tests {
     use super::*;
 
-    fn target<'a>(w: &'a Warehouse, wanted: &'a HashSet<String>) -> Target<'a> {
+    fn target<'a>(w: &'a Warehouse, selector: &'a Selector) -> Target<'a> {
         Target {
             w,
             table: "public.orders",
             kind: TableKind::Mirror,
-            column: "customer_id",
-            wanted,
+            selector,
         }
     }
 
@@ -410,8 +439,11 @@ mod tests {
             key_index_rows: 1,
         })
         .unwrap();
-        let wanted = HashSet::from(["42".to_string()]);
-        let t = target(&w, &wanted);
+        let selector = Selector::Subject {
+            column: "customer_id".into(),
+            values: HashSet::from(["42".to_string()]),
+        };
+        let t = target(&w, &selector);
         assert!(t.stats_hold(
             r#"{"numRecords":3,"minValues":{"customer_id":42},"maxValues":{"customer_id":50}}"#
         ));

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub object_store_errors_total: IntCounterVec,
     pub maintenance_rounds_total: IntCounter,
     pub subjects_erased_total: IntCounter,
+    pub deleted_rows_erased_total: IntCounter,
     pub erasure_errors_total: IntCounter,
     pub maintenance_errors_total: IntCounter,
     pub maintenance_files_total: IntCounterVec,
@@ -361,6 +362,11 @@ impl Metrics {
             &r,
             "walden_subjects_erased_total",
             "Data subjects erased from the warehouse (deletes propagated, and walden forget)",
+        ),
+        deleted_rows_erased_total: counter(
+            &r,
+            "walden_deleted_rows_erased_total",
+            "Rows deleted at the source whose history was erased from every file of the warehouse",
         ),
         erasure_errors_total: counter(
             &r,

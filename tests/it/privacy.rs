@@ -649,13 +649,18 @@ async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
     stop.send(true).unwrap();
     running.await.unwrap().unwrap();
 
-    // One receipt, without the subject in clear; the mirror equals the source; the others'
-    // history is whole.
-    let receipts = receipts(&wh);
-    assert_eq!(receipts.len(), 1);
-    let text = std::fs::read_to_string(&receipts[0]).unwrap();
-    assert!(!text.contains("ERASEME") && !text.contains("=42"), "{text}");
-    assert!(text.contains("\"customer\""), "{text}");
+    // One receipt for the subject (others for deleted rows: customer 43's earlier versions),
+    // none with the subject in clear; the mirror equals the source; the others' history is
+    // whole.
+    let texts: Vec<String> = receipts(&wh)
+        .iter()
+        .map(|r| std::fs::read_to_string(r).unwrap())
+        .collect();
+    for text in &texts {
+        assert!(!text.contains("ERASEME") && !text.contains("=42"), "{text}");
+    }
+    let of_subject = texts.iter().filter(|t| t.contains("\"customer\"")).count();
+    assert_eq!(of_subject, 1, "{texts:?}");
     assert_verified(&cfg).await;
     assert_eq!(
         history_of_customer_10(&cfg).await,
@@ -746,4 +751,107 @@ async fn an_erasure_killed_after_its_commit_is_finished_by_the_next_run() {
     let scan = walden::privacy::scan::find(&cfg, &subject).await.unwrap();
     assert!(scan.places.is_empty(), "{}", scan.render());
     assert_verified(&cfg).await;
+}
+
+/// Changelog rows of `table` matching `filter`.
+async fn changelog_count(cfg: &Config, table: &str, filter: &str) -> i64 {
+    let w = Warehouse::new(&cfg.warehouse).unwrap();
+    let changes = w
+        .open(&w.table_url(TableKind::Changes, "public", table))
+        .await
+        .unwrap()
+        .unwrap();
+    let sql = format!("SELECT count(*) FROM t WHERE {filter}");
+    let n = walden::apply::inspect::query(&changes, &sql).await.unwrap();
+    n[0].column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
+    let db = test_db("erase_rows").await;
+    let wh = warehouse_dir("erase_rows");
+    customers_and_orders(&db).await;
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy(&format!(
+        "key = {KEY:?}
+         [subjects.customer]
+         \"public.customers\" = \"id\"
+         \"public.orders\" = \"customer_id\""
+    ));
+    run_once(&cfg).await; // the snapshot
+                          // Order 7 (customer 8, who stays) gets a history of marked values, shares its files with
+                          // other orders, then is deleted alone. Order 9 is deleted and inserted again in one
+                          // transaction, order 11 in two: their new rows stay. Order 13 is only updated.
+    for round in 0..3 {
+        exec(
+            &db,
+            &format!(
+                "UPDATE orders SET item = 'GONEMARK-{round}' WHERE id = 7;
+                 UPDATE orders SET item = item || '+' WHERE id IN (9, 11, 13);"
+            ),
+        )
+        .await;
+        run_once(&cfg).await;
+    }
+    exec(
+        &db,
+        "DELETE FROM orders WHERE id = 7;
+         BEGIN; DELETE FROM orders WHERE id = 9; INSERT INTO orders VALUES (9, 10, 'back'); COMMIT;
+         DELETE FROM orders WHERE id = 11;",
+    )
+    .await;
+    run_once(&cfg).await; // streams the deletes, then a round of propagated deletes
+    exec(&db, "INSERT INTO orders VALUES (11, 12, 'again');").await;
+    run_once(&cfg).await;
+
+    // Nothing under the warehouse holds order 7's values, nor any version of it.
+    let mut files = Vec::new();
+    files_under(&wh, &mut files);
+    let holding: Vec<_> = files
+        .iter()
+        .filter(|f| memchr::memmem::find(&std::fs::read(f).unwrap(), b"GONEMARK").is_some())
+        .collect();
+    assert!(holding.is_empty(), "{holding:?}");
+    let order = |id: &str| {
+        let values = [id.to_string()].into();
+        let selector = walden::privacy::select::Selector::Subject {
+            column: "id".into(),
+            values,
+        };
+        vec![("public.orders".to_string(), selector)]
+    };
+    let scan = walden::privacy::scan::find_selected(&cfg, "order 7", &order("7"))
+        .await
+        .unwrap();
+    assert!(scan.places.is_empty(), "{}", scan.render());
+    // Orders 9 and 11: only what came after their deletes is left (the new row's insert).
+    assert_eq!(changelog_count(&cfg, "orders", "id = 9").await, 1);
+    assert_eq!(changelog_count(&cfg, "orders", "id = 11").await, 1);
+    assert_eq!(
+        changelog_count(&cfg, "orders", "id = 9 AND item = 'back'").await,
+        1
+    );
+    // Order 13 and customer 8 keep their history: snapshot + 3 updates, snapshot.
+    assert_eq!(changelog_count(&cfg, "orders", "id = 13").await, 4);
+    assert_eq!(changelog_count(&cfg, "customers", "id = 8").await, 1);
+    assert_verified(&cfg).await;
+
+    // A receipt of deleted rows, without them in clear.
+    let receipts: Vec<String> = std::fs::read_dir(wh.join("_walden/erasures"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(!receipts.is_empty());
+    for text in &receipts {
+        assert!(text.contains("\"deleted rows\""), "{text}");
+        assert!(
+            !text.contains("GONEMARK") && !text.contains("orders:7"),
+            "{text}"
+        );
+    }
 }
