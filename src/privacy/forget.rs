@@ -239,22 +239,56 @@ pub async fn at_source(
     let mut out = BTreeMap::new();
     for (table, column) in &cfg.privacy.subjects[name] {
         let (schema, tname) = super::split(table);
-        let q = format!(
-            "SELECT format('%s', {c}), count(*) FROM {}.{} WHERE format('%s', {c}) = ANY($1) GROUP BY 1",
-            quote_ident(schema),
-            quote_ident(tname),
-            c = quote_ident(column)
-        );
-        for row in sql
-            .query(&q, &[&values])
-            .await
-            .map_err(crate::source::SourceError::from)?
-        {
-            let n: i64 = row.get(1);
-            *out.entry(row.get::<_, String>(0)).or_default() += n.max(0) as u64;
+        let relation = format!("{}.{}", quote_ident(schema), quote_ident(tname));
+        for (value, n) in held(&sql, &relation, column, values).await? {
+            *out.entry(value).or_default() += n;
         }
     }
     Ok(out)
+}
+
+/// Rows of `relation` whose `column`, as Postgres prints it, is one of `values`, per value.
+/// The values are first cast to the column's own type, so an index on the column finds the
+/// rows instead of a scan of the table; the text comparison then keeps exactly what the
+/// warehouse's comparison would (a numeric 42.0 is not "42"). When a value is not of the
+/// column's type (no row can hold it), the text comparison alone decides.
+async fn held(
+    sql: &tokio_postgres::Client,
+    relation: &str,
+    column: &str,
+    values: &[String],
+) -> Result<Vec<(String, u64)>, crate::source::SourceError> {
+    let c = quote_ident(column);
+    let as_text = format!("format('%s', {c}) = ANY($1)");
+    let query = |filter: &str| {
+        format!("SELECT format('%s', {c}), count(*) FROM {relation} WHERE {filter} GROUP BY 1")
+    };
+    let typed = sql
+        .query_opt(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = $1::text::regclass AND attname = $2::text AND NOT attisdropped",
+            &[&relation, &column],
+        )
+        .await?
+        .map(|r| r.get::<_, String>(0));
+    let rows = match typed {
+        Some(t) => {
+            let by_type = format!("{c} = ANY($1::text[]::{t}[]) AND {as_text}");
+            match sql.query(&query(&by_type), &[&values]).await {
+                Ok(rows) => rows,
+                // Class 22, data exception: a value the type cannot hold.
+                Err(e) if e.code().is_some_and(|s| s.code().starts_with("22")) => {
+                    sql.query(&query(&as_text), &[&values]).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => sql.query(&query(&as_text), &[&values]).await?,
+    };
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+        .collect())
 }
 
 /// One table's erasure in one phase.

@@ -482,6 +482,12 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
         e.contains("the source still holds 6 row(s) of subject customer"),
         "{e}"
     );
+    // An identifier the column's type cannot hold is at the source nowhere (compared as text).
+    let odd: walden::privacy::scan::Subject = "customer=4 2".parse().unwrap();
+    let none = walden::privacy::forget::forget(&cfg, &odd, true, false)
+        .await
+        .unwrap();
+    assert_eq!((none.source_rows, none.tables.len()), (0, 0));
 
     // Deleted at the source (the delete streams to the mirror), then forgotten.
     exec(
