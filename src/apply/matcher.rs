@@ -371,3 +371,24 @@ fn int_values(a: &ArrayRef) -> Option<Vec<i64>> {
     let a = a.as_any().downcast_ref::<Int64Array>()?;
     Some(a.iter().flatten().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_of_one_integer_value_are_taken_one_each_last_first() {
+        let mut w = IntWanted::with_capacity(4);
+        for (key, remove) in [(5, 0), (7, 1), (5, 2), (5, 3)] {
+            w.push(key, remove);
+        }
+        assert!(w.contains(5) && w.contains(7) && !w.contains(6));
+        assert_eq!(
+            [w.pop(5), w.pop(5), w.pop(5), w.pop(5)],
+            [Some(3), Some(2), Some(0), None]
+        );
+        assert!(!w.contains(5));
+        assert_eq!((w.pop(7), w.pop(7)), (Some(1), None));
+        assert!(w.is_empty());
+    }
+}
