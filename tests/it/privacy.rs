@@ -393,6 +393,23 @@ async fn customers_and_orders(db: &TestDb) {
     .await;
 }
 
+/// A database of customers and orders (see [`customers_and_orders`]) and a config whose subject
+/// `customer` maps both, with `settings` added to `[privacy]`.
+async fn customers_setup(name: &str, settings: &str) -> (TestDb, std::path::PathBuf, Config) {
+    let db = test_db(name).await;
+    let wh = warehouse_dir(name);
+    customers_and_orders(&db).await;
+    let mut cfg = config(&db, &wh);
+    cfg.privacy = privacy(&format!(
+        "key = {KEY:?}
+         {settings}
+         [subjects.customer]
+         \"public.customers\" = \"id\"
+         \"public.orders\" = \"customer_id\""
+    ));
+    (db, wh, cfg)
+}
+
 /// The files under `wh` whose bytes hold the `ERASEME` marker (walden may be running: a file
 /// removed between listing and reading holds nothing).
 fn marked(wh: &Path) -> Vec<String> {
@@ -409,22 +426,6 @@ fn marked(wh: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Changelog rows of `public.customers` with `id = 10` (a customer whose history must stay).
-async fn history_of_customer_10(cfg: &Config) -> i64 {
-    let w = Warehouse::new(&cfg.warehouse).unwrap();
-    let changes = w
-        .open(&w.table_url(TableKind::Changes, "public", "customers"))
-        .await
-        .unwrap()
-        .unwrap();
-    let n = walden::apply::inspect::query(&changes, "SELECT count(*) FROM t WHERE id = 10")
-        .await
-        .unwrap();
-    n[0].column(0)
-        .as_primitive::<arrow::datatypes::Int64Type>()
-        .value(0)
-}
-
 /// Every file under `dir` as bytes, by path (to compare a warehouse before and after).
 fn snapshot_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = Vec::new();
@@ -437,19 +438,9 @@ fn snapshot_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
-    let db = test_db("forget").await;
-    let wh = warehouse_dir("forget");
     // Customer 42 has a unique marker in every row of theirs (ERASEME…), orders that share
     // files with other customers', and a long history: updates, an order whose key changes.
-    customers_and_orders(&db).await;
-    let mut cfg = config(&db, &wh);
-    cfg.privacy = privacy(&format!(
-        "key = {KEY:?}
-         propagate_deletes = false
-         [subjects.customer]
-         \"public.customers\" = \"id\"
-         \"public.orders\" = \"customer_id\""
-    ));
+    let (db, wh, cfg) = customers_setup("forget", "propagate_deletes = false").await;
     run_once(&cfg).await;
     for round in 0..4 {
         exec(
@@ -563,7 +554,7 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
     // history is whole (4 updates of customers 10, 20, …).
     assert_verified(&cfg).await;
     assert_eq!(
-        history_of_customer_10(&cfg).await,
+        changelog_count(&cfg, "customers", "id = 10").await,
         5,
         "snapshot + 4 updates of customer 10"
     );
@@ -575,17 +566,7 @@ async fn forget_erases_a_subject_everywhere_and_leaves_a_receipt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
-    let db = test_db("propagate").await;
-    let wh = warehouse_dir("propagate");
-    customers_and_orders(&db).await;
-    let mut cfg = config(&db, &wh);
-    cfg.privacy = privacy(&format!(
-        "key = {KEY:?}
-         erase_within = \"4s\"
-         [subjects.customer]
-         \"public.customers\" = \"id\"
-         \"public.orders\" = \"customer_id\""
-    ));
+    let (db, wh, cfg) = customers_setup("propagate", "erase_within = \"4s\"").await;
     run_once(&cfg).await; // the snapshot
     let (stop, rx) = tokio::sync::watch::channel(false);
     let running = {
@@ -669,7 +650,7 @@ async fn deletes_at_the_source_are_erased_from_the_history_within_the_bound() {
     assert_eq!(of_subject, 1, "{texts:?}");
     assert_verified(&cfg).await;
     assert_eq!(
-        history_of_customer_10(&cfg).await,
+        changelog_count(&cfg, "customers", "id = 10").await,
         5,
         "snapshot + 4 updates of customer 10"
     );
@@ -776,16 +757,7 @@ async fn changelog_count(cfg: &Config, table: &str, filter: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
-    let db = test_db("erase_rows").await;
-    let wh = warehouse_dir("erase_rows");
-    customers_and_orders(&db).await;
-    let mut cfg = config(&db, &wh);
-    cfg.privacy = privacy(&format!(
-        "key = {KEY:?}
-         [subjects.customer]
-         \"public.customers\" = \"id\"
-         \"public.orders\" = \"customer_id\""
-    ));
+    let (db, wh, cfg) = customers_setup("erase_rows", "").await;
     run_once(&cfg).await; // the snapshot
                           // Order 7 (customer 8, who stays) gets a history of marked values, shares its files with
                           // other orders, then is deleted alone. Order 9 is deleted and inserted again in one
