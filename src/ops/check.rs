@@ -413,6 +413,19 @@ async fn privacy(
         Err(SourceError::Setup(m)) => r.push("privacy", Level::Error, m, None),
         Err(e) => return Err(e),
     }
+    let keyless = crate::privacy::keyless_subject_tables(sql, p).await?;
+    if !keyless.is_empty() {
+        r.push(
+            "privacy",
+            Level::Warning,
+            format!(
+                "rows deleted from {} leave the warehouse's history only with their whole \
+                 subject: the replica identity names no key for a deleted row",
+                keyless.join(", ")
+            ),
+            Some(crate::privacy::KEYLESS_HINT.into()),
+        );
+    }
     Ok(())
 }
 

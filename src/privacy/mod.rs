@@ -133,3 +133,37 @@ pub async fn check_names(
     }
     Ok(unpublished)
 }
+
+/// The tables a subject maps whose replica identity names no key (FULL, NOTHING, or DEFAULT
+/// without a primary key): a row deleted from them leaves the history only with its subject
+/// (`propagate`), so `walden check` and `walden run` say so.
+pub async fn keyless_subject_tables(
+    sql: &tokio_postgres::Client,
+    cfg: &PrivacyConfig,
+) -> Result<Vec<String>, SourceError> {
+    let tables: std::collections::BTreeSet<&String> =
+        cfg.subjects.values().flat_map(|t| t.keys()).collect();
+    let mut out = Vec::new();
+    for table in tables {
+        let (schema, name) = split(table);
+        let row = sql
+            .query_opt(
+                "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i \
+                   WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &name],
+            )
+            .await?;
+        let Some(row) = row else { continue };
+        let (identity, primary_key): (String, bool) = (row.get(0), row.get(1));
+        if identity == "f" || identity == "n" || (identity == "d" && !primary_key) {
+            out.push(table.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// What to tell the operator about [`keyless_subject_tables`].
+pub const KEYLESS_HINT: &str = "give each a key: ALTER TABLE … REPLICA IDENTITY DEFAULT (with a \
+    primary key) or REPLICA IDENTITY USING INDEX (a unique index on NOT NULL columns)";

@@ -266,6 +266,35 @@ async fn privacy_naming_what_the_source_lacks_is_refused() {
             .any(|f| f.check == "privacy" && f.message.contains("column mail")),
         "{report:?}"
     );
+
+    // A subject table whose replica identity names no key for a deleted row: a warning with
+    // the fix; the keyed one is not named.
+    exec(
+        &db,
+        "CREATE TABLE visits (customer_id int, at timestamptz);
+         ALTER TABLE notes REPLICA IDENTITY FULL;",
+    )
+    .await;
+    cfg.privacy = privacy(
+        "key = \"k\"
+         [subjects.customer]
+         \"public.customers\" = \"id\"
+         \"public.notes\" = \"id\"
+         \"public.visits\" = \"customer_id\"",
+    );
+    let keyless = walden::privacy::keyless_subject_tables(&db.client, &cfg.privacy)
+        .await
+        .unwrap();
+    assert_eq!(keyless, ["public.notes", "public.visits"]);
+    let report = walden::ops::check::run(&cfg).await;
+    assert!(
+        report.findings.iter().any(|f| f.check == "privacy"
+            && f.message.contains("public.notes, public.visits")
+            && f.fix
+                .as_deref()
+                .is_some_and(|h| h.contains("REPLICA IDENTITY"))),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
