@@ -69,11 +69,7 @@ impl IntWanted {
     fn pop(&mut self, key: i64) -> Option<usize> {
         let top = self.heads.get_mut(&key)?;
         let remove = *top;
-        let below = match self.below.is_empty() {
-            true => None,
-            false => self.below.remove(&remove),
-        };
-        match below {
+        match self.below.remove(&remove) {
             Some(next) => *top = next,
             None => {
                 self.heads.remove(&key);
