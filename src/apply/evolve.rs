@@ -24,7 +24,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 
 use super::settle::ATTEMPTS;
 use super::{files, ApplyError, TableErr};
-use crate::batch::{UNCHANGED, UNREPRESENTABLE};
+use crate::batch::{OLD_KEY, UNCHANGED, UNREPRESENTABLE};
 use crate::sink::writer_properties;
 
 /// Makes the table's schema hold `want`'s columns: columns the source added are added (a
@@ -44,7 +44,7 @@ pub async fn evolve(
 /// Renames columns the source renamed (`(old, new)` in the order they happened), where the table
 /// still has the old name and not yet the new one, by rewriting its files under the new names
 /// (one commit). The names inside walden's own columns (`_walden_unchanged`,
-/// `_walden_unrepresentable`) are renamed with them. Idempotent: after a crash the renames that
+/// `_walden_unrepresentable`, `_walden_old_key`) are renamed with them. Idempotent: after a crash the renames that
 /// committed are skipped.
 pub async fn rename(
     table: &mut DeltaTable,
@@ -271,7 +271,7 @@ fn renamed(
     for (f, c) in schema.fields().iter().zip(batch.columns()) {
         fields.push(f.as_ref().clone().with_name(to(f.name())));
         let column: ArrayRef = match f.name().as_str() {
-            UNREPRESENTABLE => Arc::new(map_strings(c.as_ref(), |s| {
+            UNREPRESENTABLE | OLD_KEY => Arc::new(map_strings(c.as_ref(), |s| {
                 let Ok(serde_json::Value::Object(m)) = serde_json::from_str(s) else {
                     return s.to_string();
                 };

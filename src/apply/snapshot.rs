@@ -122,6 +122,7 @@ impl SnapshotTarget {
         ));
         arrays.push(Arc::new(StringArray::from(vec![None::<&str>; n])));
         arrays.push(exact);
+        arrays.push(Arc::new(StringArray::from(vec![None::<&str>; n])));
         Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
     }
 }

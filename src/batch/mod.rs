@@ -9,12 +9,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::checkpoint::{Applied, Lsn};
 use crate::config::BatchConfig;
-use crate::decode::pgoutput::{Relation, Tuple, Value};
+use crate::decode::pgoutput::{OldKind, Relation, Tuple, Value};
 use crate::decode::spill::change_bytes;
 use crate::decode::txn::{Change, ChangeKind, Transaction};
 use crate::decode::types::{column_builder, column_type, ColumnBuilder};
@@ -28,6 +30,9 @@ pub const UNCHANGED: &str = "_walden_unchanged";
 /// Values the column's type cannot hold (numeric NaN, infinite dates, …): a JSON object of column
 /// name → the value's exact text, NULL on rows without any.
 pub const UNREPRESENTABLE: &str = "_walden_unrepresentable";
+/// On an update that moved its row to another key: the old replica identity, a JSON object of
+/// column name → value as text (as the column's type casts to text); NULL on other rows.
+pub const OLD_KEY: &str = "_walden_old_key";
 
 /// One buffered change with its transaction's coordinates.
 #[derive(Debug, Clone)]
@@ -210,6 +215,7 @@ pub fn changelog_schema(r: &Relation) -> SchemaRef {
     f.push(Field::new(COMMIT_TS, ts_type(), false));
     f.push(Field::new(UNCHANGED, DataType::Utf8, true));
     f.push(Field::new(UNREPRESENTABLE, DataType::Utf8, true));
+    f.push(Field::new(OLD_KEY, DataType::Utf8, true));
     Arc::new(Schema::new(f))
 }
 
@@ -360,5 +366,69 @@ pub fn changelog_batch(
     ));
     arrays.push(Arc::new(StringArray::from(unchanged)));
     arrays.push(exact);
+    arrays.push(old_keys(rel, &rows)?);
     Ok((RecordBatch::try_new(changelog_schema(rel), arrays)?, bad))
+}
+
+/// The [`OLD_KEY`] column of `rows`: the old key of each update whose key columns changed (the
+/// server sends the old key then, 'K'), NULL elsewhere.
+fn old_keys(rel: &Relation, rows: &[&Row]) -> Result<ArrayRef, arrow::error::ArrowError> {
+    let key: Vec<usize> = (0..rel.columns.len())
+        .filter(|&i| rel.columns[i].key)
+        .collect();
+    let moved: Vec<(usize, Vec<&Value>)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let (Some((OldKind::Key, old)), Some(new)) = (&r.change.old, &r.change.new) else {
+                return None;
+            };
+            let map = column_map(&r.change.relation, rel);
+            fn at<'t>(t: &'t Tuple, map: &[Option<usize>], k: usize) -> Option<&'t Value> {
+                map[k].and_then(|j| t.0.get(j))
+            }
+            let olds: Vec<&Value> = key
+                .iter()
+                .map(|&k| at(old, &map, k).unwrap_or(&Value::Null))
+                .collect();
+            let same = key.iter().zip(&olds).all(|(&k, o)| match at(new, &map, k) {
+                Some(Value::Unchanged) => true,
+                Some(n) => n == *o,
+                None => matches!(o, Value::Null),
+            });
+            (!same).then_some((i, olds))
+        })
+        .collect();
+    if moved.is_empty() {
+        return Ok(arrow::array::new_null_array(&DataType::Utf8, rows.len()));
+    }
+    // The old values through the columns' own builders, then as text, so they read as the
+    // columns' values do (`CAST(col AS VARCHAR)`).
+    let mut texts = Vec::with_capacity(key.len());
+    for (n, &k) in key.iter().enumerate() {
+        let mut b = column_builder(&rel.columns[k], moved.len());
+        moved.iter().for_each(|(_, olds)| b.append(olds[n]));
+        let typed = b.finish();
+        texts.push(arrow::compute::cast(&typed, &DataType::Utf8)?);
+    }
+    let mut out: Vec<Option<String>> = vec![None; rows.len()];
+    for (m, (row, _)) in moved.iter().enumerate() {
+        let object: serde_json::Map<String, serde_json::Value> = key
+            .iter()
+            .zip(&texts)
+            .map(|(&k, t)| {
+                let t = t
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("cast to Utf8");
+                let v = match t.is_valid(m) {
+                    true => serde_json::Value::String(t.value(m).to_string()),
+                    false => serde_json::Value::Null,
+                };
+                (rel.columns[k].name.clone(), v)
+            })
+            .collect();
+        out[*row] = Some(serde_json::Value::Object(object).to_string());
+    }
+    Ok(Arc::new(StringArray::from(out)))
 }

@@ -183,3 +183,23 @@ fn values_map_to_arrow() {
         txns[0].0.commit_lsn.0 as i64
     );
 }
+
+#[test]
+fn a_key_change_records_the_old_key() {
+    let (txns, _) = events();
+    let mut b = Batcher::new(BatchConfig::default());
+    for (txn, changes) in &txns[1..5] {
+        b.push(txn, changes.clone(), 0);
+    }
+    let tables = b.take();
+    let (batch, _) = changelog_batch(&tables["public.kinds"], Default::default()).unwrap();
+    let old = batch.column_by_name(crate::batch::OLD_KEY).unwrap();
+    let old: Vec<Option<&str>> = old
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .unwrap()
+        .iter()
+        .collect();
+    // Two updates in place (the old key is not sent), the key change 1 → 2, the delete of 2.
+    assert_eq!(old, vec![None, None, Some(r#"{"id":"1"}"#), None]);
+}

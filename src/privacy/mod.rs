@@ -7,6 +7,7 @@
 //! [`forget`].
 
 pub mod forget;
+mod lineage;
 mod pending;
 pub mod propagate;
 pub mod scan;

@@ -6,12 +6,14 @@
 //! history due: its versions written before the delete, found by the row's replica identity
 //! (`select::Selector::Deleted`), in changelog and mirror, once the mirror has applied the
 //! delete. A row inserted again under the same key afterwards is newer and stays. Tables under
-//! REPLICA IDENTITY FULL or NOTHING name no key for a deleted row and are left to subjects; a
-//! row's versions under an earlier key (before a key change) are not followed. **Subjects**: a
+//! REPLICA IDENTITY FULL or NOTHING name no key for a deleted row and are left to subjects. A
+//! row's versions under an earlier key are followed through the key changes the changelog
+//! records (`_walden_old_key`, see `lineage`). **Subjects**: a
 //! subject is due when a delete at the source carried
 //! its identifier (the delete rows of a mapped table whose subject column is in the deleted
-//! row's old image: its key, or every column under REPLICA IDENTITY FULL) and the source no
-//! longer holds any row of it in any mapped table. The changelogs' delete rows are the durable
+//! row's old image: its key, or every column under REPLICA IDENTITY FULL), every table holds
+//! that delete's transaction (it is below the slot's confirmed LSN) and the source no longer
+//! holds any row of it in any mapped table. The changelogs' delete rows are the durable
 //! queue: the erasure takes them out with the rest of the subject's rows, so a subject is due
 //! until it is erased, across crashes and restarts; a crash inside an erasure is finished from
 //! its pending record (`forget::resume`). All subjects due at a round are erased together: each
@@ -22,15 +24,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Int64Type};
+use arrow::array::AsArray;
+use arrow::datatypes::DataType;
 
 use super::forget::{at_source, erase_all, erase_selected, Receipt};
+use super::lineage::{Key, Lineage, Pos};
 use super::pending::resume;
 use super::select::Selector;
 use super::PrivacyError;
 use crate::apply::inspect;
-use crate::batch::{LSN, OP, SEQ};
+use crate::batch::{LSN, OP};
 use crate::config::{Config, MaskRule};
 use crate::sink::schemas::SchemaHistory;
 use crate::sink::{TableKind, Warehouse};
@@ -39,8 +42,28 @@ use crate::source::replication::quote_ident;
 /// The receipt's subject for an erasure of deleted rows' histories.
 pub const DELETED_ROWS: &str = "deleted rows";
 
-/// The identifiers of each subject that deletes at the source carried, per subject name.
-async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
+/// The LSN below which every source transaction is applied in every table: the slot's
+/// confirmed flush LSN (walden confirms a transaction once every table holds it). Without the
+/// slot nothing streams, so nothing is about to be applied.
+async fn settled(cfg: &Config) -> Result<u64, PrivacyError> {
+    let sql = crate::source::connect_sql(&cfg.source).await?;
+    let row = sql
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await
+        .map_err(crate::source::SourceError::from)?;
+    Ok(match row {
+        Some(r) => r.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64,
+        None => u64::MAX,
+    })
+}
+
+/// The identifiers of each subject that deletes at the source carried, per subject name:
+/// deletes of transactions committed below `below`.
+async fn deleted(cfg: &Config, below: u64) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (subject, tables) in &cfg.privacy.subjects {
@@ -58,9 +81,10 @@ async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyE
             if !has_column {
                 continue;
             }
-            let col = crate::source::replication::quote_ident(column);
+            let col = quote_ident(column);
             let sql = format!(
-                "SELECT DISTINCT CAST({col} AS VARCHAR) FROM t WHERE {OP} = 'delete' AND {col} IS NOT NULL"
+                "SELECT DISTINCT CAST({col} AS VARCHAR) FROM t \
+                 WHERE {OP} = 'delete' AND {col} IS NOT NULL AND {LSN} < {below}"
             );
             let batches = inspect::query(&t, &sql)
                 .await
@@ -82,7 +106,8 @@ async fn deleted(cfg: &Config) -> Result<BTreeMap<String, Vec<String>>, PrivacyE
 
 /// Per table holding personal data whose replica identity is a key, the rows deletes at the
 /// source removed that the mirror has applied: by key (as text), the `(commit LSN, sequence)`
-/// of the row's last delete.
+/// of the row's last delete, and the keys those rows had before a key change, by the position
+/// where they left them (`lineage`).
 async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let history = SchemaHistory::new(&w)?;
@@ -117,41 +142,20 @@ async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyEr
         let applied = crate::apply::applied_lsn(&mirror, &app_id)
             .await
             .map_err(|e| PrivacyError::Query(e.to_string()))?;
-        let keys: Vec<String> = columns
-            .iter()
-            .map(|c| format!("CAST({} AS VARCHAR)", quote_ident(c)))
-            .collect();
-        let sql = format!(
-            "SELECT {}, {LSN}, {SEQ} FROM t WHERE {OP} = 'delete' AND {LSN} <= {}",
-            keys.join(", "),
-            applied.0
-        );
-        let batches = inspect::query(&changes, &sql)
-            .await
-            .map_err(|e| PrivacyError::Query(e.to_string()))?;
-        let mut deletes: HashMap<Vec<String>, (i64, i64)> = HashMap::new();
-        let query = |e: arrow::error::ArrowError| PrivacyError::Query(e.to_string());
-        let cast = arrow::compute::cast;
-        for b in batches {
-            let n = columns.len();
-            let text = (0..n)
-                .map(|c| cast(b.column(c), &DataType::Utf8))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(query)?;
-            let text: Vec<_> = text.iter().map(|t| t.as_string::<i32>()).collect();
-            let (lsn, seq) = (
-                cast(b.column(n), &DataType::Int64).map_err(query)?,
-                cast(b.column(n + 1), &DataType::Int64).map_err(query)?,
-            );
-            let (lsn, seq) = (
-                lsn.as_primitive::<Int64Type>(),
-                seq.as_primitive::<Int64Type>(),
-            );
-            for i in (0..b.num_rows()).filter(|&i| text.iter().all(|t| t.is_valid(i))) {
-                let key = text.iter().map(|t| t.value(i).to_string()).collect();
-                let at = (lsn.value(i), seq.value(i));
-                let last = deletes.entry(key).or_insert(at);
-                *last = (*last).max(at);
+        let lineage = Lineage::read(&changes, &columns, applied.0 as i64).await?;
+        // Each key's last delete covers its versions before; keys the deleted rows had before
+        // a key change, their versions up to the change.
+        let mut deletes: HashMap<Key, Pos> = HashMap::new();
+        let mut take = |key: Key, at: Pos| {
+            let last = deletes.entry(key).or_insert(at);
+            *last = (*last).max(at);
+        };
+        for (key, ats) in &lineage.deletes {
+            for &at in ats {
+                take(key.clone(), at);
+                for (earlier, left) in lineage.earlier(key, at) {
+                    take(earlier, left);
+                }
             }
         }
         if !deletes.is_empty() {
@@ -167,7 +171,10 @@ async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyEr
 pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
     resume(cfg).await?;
     let mut receipts = Vec::new();
-    for (subject, values) in deleted(cfg).await? {
+    // A subject is due once every table has applied its deletes: the erasure never takes a row
+    // the stream is about to delete (or to write) in a table it has not reached yet.
+    let below = settled(cfg).await?;
+    for (subject, values) in deleted(cfg, below).await? {
         if values.is_empty() {
             continue;
         }

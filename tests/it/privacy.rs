@@ -785,15 +785,26 @@ async fn changelog_count(cfg: &Config, table: &str, filter: &str) -> i64 {
 async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
     let (db, wh, cfg) = customers_setup("erase_rows", "").await;
     run_once(&cfg).await; // the snapshot
-                          // Order 7 (customer 8, who stays) gets a history of marked values, shares its files with
-                          // other orders, then is deleted alone. Order 9 is deleted and inserted again in one
-                          // transaction, order 11 in two: their new rows stay. Order 13 is only updated.
+
+    // Order 7 (customer 8, who stays) gets a history of marked values, shares its files with
+    // other orders, moves to key 1007 halfway (an order 7 inserted afterwards is another row
+    // and stays), then is deleted alone. Order 9 is deleted and inserted again in one
+    // transaction, order 11 in two: their new rows stay. Order 13 is only updated.
     for round in 0..3 {
+        let moved = match round {
+            1 => {
+                "UPDATE orders SET id = 1007 WHERE id = 7;
+                  INSERT INTO orders VALUES (7, 8, 'another seven');"
+            }
+            _ => "",
+        };
         exec(
             &db,
             &format!(
-                "UPDATE orders SET item = 'GONEMARK-{round}' WHERE id = 7;
-                 UPDATE orders SET item = item || '+' WHERE id IN (9, 11, 13);"
+                "UPDATE orders SET item = 'GONEMARK-{round}' WHERE id = {};
+                 {moved}
+                 UPDATE orders SET item = item || '+' WHERE id IN (9, 11, 13);",
+                if round < 2 { 7 } else { 1007 }
             ),
         )
         .await;
@@ -801,7 +812,7 @@ async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
     }
     exec(
         &db,
-        "DELETE FROM orders WHERE id = 7;
+        "DELETE FROM orders WHERE id = 1007;
          BEGIN; DELETE FROM orders WHERE id = 9; INSERT INTO orders VALUES (9, 10, 'back'); COMMIT;
          DELETE FROM orders WHERE id = 11;",
     )
@@ -810,7 +821,8 @@ async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
     exec(&db, "INSERT INTO orders VALUES (11, 12, 'again');").await;
     run_once(&cfg).await;
 
-    // Nothing under the warehouse holds order 7's values, nor any version of it.
+    // Nothing under the warehouse holds the deleted order's values (under either key), nor
+    // any version of it.
     let mut files = Vec::new();
     files_under(&wh, &mut files);
     let holding: Vec<_> = files
@@ -826,10 +838,16 @@ async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
         };
         vec![("public.orders".to_string(), selector)]
     };
-    let scan = walden::privacy::scan::find_selected(&cfg, "order 7", &order("7"))
+    let scan = walden::privacy::scan::find_selected(&cfg, "order 1007", &order("1007"))
         .await
         .unwrap();
     assert!(scan.places.is_empty(), "{}", scan.render());
+    // The order 7 inserted after the move keeps its row; of the old one nothing is left.
+    assert_eq!(changelog_count(&cfg, "orders", "id = 7").await, 1);
+    assert_eq!(
+        changelog_count(&cfg, "orders", "id = 7 AND item = 'another seven'").await,
+        1
+    );
     // Orders 9 and 11: only what came after their deletes is left (the new row's insert).
     assert_eq!(changelog_count(&cfg, "orders", "id = 9").await, 1);
     assert_eq!(changelog_count(&cfg, "orders", "id = 11").await, 1);
@@ -854,7 +872,7 @@ async fn a_deleted_row_leaves_the_history_while_its_subject_remains() {
     for text in &receipts {
         assert!(text.contains("\"deleted rows\""), "{text}");
         assert!(
-            !text.contains("GONEMARK") && !text.contains("orders:7"),
+            !text.contains("GONEMARK") && !text.contains("orders:"),
             "{text}"
         );
     }
