@@ -5,7 +5,8 @@
 # 100,000 customers. Customer 42 is deleted at the source and streamed (deletes not propagated),
 # then `walden forget --subject customer=42` is timed; the receipt says how many files each table
 # rewrote, and the sizes of the files it deleted are the bytes rewritten. verify-erasure must
-# then find nothing. Prints one line per table and the totals.
+# then find nothing. Prints one line per table and the totals, then the time of propagated-delete
+# rounds with and without the record of what earlier rounds erased.
 #
 #   bench/erase.sh        # CUSTOMERS=100000 ORDERS=5000000 (per layout)
 set -euo pipefail
@@ -70,3 +71,15 @@ echo
 echo "| machine | $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), $("${PSQL[@]}" -c 'SHOW server_version') |"
 echo "| warehouse before | $wh_before bytes |"
 echo "| forget | $secs s, peak RSS $(( $(cat "$W/rss") / 1024 )) MiB, $total bytes of data files rewritten (deleted and written anew without the subject) |"
+
+# Propagated-delete rounds on the same warehouse: `walden run --once` with nothing to stream,
+# without propagation (the run's own cost), then with it twice: the first round reads every
+# changelog's deletes (no `_walden/privacy/erased.json` yet), the second only what arrived
+# since the first.
+timed_run() { local t0 t1; t0=$(date +%s.%N); walden run --once >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc; }
+plain=$(timed_run)
+export WALDEN_PRIVACY__PROPAGATE_DELETES=true
+first=$(timed_run)
+[ -f "$W/wh/_walden/privacy/erased.json" ] || { echo "no record of erased deletes after a round" >&2; exit 1; }
+second=$(timed_run)
+echo "| rounds (walden run --once, nothing to stream) | without propagation $plain s; first round $first s; next round $second s |"

@@ -37,12 +37,15 @@ pub struct Lineage {
 }
 
 impl Lineage {
-    /// Reads the deletes and key changes of `changes` (a changelog whose replica identity is
-    /// `columns`) committed at or below `upto`.
+    /// Reads the deletes of `changes` (a changelog whose replica identity is `columns`)
+    /// committed above `from` and at or below `upto`, and its key changes at or below `upto`
+    /// (a row deleted now may have moved long ago). Deletes at or below `from` are erased, with
+    /// every version of their keys before them (moves into those keys included), so they
+    /// cannot matter to the walk back from a later delete.
     pub async fn read(
         changes: &DeltaTable,
         columns: &[String],
-        upto: i64,
+        (from, upto): (i64, i64),
     ) -> Result<Lineage, PrivacyError> {
         let keys: Vec<String> = columns
             .iter()
@@ -50,8 +53,10 @@ impl Lineage {
             .collect();
         let keys = keys.join(", ");
         let mut lineage = Lineage::default();
-        let sql =
-            format!("SELECT {keys}, {LSN}, {SEQ} FROM t WHERE {OP} = 'delete' AND {LSN} <= {upto}");
+        let sql = format!(
+            "SELECT {keys}, {LSN}, {SEQ} FROM t \
+             WHERE {LSN} > {from} AND {LSN} <= {upto} AND {OP} = 'delete'"
+        );
         for (key, at, _) in keyed(&query(changes, &sql).await?, columns.len(), false)? {
             lineage.deletes.entry(key).or_default().push(at);
         }

@@ -19,7 +19,8 @@
 //! its pending record (`forget::resume`). All subjects due at a round are erased together: each
 //! table's files are rewritten once per round, not once per delete. Rounds run every half of
 //! `privacy.erase_within`, so a delete is erased within that bound (plus the stream's own
-//! delay). A subject whose column is hashed is searched for by its hash and cannot be read back
+//! delay). A round reads only the deletes that arrived since the last one (`cursor`): the ones
+//! before are erased already. A subject whose column is hashed is searched for by its hash and cannot be read back
 //! from a delete: only tables that store the identifier in clear make subjects due.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use arrow::array::AsArray;
 use arrow::datatypes::DataType;
 
+use super::cursor::Erased;
 use super::forget::{at_source, erase_all, erase_selected, Receipt};
 use super::lineage::{Key, Lineage, Pos};
 use super::pending::resume;
@@ -62,8 +64,12 @@ async fn settled(cfg: &Config) -> Result<u64, PrivacyError> {
 }
 
 /// The identifiers of each subject that deletes at the source carried, per subject name:
-/// deletes of transactions committed below `below`.
-async fn deleted(cfg: &Config, below: u64) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
+/// deletes of transactions committed below `below`, above what `erased` says is done.
+async fn deleted(
+    cfg: &Config,
+    below: u64,
+    erased: &Erased,
+) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (subject, tables) in &cfg.privacy.subjects {
@@ -83,8 +89,9 @@ async fn deleted(cfg: &Config, below: u64) -> Result<BTreeMap<String, Vec<String
             }
             let col = quote_ident(column);
             let sql = format!(
-                "SELECT DISTINCT CAST({col} AS VARCHAR) FROM t \
-                 WHERE {OP} = 'delete' AND {col} IS NOT NULL AND {LSN} < {below}"
+                "SELECT DISTINCT CAST({col} AS VARCHAR) FROM t WHERE {LSN} > {} \
+                 AND {LSN} < {below} AND {OP} = 'delete' AND {col} IS NOT NULL",
+                erased.of(table)
             );
             let batches = inspect::query(&t, &sql)
                 .await
@@ -107,8 +114,12 @@ async fn deleted(cfg: &Config, below: u64) -> Result<BTreeMap<String, Vec<String
 /// Per table holding personal data whose replica identity is a key, the rows deletes at the
 /// source removed that the mirror has applied: by key (as text), the `(commit LSN, sequence)`
 /// of the row's last delete, and the keys those rows had before a key change, by the position
-/// where they left them (`lineage`).
-async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyError> {
+/// where they left them (`lineage`); deletes at or below what `erased` says is done are not
+/// read again. Also returns, per table, the LSN up to which its deletes were read.
+async fn deleted_rows(
+    cfg: &Config,
+    erased: &Erased,
+) -> Result<(Vec<(String, Selector)>, Vec<(String, i64)>), PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let history = SchemaHistory::new(&w)?;
     let app_id = crate::apply::app_id(&cfg.source.slot);
@@ -118,7 +129,7 @@ async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyEr
         .values()
         .flat_map(|t| t.keys())
         .collect();
-    let mut out = Vec::new();
+    let (mut out, mut read) = (Vec::new(), Vec::new());
     for table in tables {
         let (schema, name) = super::split(table);
         let Some(version) = history.latest(schema, name).await? else {
@@ -139,10 +150,22 @@ async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyEr
         ) else {
             continue;
         };
-        let applied = crate::apply::applied_lsn(&mirror, &app_id)
-            .await
-            .map_err(|e| PrivacyError::Query(e.to_string()))?;
-        let lineage = Lineage::read(&changes, &columns, applied.0 as i64).await?;
+        // Deletes both tables hold: the mirror has applied them (the erasure never takes a row
+        // the stream is about to delete), and the changelog has them all (its commits and the
+        // mirror's land in either order), so none below is missed.
+        let mut upto = i64::MAX;
+        for t in [&changes, &mirror] {
+            let at = crate::apply::applied_lsn(t, &app_id)
+                .await
+                .map_err(|e| PrivacyError::Query(e.to_string()))?;
+            upto = upto.min(at.0 as i64);
+        }
+        let from = erased.of(table);
+        if upto <= from {
+            continue;
+        }
+        let lineage = Lineage::read(&changes, &columns, (from, upto)).await?;
+        read.push((table.clone(), upto));
         // Each key's last delete covers its versions before; keys the deleted rows had before
         // a key change, their versions up to the change.
         let mut deletes: HashMap<Key, Pos> = HashMap::new();
@@ -162,7 +185,7 @@ async fn deleted_rows(cfg: &Config) -> Result<Vec<(String, Selector)>, PrivacyEr
             out.push((table.clone(), Selector::Deleted { columns, deletes }));
         }
     }
-    Ok(out)
+    Ok((out, read))
 }
 
 /// One round: finishes erasures a crash cut short, then erases every subject that is due and
@@ -174,7 +197,9 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
     // A subject is due once every table has applied its deletes: the erasure never takes a row
     // the stream is about to delete (or to write) in a table it has not reached yet.
     let below = settled(cfg).await?;
-    for (subject, values) in deleted(cfg, below).await? {
+    let w = Warehouse::new(&cfg.warehouse)?;
+    let mut erased = Erased::load(&w).await?;
+    for (subject, values) in deleted(cfg, below, &erased).await? {
         if values.is_empty() {
             continue;
         }
@@ -188,9 +213,9 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
         }
         receipts.push(erase_all(cfg, &subject, &due, false).await?);
     }
-    let rows = deleted_rows(cfg).await?;
+    let (rows, read) = deleted_rows(cfg, &erased).await?;
     if !rows.is_empty() {
-        let erased: Vec<String> = rows
+        let keys: Vec<String> = rows
             .iter()
             .flat_map(|(table, s)| match s {
                 Selector::Deleted { deletes, .. } => deletes
@@ -200,7 +225,14 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
                 Selector::Subject { .. } => Vec::new(),
             })
             .collect();
-        receipts.push(erase_selected(cfg, DELETED_ROWS, &erased, &rows, false).await?);
+        receipts.push(erase_selected(cfg, DELETED_ROWS, &keys, &rows, false).await?);
+    }
+    // Every delete read is erased now (the delete rows with their histories).
+    if !read.is_empty() {
+        for (table, upto) in read {
+            erased.set(&table, upto);
+        }
+        erased.save(&w).await?;
     }
     Ok(receipts)
 }
