@@ -17,7 +17,7 @@ use deltalake::DeltaTable;
 
 use super::PrivacyError;
 use crate::apply::inspect;
-use crate::batch::{LSN, OLD_KEY, OP, SEQ};
+use crate::batch::{COMMIT_TS, LSN, OLD_KEY, OP, SEQ};
 use crate::source::replication::quote_ident;
 
 /// A row's replica identity, each column's value as text.
@@ -30,6 +30,8 @@ pub type Pos = (i64, i64);
 pub struct Lineage {
     /// Positions of each key's deletes.
     pub deletes: HashMap<Key, Vec<Pos>>,
+    /// Commit time of each delete read (µs since the epoch).
+    pub delete_times: Vec<i64>,
     /// By new key: where rows moved to it, and from which key.
     into: HashMap<Key, Vec<(Pos, Key)>>,
     /// By old key: where rows left it.
@@ -37,15 +39,14 @@ pub struct Lineage {
 }
 
 impl Lineage {
-    /// Reads the deletes of `changes` (a changelog whose replica identity is `columns`)
-    /// committed above `from` and at or below `upto`, and its key changes at or below `upto`
-    /// (a row deleted now may have moved long ago). Deletes at or below `from` are erased, with
-    /// every version of their keys before them (moves into those keys included), so they
-    /// cannot matter to the walk back from a later delete.
+    /// Reads the deletes and key changes of `changes` (a changelog whose replica identity is
+    /// `columns`) committed at or below `upto`. (Deletes erased earlier left with every version
+    /// of their keys before them, moves into those keys included: they cannot matter to the
+    /// walk back from a later delete.)
     pub async fn read(
         changes: &DeltaTable,
         columns: &[String],
-        (from, upto): (i64, i64),
+        upto: i64,
     ) -> Result<Lineage, PrivacyError> {
         let keys: Vec<String> = columns
             .iter()
@@ -54,11 +55,14 @@ impl Lineage {
         let keys = keys.join(", ");
         let mut lineage = Lineage::default();
         let sql = format!(
-            "SELECT {keys}, {LSN}, {SEQ} FROM t \
-             WHERE {LSN} > {from} AND {LSN} <= {upto} AND {OP} = 'delete'"
+            "SELECT {keys}, {LSN}, {SEQ}, CAST(CAST({COMMIT_TS} AS BIGINT) AS VARCHAR) FROM t \
+             WHERE {LSN} <= {upto} AND {OP} = 'delete'"
         );
-        for (key, at, _) in keyed(&query(changes, &sql).await?, columns.len(), false)? {
+        for (key, at, ts) in keyed(&query(changes, &sql).await?, columns.len(), true)? {
             lineage.deletes.entry(key).or_default().push(at);
+            lineage
+                .delete_times
+                .extend(ts.and_then(|t| t.parse::<i64>().ok()));
         }
         let has_moves = changes
             .snapshot()

@@ -6,7 +6,6 @@
 //! (`crate::decode::mask`); where a data subject still is, in [`scan`]; erasing one, in
 //! [`forget`].
 
-mod cursor;
 pub mod forget;
 mod lineage;
 mod pending;

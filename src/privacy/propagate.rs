@@ -19,8 +19,9 @@
 //! its pending record (`forget::resume`). All subjects due at a round are erased together: each
 //! table's files are rewritten once per round, not once per delete. Rounds run every half of
 //! `privacy.erase_within`, so a delete is erased within that bound (plus the stream's own
-//! delay). A round reads only the deletes that arrived since the last one (`cursor`): the ones
-//! before are erased already. A subject whose column is hashed is searched for by its hash and cannot be read back
+//! delay). Erased deletes leave with the rows they deleted, so a round reads the deletes that
+//! arrived since the last one: the changelog's `_walden_op` statistics skip every file
+//! without a delete row (bench/RESULTS.md). A subject whose column is hashed is searched for by its hash and cannot be read back
 //! from a delete: only tables that store the identifier in clear make subjects due.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,7 +29,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use arrow::array::AsArray;
 use arrow::datatypes::DataType;
 
-use super::cursor::Erased;
 use super::forget::{at_source, erase_all, erase_selected, Receipt};
 use super::lineage::{Key, Lineage, Pos};
 use super::pending::resume;
@@ -64,12 +64,8 @@ async fn settled(cfg: &Config) -> Result<u64, PrivacyError> {
 }
 
 /// The identifiers of each subject that deletes at the source carried, per subject name:
-/// deletes of transactions committed below `below`, above what `erased` says is done.
-async fn deleted(
-    cfg: &Config,
-    below: u64,
-    erased: &Erased,
-) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
+/// deletes of transactions committed below `below`.
+async fn deleted(cfg: &Config, below: u64) -> Result<BTreeMap<String, Vec<String>>, PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (subject, tables) in &cfg.privacy.subjects {
@@ -89,9 +85,8 @@ async fn deleted(
             }
             let col = quote_ident(column);
             let sql = format!(
-                "SELECT DISTINCT CAST({col} AS VARCHAR) FROM t WHERE {LSN} > {} \
-                 AND {LSN} < {below} AND {OP} = 'delete' AND {col} IS NOT NULL",
-                erased.of(table)
+                "SELECT DISTINCT CAST({col} AS VARCHAR) FROM t \
+                 WHERE {LSN} < {below} AND {OP} = 'delete' AND {col} IS NOT NULL"
             );
             let batches = inspect::query(&t, &sql)
                 .await
@@ -114,12 +109,9 @@ async fn deleted(
 /// Per table holding personal data whose replica identity is a key, the rows deletes at the
 /// source removed that the mirror has applied: by key (as text), the `(commit LSN, sequence)`
 /// of the row's last delete, and the keys those rows had before a key change, by the position
-/// where they left them (`lineage`); deletes at or below what `erased` says is done are not
-/// read again. Also returns, per table, the LSN up to which its deletes were read.
-async fn deleted_rows(
-    cfg: &Config,
-    erased: &Erased,
-) -> Result<(Vec<(String, Selector)>, Vec<(String, i64)>), PrivacyError> {
+/// where they left them (`lineage`). Also returns the commit time of each delete read (µs
+/// since the epoch).
+async fn deleted_rows(cfg: &Config) -> Result<(Vec<(String, Selector)>, Vec<i64>), PrivacyError> {
     let w = Warehouse::new(&cfg.warehouse)?;
     let history = SchemaHistory::new(&w)?;
     let app_id = crate::apply::app_id(&cfg.source.slot);
@@ -129,7 +121,7 @@ async fn deleted_rows(
         .values()
         .flat_map(|t| t.keys())
         .collect();
-    let (mut out, mut read) = (Vec::new(), Vec::new());
+    let (mut out, mut times) = (Vec::new(), Vec::new());
     for table in tables {
         let (schema, name) = super::split(table);
         let Some(version) = history.latest(schema, name).await? else {
@@ -150,22 +142,13 @@ async fn deleted_rows(
         ) else {
             continue;
         };
-        // Deletes both tables hold: the mirror has applied them (the erasure never takes a row
-        // the stream is about to delete), and the changelog has them all (its commits and the
-        // mirror's land in either order), so none below is missed.
-        let mut upto = i64::MAX;
-        for t in [&changes, &mirror] {
-            let at = crate::apply::applied_lsn(t, &app_id)
-                .await
-                .map_err(|e| PrivacyError::Query(e.to_string()))?;
-            upto = upto.min(at.0 as i64);
-        }
-        let from = erased.of(table);
-        if upto <= from {
-            continue;
-        }
-        let lineage = Lineage::read(&changes, &columns, (from, upto)).await?;
-        read.push((table.clone(), upto));
+        // Deletes the mirror has applied: the erasure never takes a row the stream is about
+        // to delete.
+        let applied = crate::apply::applied_lsn(&mirror, &app_id)
+            .await
+            .map_err(|e| PrivacyError::Query(e.to_string()))?;
+        let lineage = Lineage::read(&changes, &columns, applied.0 as i64).await?;
+        times.extend(&lineage.delete_times);
         // Each key's last delete covers its versions before; keys the deleted rows had before
         // a key change, their versions up to the change.
         let mut deletes: HashMap<Key, Pos> = HashMap::new();
@@ -185,7 +168,7 @@ async fn deleted_rows(
             out.push((table.clone(), Selector::Deleted { columns, deletes }));
         }
     }
-    Ok((out, read))
+    Ok((out, times))
 }
 
 /// One round: finishes erasures a crash cut short, then erases every subject that is due and
@@ -197,9 +180,7 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
     // A subject is due once every table has applied its deletes: the erasure never takes a row
     // the stream is about to delete (or to write) in a table it has not reached yet.
     let below = settled(cfg).await?;
-    let w = Warehouse::new(&cfg.warehouse)?;
-    let mut erased = Erased::load(&w).await?;
-    for (subject, values) in deleted(cfg, below, &erased).await? {
+    for (subject, values) in deleted(cfg, below).await? {
         if values.is_empty() {
             continue;
         }
@@ -213,7 +194,7 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
         }
         receipts.push(erase_all(cfg, &subject, &due, false).await?);
     }
-    let (rows, read) = deleted_rows(cfg, &erased).await?;
+    let (rows, delete_times) = deleted_rows(cfg).await?;
     if !rows.is_empty() {
         let keys: Vec<String> = rows
             .iter()
@@ -227,12 +208,12 @@ pub async fn round(cfg: &Config) -> Result<Vec<Receipt>, PrivacyError> {
             .collect();
         receipts.push(erase_selected(cfg, DELETED_ROWS, &keys, &rows, false).await?);
     }
-    // Every delete read is erased now (the delete rows with their histories).
-    if !read.is_empty() {
-        for (table, upto) in read {
-            erased.set(&table, upto);
-        }
-        erased.save(&w).await?;
+    // Every delete read is erased now, with its row's history.
+    let now = chrono::Utc::now().timestamp_micros();
+    for ts in delete_times {
+        crate::telemetry::METRICS
+            .delete_to_erasure_seconds
+            .observe((now - ts).max(0) as f64 / 1e6);
     }
     Ok(receipts)
 }

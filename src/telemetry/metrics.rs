@@ -52,6 +52,7 @@ pub struct Metrics {
     pub maintenance_rounds_total: IntCounter,
     pub subjects_erased_total: IntCounter,
     pub deleted_rows_erased_total: IntCounter,
+    pub delete_to_erasure_seconds: Histogram,
     pub erasure_errors_total: IntCounter,
     pub maintenance_errors_total: IntCounter,
     pub maintenance_files_total: IntCounterVec,
@@ -82,6 +83,11 @@ fn float_gauge(r: &Registry, name: &str, help: &str) -> Gauge {
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
+
+/// Propagated deletes: rounds run every half of `privacy.erase_within` (default 1 h).
+const ERASURE_SECONDS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0,
+];
 
 /// Seconds, for durations from milliseconds (a quiet flush) to minutes (a slow store).
 const SECONDS: &[f64] = &[
@@ -367,6 +373,13 @@ impl Metrics {
             &r,
             "walden_deleted_rows_erased_total",
             "Rows deleted at the source whose history was erased from every file of the warehouse",
+        ),
+        delete_to_erasure_seconds: histogram(
+            &r,
+            "walden_delete_to_erasure_seconds",
+            "Per row deleted at the source from a personal-data table: from the delete's commit \
+             to the erasure of its history (bounded by privacy.erase_within)",
+            ERASURE_SECONDS,
         ),
         erasure_errors_total: counter(
             &r,
