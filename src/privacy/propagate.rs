@@ -1,28 +1,34 @@
 //! Deletes at the source reach the warehouse's history: rows and subjects deleted in Postgres
 //! are erased from every file of every version, in batches, while `walden run` streams.
 //!
-//! Owns which rows and subjects are due and when. **Rows**: every delete at the source of a row
-//! of a table holding personal data (one that `[privacy.subjects]` maps) makes that row's
-//! history due: its versions written before the delete, found by the row's replica identity
-//! (`select::Selector::Deleted`), in changelog and mirror, once the mirror has applied the
-//! delete. A row inserted again under the same key afterwards is newer and stays. Tables under
-//! REPLICA IDENTITY FULL or NOTHING name no key for a deleted row and are left to subjects. A
-//! row's versions under an earlier key are followed through the key changes the changelog
-//! records (`_walden_old_key`, see `lineage`). **Subjects**: a
-//! subject is due when a delete at the source carried
-//! its identifier (the delete rows of a mapped table whose subject column is in the deleted
-//! row's old image: its key, or every column under REPLICA IDENTITY FULL), every table holds
-//! that delete's transaction (it is below the slot's confirmed LSN) and the source no longer
-//! holds any row of it in any mapped table. The changelogs' delete rows are the durable
-//! queue: the erasure takes them out with the rest of the subject's rows, so a subject is due
-//! until it is erased, across crashes and restarts; a crash inside an erasure is finished from
-//! its pending record (`forget::resume`). All subjects due at a round are erased together: each
-//! table's files are rewritten once per round, not once per delete. Rounds run every half of
-//! `privacy.erase_within`, so a delete is erased within that bound (plus the stream's own
-//! delay). Erased deletes leave with the rows they deleted, so a round reads the deletes that
-//! arrived since the last one: the changelog's `_walden_op` statistics skip every file
-//! without a delete row (bench/RESULTS.md). A subject whose column is hashed is searched for by its hash and cannot be read back
-//! from a delete: only tables that store the identifier in clear make subjects due.
+//! Owns which rows and subjects are due and when.
+//!
+//! **Rows**: every delete at the source of a row of a table holding personal data (one that
+//! `[privacy.subjects]` maps) makes that row's history due: its versions written before the
+//! delete, found by the row's replica identity (`select::Selector::Deleted`), in changelog and
+//! mirror, once the mirror has applied the delete. A row inserted again under the same key
+//! afterwards is newer and stays. A row's versions under an earlier key are followed through
+//! the key changes the changelog records (`_walden_old_key`, see `lineage`). Tables under
+//! REPLICA IDENTITY FULL or NOTHING name no key for a deleted row and are left to subjects.
+//!
+//! **Subjects**: a subject is due when a delete at the source carried its identifier (the
+//! delete rows of a mapped table whose subject column is in the deleted row's old image: its
+//! key, or every column under REPLICA IDENTITY FULL), every table holds that delete's
+//! transaction (it is below the slot's confirmed LSN) and the source no longer holds any row of
+//! it in any mapped table. A subject whose column is hashed is searched for by its hash and
+//! cannot be read back from a delete: only tables that store the identifier in clear make
+//! subjects due.
+//!
+//! The changelogs' delete rows are the durable queue: an erasure takes them out last, with the
+//! rows they made due, so what is due stays due across crashes and restarts, and a crash inside
+//! an erasure is finished from its pending record (`forget::resume`). (A delete row of a keyed
+//! table leaves with its row's history in the round that reads it, whether its subject is due
+//! yet or not: the subject's other rows leave the same way when they are deleted.) Everything
+//! due at a round is erased together: each table's files are rewritten once per round, not
+//! once per delete. Rounds run every half of `privacy.erase_within`, so a delete is erased
+//! within that bound (plus the stream's own delay). Since erased deletes leave, a round reads
+//! only the deletes that arrived since the last one: the changelog's `_walden_op` statistics
+//! skip every file without a delete row (bench/RESULTS.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
