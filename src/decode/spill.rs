@@ -16,7 +16,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::pgoutput::{OldKind, Relation, Tuple, Value};
 use super::txn::{Change, ChangeKind};
@@ -191,6 +191,7 @@ impl SpillFile {
         file.rewind()?;
         Ok(SpillReader {
             input: BufReader::with_capacity(1 << 20, file),
+            arena: BytesMut::new(),
             relations: self.relations,
             left: self.changes,
             aborted: self.aborted,
@@ -219,8 +220,15 @@ fn write_tuple(o: &mut impl Write, t: &Tuple) -> io::Result<()> {
     Ok(())
 }
 
+/// The size of the blocks spilled values are read into (below the allocator's mmap threshold,
+/// `cli::keep_large_blocks_mapped`, so freed blocks are reused rather than faulted in anew).
+const ARENA_BYTES: usize = 64 * 1024;
+
 struct SpillReader {
     input: BufReader<File>,
+    /// Values are read into this block and handed out as slices of it: one allocation per
+    /// block instead of one per value (freed once every value in it is dropped).
+    arena: BytesMut,
     relations: Vec<Arc<Relation>>,
     left: usize,
     aborted: HashSet<u32>,
@@ -237,6 +245,16 @@ impl SpillReader {
         Ok(u32::from_le_bytes(b))
     }
 
+    /// The next `len` bytes, as a slice of the arena.
+    fn value(&mut self, len: usize) -> io::Result<Bytes> {
+        if self.arena.capacity() < len {
+            self.arena = BytesMut::with_capacity(len.max(ARENA_BYTES));
+        }
+        self.arena.resize(len, 0);
+        self.input.read_exact(&mut self.arena)?;
+        Ok(self.arena.split().freeze())
+    }
+
     fn tuple(&mut self) -> io::Result<Tuple> {
         let n = self.u32()? as usize;
         let mut values = Vec::with_capacity(n.min(1600));
@@ -248,9 +266,7 @@ impl SpillReader {
                 UNCHANGED => Value::Unchanged,
                 TEXT | BINARY => {
                     let len = self.u32()? as usize;
-                    let mut b = vec![0u8; len];
-                    self.input.read_exact(&mut b)?;
-                    let b = Bytes::from(b);
+                    let b = self.value(len)?;
                     if tag[0] == TEXT {
                         Value::Text(b)
                     } else {
