@@ -106,6 +106,11 @@ pub fn mirror_plan(buf: &mut TableBuffer, applied: Applied) -> Option<MirrorPlan
 /// Where each of the batch relation's columns is in a row's tuples (see [`column_map`]).
 type ColumnMap = Arc<[Option<usize>]>;
 
+/// Each batch column is the tuple's column at the same place.
+fn is_identity(map: &[Option<usize>]) -> bool {
+    map.iter().enumerate().all(|(i, j)| *j == Some(i))
+}
+
 /// Hash of an identity and its values (the live-row index's key; never stored).
 fn key_hash(hasher: &foldhash::fast::RandomState, identity: &[usize], values: &[Value]) -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
@@ -164,8 +169,13 @@ impl<'a> Planner<'a> {
     fn push(&mut self, row: Row) {
         let (identity, map) = self.describe(&row);
         // Each source column maps to at most one batch column: its value is moved, not copied.
+        // A tuple of the batch relation's own description is taken as it is.
+        let same = is_identity(&map);
         let project = |t: Tuple| -> Vec<Value> {
             let mut t = t.0;
+            if same && t.len() == map.len() {
+                return t;
+            }
             map.iter()
                 .map(|j| {
                     j.and_then(|j| t.get_mut(j).map(|v| std::mem::replace(v, Value::Null)))
