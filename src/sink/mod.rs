@@ -151,6 +151,13 @@ fn kernel_is_transient(e: &delta_kernel::Error) -> bool {
         // A log entry cleaned up (past its retention) behind a table read at an older version:
         // reading the table afresh starts from its newest checkpoint.
         K::FileNotFound(path) => path.contains("/_delta_log/"),
+        // A checkpoint removed behind the read (the store's NotFound inside Parquet's error).
+        K::Parquet(p) => std::error::Error::source(p)
+            .and_then(|e| e.downcast_ref::<object_store::Error>())
+            .is_some_and(|e| match e {
+                object_store::Error::NotFound { path, .. } => path.contains("_delta_log/"),
+                other => store_is_transient(other),
+            }),
         _ => false,
     }
 }
@@ -193,6 +200,20 @@ mod class_tests {
         let lost_data = DeltaTableError::KernelError(delta_kernel::Error::file_not_found(
             "wh/mirror/public/t/part-0001.parquet",
         ));
+        // A checkpoint removed behind a read (an erasure or a vacuum of a running walden).
+        let not_found = |path: &str| object_store::Error::NotFound {
+            path: path.into(),
+            source: "No such file or directory".into(),
+        };
+        let checkpoint = |path: &str| {
+            DeltaTableError::KernelError(delta_kernel::Error::Parquet(
+                deltalake::parquet::errors::ParquetError::External(Box::new(not_found(path))),
+            ))
+        };
+        let gone_checkpoint = checkpoint("wh/changes/public/t/_delta_log/0008.checkpoint.parquet");
+        let gone_data = checkpoint("wh/changes/public/t/part-0001.parquet");
+        assert!(delta_is_transient(&gone_checkpoint));
+        assert!(!delta_is_transient(&gone_data));
         assert!(delta_is_transient(&cleaned));
         assert!(!delta_is_transient(&lost_data));
         assert!(delta_is_transient(&unreachable));

@@ -17,6 +17,14 @@ import yaml
 helm, chart, metrics_md, out = sys.argv[1:5]
 documented = set(re.findall(r"^\| `(walden_[a-z_]+)`", open(metrics_md).read(), re.M))
 
+
+def family(series):
+    """The documented metric a series belongs to: a histogram's series are its name with
+    _bucket, _sum or _count."""
+    base = re.sub(r"_(bucket|sum|count)$", "", series)
+    return base if base in documented else series
+
+
 CASES = {
     "deployment": {
         "secret": {"env": {"WALDEN_SOURCE__URL": "postgres://walden:pw@db:5432/app"}},
@@ -124,7 +132,7 @@ with tempfile.TemporaryDirectory() as tmp:
         if values.get("prometheusRule", {}).get("enabled"):
             (rule,) = by_kind["PrometheusRule"]
             for r in rule["spec"]["groups"][0]["rules"]:
-                used = set(re.findall(r"walden_[a-z_]+", r["expr"]))
+                used = {family(m) for m in re.findall(r"walden_[a-z_]+", r["expr"])}
                 check(used and used <= documented, f"{case}: {r['alert']} uses {used - documented}")
         for p in pipelines:
             name = f"rel-walden-{p['name']}"
