@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
@@ -404,12 +404,12 @@ fn old_keys(rel: &Relation, rows: &[&Row]) -> Result<ArrayRef, arrow::error::Arr
     }
     // The old values through the columns' own builders, then as text, so they read as the
     // columns' values do (`CAST(col AS VARCHAR)`).
-    let mut texts = Vec::with_capacity(key.len());
+    let mut texts: Vec<StringArray> = Vec::with_capacity(key.len());
     for (n, &k) in key.iter().enumerate() {
         let mut b = column_builder(&rel.columns[k], moved.len());
         moved.iter().for_each(|(_, olds)| b.append(olds[n]));
-        let typed = b.finish();
-        texts.push(arrow::compute::cast(&typed, &DataType::Utf8)?);
+        let text = arrow::compute::cast(&b.finish(), &DataType::Utf8)?;
+        texts.push(text.as_string::<i32>().clone());
     }
     let mut out: Vec<Option<String>> = vec![None; rows.len()];
     for (m, (row, _)) in moved.iter().enumerate() {
@@ -417,10 +417,6 @@ fn old_keys(rel: &Relation, rows: &[&Row]) -> Result<ArrayRef, arrow::error::Arr
             .iter()
             .zip(&texts)
             .map(|(&k, t)| {
-                let t = t
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .expect("cast to Utf8");
                 let v = match t.is_valid(m) {
                     true => serde_json::Value::String(t.value(m).to_string()),
                     false => serde_json::Value::Null,

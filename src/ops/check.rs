@@ -418,11 +418,7 @@ async fn privacy(
         r.push(
             "privacy",
             Level::Warning,
-            format!(
-                "rows deleted from {} leave the warehouse's history only with their whole \
-                 subject: the replica identity names no key for a deleted row",
-                keyless.join(", ")
-            ),
+            crate::privacy::keyless_warning(&keyless),
             Some(crate::privacy::KEYLESS_HINT.into()),
         );
     }

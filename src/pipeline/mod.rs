@@ -331,10 +331,13 @@ impl<'a> Session<'a> {
                 "[privacy] names a table the publication does not publish: nothing of it reaches the warehouse");
         }
         if self.cfg.privacy.propagates() {
-            for table in crate::privacy::keyless_subject_tables(sql, &self.cfg.privacy).await? {
-                tracing::warn!(table = %table, hint = crate::privacy::KEYLESS_HINT,
-                    "rows deleted from this table leave the warehouse's history only with their \
-                    whole subject: its replica identity names no key for a deleted row");
+            let keyless = crate::privacy::keyless_subject_tables(sql, &self.cfg.privacy).await?;
+            if !keyless.is_empty() {
+                tracing::warn!(
+                    hint = crate::privacy::KEYLESS_HINT,
+                    "{}",
+                    crate::privacy::keyless_warning(&keyless)
+                );
             }
         }
         let markers = MarkerStore::new(&self.warehouse, &src.slot)?;

@@ -58,7 +58,7 @@ impl Lineage {
             "SELECT {keys}, {LSN}, {SEQ}, CAST(CAST({COMMIT_TS} AS BIGINT) AS VARCHAR) FROM t \
              WHERE {LSN} <= {upto} AND {OP} = 'delete'"
         );
-        for (key, at, ts) in keyed(&query(changes, &sql).await?, columns.len(), true)? {
+        for (key, at, ts) in keyed(&query(changes, &sql).await?, columns.len()).map_err(arrow)? {
             lineage.deletes.entry(key).or_default().push(at);
             lineage
                 .delete_times
@@ -72,7 +72,9 @@ impl Lineage {
                 "SELECT {keys}, {LSN}, {SEQ}, {OLD_KEY} FROM t \
                  WHERE {OP} = 'update' AND {OLD_KEY} IS NOT NULL AND {LSN} <= {upto}"
             );
-            for (new, at, old) in keyed(&query(changes, &sql).await?, columns.len(), true)? {
+            for (new, at, old) in
+                keyed(&query(changes, &sql).await?, columns.len()).map_err(arrow)?
+            {
                 let Some(old) = old.and_then(|o| old_key(&o, columns)) else {
                     continue;
                 };
@@ -117,38 +119,40 @@ impl Lineage {
     }
 }
 
+fn arrow(e: arrow::error::ArrowError) -> PrivacyError {
+    PrivacyError::Query(e.to_string())
+}
+
 async fn query(t: &DeltaTable, sql: &str) -> Result<Vec<RecordBatch>, PrivacyError> {
     inspect::query(t, sql)
         .await
         .map_err(|e| PrivacyError::Query(e.to_string()))
 }
 
-/// Rows of `batches` (`n` key columns, LSN, sequence, and with `extra` one more text column):
-/// key, position and the extra text; rows with a NULL key column are left out.
+/// Rows of `batches` (`n` key columns, LSN, sequence, one more column read as text): key,
+/// position and that text; rows with a NULL key column are left out.
 fn keyed(
     batches: &[RecordBatch],
     n: usize,
-    extra: bool,
-) -> Result<Vec<(Key, Pos, Option<String>)>, PrivacyError> {
-    let err = |e: arrow::error::ArrowError| PrivacyError::Query(e.to_string());
+) -> Result<Vec<(Key, Pos, Option<String>)>, arrow::error::ArrowError> {
     let cast = arrow::compute::cast;
     let mut out = Vec::new();
     for b in batches {
-        let text = (0..n + usize::from(extra))
-            .map(|c| cast(b.column(if c < n { c } else { n + 2 }), &DataType::Utf8))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
+        let text = (0..n)
+            .chain([n + 2])
+            .map(|c| cast(b.column(c), &DataType::Utf8))
+            .collect::<Result<Vec<_>, _>>()?;
         let text: Vec<_> = text.iter().map(|t| t.as_string::<i32>()).collect();
-        let lsn = cast(b.column(n), &DataType::Int64).map_err(err)?;
-        let seq = cast(b.column(n + 1), &DataType::Int64).map_err(err)?;
+        let (keys, extra) = (&text[..n], text[n]);
+        let lsn = cast(b.column(n), &DataType::Int64)?;
+        let seq = cast(b.column(n + 1), &DataType::Int64)?;
         let (lsn, seq) = (
             lsn.as_primitive::<Int64Type>(),
             seq.as_primitive::<Int64Type>(),
         );
-        for i in (0..b.num_rows()).filter(|&i| text[..n].iter().all(|t| t.is_valid(i))) {
-            let key = text[..n].iter().map(|t| t.value(i).to_string()).collect();
-            let extra = text.get(n).filter(|t| t.is_valid(i));
-            let extra = extra.map(|t| t.value(i).to_string());
+        for i in (0..b.num_rows()).filter(|&i| keys.iter().all(|t| t.is_valid(i))) {
+            let key = keys.iter().map(|t| t.value(i).to_string()).collect();
+            let extra = extra.is_valid(i).then(|| extra.value(i).to_string());
             out.push((key, (lsn.value(i), seq.value(i)), extra));
         }
     }

@@ -54,24 +54,10 @@ async fn open(
 ) -> Result<(url::Url, Option<DeltaTable>), SinkError> {
     let (schema, name) = split(table);
     let url = w.table_url(kind, schema, name);
-    // An erasure or a vacuum of a running walden may remove the checkpoint or log entries this
-    // load started from: loading afresh starts from the newest ones.
-    let mut attempt = 0;
-    let t = loop {
-        match w.open(&url).await {
-            Ok(t) => break t,
-            Err(e) if attempt < 3 && crate::sink::delta_is_transient(&e) => {
-                attempt += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-            }
-            Err(source) => {
-                return Err(SinkError::Delta {
-                    table: url.to_string(),
-                    source,
-                })
-            }
-        }
-    };
+    let t = w.open(&url).await.map_err(|source| SinkError::Delta {
+        table: url.to_string(),
+        source,
+    })?;
     Ok((url, t))
 }
 
@@ -177,6 +163,15 @@ pub async fn keyless_subject_tables(
         }
     }
     Ok(out)
+}
+
+/// What [`keyless_subject_tables`] means for `tables`.
+pub fn keyless_warning(tables: &[String]) -> String {
+    format!(
+        "rows deleted from {} leave the warehouse's history only with their whole subject: the \
+         replica identity names no key for a deleted row",
+        tables.join(", ")
+    )
 }
 
 /// What to tell the operator about [`keyless_subject_tables`].

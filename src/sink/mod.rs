@@ -371,6 +371,21 @@ impl Warehouse {
     /// Opens the Delta table at `url`; `None` when there is none (a store that cannot be
     /// reached or refuses the credentials is an error, not a missing table).
     pub async fn open(&self, url: &Url) -> Result<Option<DeltaTable>, DeltaTableError> {
+        // A running walden's erasure or vacuum may remove the checkpoint or log entries a load
+        // started from: loading afresh starts from the newest ones.
+        let mut attempt = 0;
+        loop {
+            match self.load(url).await {
+                Err(e) if attempt < 3 && delta_is_transient(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                loaded => return loaded,
+            }
+        }
+    }
+
+    async fn load(&self, url: &Url) -> Result<Option<DeltaTable>, DeltaTableError> {
         let mut table = self.builder(url)?.build()?;
         if !table.verify_deltatable_existence().await? {
             return Ok(None);
