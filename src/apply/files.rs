@@ -1,7 +1,8 @@
 //! Data files of a Delta table written ahead of their commit, and the commit that adds them.
 //!
 //! Used where one set of values goes to both tables of a source table (snapshot chunks,
-//! insert-only stream batches): the changelog's files are written once by the Delta writer (which
+//! insert-only stream batches, batches whose changelog rows are the mirror plan's new rows): the
+//! changelog's files are written once by the Delta writer (which
 //! computes their statistics), and the mirror gets files projected from them, column chunks
 //! copied without re-encoding ([`project_columns`]).
 

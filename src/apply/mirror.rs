@@ -23,9 +23,10 @@ use arrow::array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::{concat_batches, interleave};
 use arrow::datatypes::SchemaRef;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::Action;
+use deltalake::kernel::{Action, Add};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
+use tokio::sync::oneshot;
 
 use super::evolve::{align, evolve, table_schema};
 use super::keys::KeyIndex;
@@ -60,12 +61,44 @@ impl Executed {
     }
 }
 
-/// Applies `plan` (the changes of `rel`, the batch's relation) to the mirror `table`.
+/// A plan's new row versions already written as files of the mirror, elsewhere: the
+/// changelog's files of exactly the upserts' rows, projected onto the mirror's columns
+/// (`super::files::project_files`), so the upserts are not encoded a second time. The files
+/// arrive while the executor locates the removes; a plan executed again (a lost commit race)
+/// adds the same files.
+pub struct Written {
+    pending: Option<oneshot::Receiver<Vec<Add>>>,
+    adds: Vec<Add>,
+}
+
+impl Written {
+    /// The files' add actions will come through `files`.
+    pub fn new(files: oneshot::Receiver<Vec<Add>>) -> Self {
+        Written {
+            pending: Some(files),
+            adds: Vec::new(),
+        }
+    }
+
+    /// The files' add actions, waited for the first time.
+    async fn adds(&mut self, name: &str) -> Result<Vec<Add>, ApplyError> {
+        if let Some(files) = self.pending.take() {
+            self.adds = files.await.map_err(|_| ApplyError::Task {
+                table: name.to_string(),
+                reason: "the changelog's files for the mirror did not come".into(),
+            })?;
+        }
+        Ok(self.adds.clone())
+    }
+}
+
+/// Applies `plan` (the changes of `rel`, the batch's relation) to the mirror `table`; its new
+/// rows are `written` when given, else encoded from the plan's upserts.
 pub async fn execute(
     table: &mut DeltaTable,
     name: &str,
     rel: &Relation,
-    plan: &MirrorPlan,
+    (plan, written): (&MirrorPlan, Option<&mut Written>),
     props: CommitProperties,
     storage: &HashMap<String, String>,
     index: Option<&mut KeyIndex>,
@@ -74,8 +107,14 @@ pub async fn execute(
     evolve(table, name, &mirror_schema(rel), storage).await?;
     let target = table_schema(table).map_err(|e| cx.delta(e))?;
     let mut out = Executed::default();
-    let (upserts, bad) = upsert_batch(rel, plan, &target).map_err(|e| cx.arrow(e))?;
-    out.unrepresentable = bad;
+    let upserts = match written {
+        Some(_) => RecordBatch::new_empty(target.clone()),
+        None => {
+            let (upserts, bad) = upsert_batch(rel, plan, &target).map_err(|e| cx.arrow(e))?;
+            out.unrepresentable = bad;
+            upserts
+        }
+    };
     // Row versions that carry no value from the rows they replace are written while those rows
     // are located (the two take about as long, on two cores).
     let early = (!plan.removes.is_empty()
@@ -111,13 +150,17 @@ pub async fn execute(
         actions.extend(found.actions);
         carried = found.carried;
     }
-    out.rows_added = upserts.num_rows();
-    let adds = match early {
-        Some(task) => task.await.map_err(|e| ApplyError::Task {
+    out.rows_added = match &written {
+        Some(_) => plan.upserts.len(),
+        None => upserts.num_rows(),
+    };
+    let adds = match (early, written) {
+        (_, Some(written)) => Ok(written.adds(name).await?),
+        (Some(task), None) => task.await.map_err(|e| ApplyError::Task {
             table: name.to_string(),
             reason: e.to_string(),
         })?,
-        None => {
+        (None, None) => {
             let (upserts, missing) =
                 carry(rel, plan, upserts, &carried, &target).map_err(|e| cx.arrow(e))?;
             out.missing += missing;

@@ -5,7 +5,9 @@
 //! application transaction `walden:<slot>`; on start it is read back and every change at or below
 //! it is skipped. The changelog is appended; the mirror gets the batch's [`MirrorPlan`]
 //! (`crate::plan`), carried out by [`mirror::execute`], or, for insert-only batches whose changelog
-//! files were just written, files projected from those.
+//! files were just written, files projected from those. Where the changelog's rows are exactly
+//! the plan's new row versions, the executor adds those files projected too (its removes located
+//! meanwhile).
 //!
 //! [`MirrorPlan`]: crate::plan::MirrorPlan
 
@@ -350,6 +352,9 @@ async fn apply_pair(
         let target = evolve::table_schema(&pair.changes).map_err(delta)?;
         let batch = evolve::align(&batch, &target).map_err(arrow)?;
         let to = progress(buf, pair.changes_at);
+        let complete = batch
+            .column_by_name(crate::batch::UNCHANGED)
+            .is_none_or(|c| c.null_count() == c.len());
         let task = tokio::spawn(append_changelog(
             name.to_string(),
             pair.changes.clone(),
@@ -360,6 +365,8 @@ async fn apply_pair(
         changelog = Some(PendingChangelog {
             from: pair.changes_at,
             to,
+            rows: stats.changelog_rows,
+            complete,
             task,
         });
     } else {
@@ -390,15 +397,31 @@ async fn apply_pair(
             stats.mirror_rows = stats.changelog_rows;
             Ok(())
         }
-        changelog => {
+        mut changelog => {
             let mirrored = match mirror_plan(buf, mirror_from) {
                 Some(plan) => {
                     let started = std::time::Instant::now();
+                    // The changelog's files hold exactly the plan's new rows: the mirror takes
+                    // their columns instead of encoding the rows again.
+                    let mut written = None;
+                    if let Some(c) = changelog.take() {
+                        let (c, w) = if mirror_new
+                            && c.holds(&plan, mirror_from)
+                            && !schema_differs(&pair.mirror, &want)
+                        {
+                            let (c, w) = c.project(name, &pair.mirror, want.clone());
+                            (c, Some(w))
+                        } else {
+                            (c, None)
+                        };
+                        changelog = Some(c);
+                        written = w;
+                    }
                     let done = settle::execute(
                         &mut pair.mirror,
                         name,
                         &buf.relation,
-                        &plan,
+                        (&plan, written.as_mut()),
                         (&app_id, mirror_to),
                         storage,
                         &mut pair.keys,
@@ -579,10 +602,48 @@ type ChangelogDone = Result<(DeltaTable, Vec<Add>), ApplyError>;
 struct PendingChangelog {
     from: Applied,
     to: Applied,
+    /// Rows appended.
+    rows: usize,
+    /// No row lacks a value the server did not send (unchanged TOAST): each holds all its values.
+    complete: bool,
     task: JoinHandle<ChangelogDone>,
 }
 
 impl PendingChangelog {
+    /// The rows it appends are exactly `plan`'s new row versions, in order and with all their
+    /// values, when it starts where the mirror does (`mirror_from`), every one of its rows is
+    /// an upsert of the plan (the plan's upserts are its rows less deletes, truncates, rows
+    /// before a truncate and rows changed again within the batch, so equal counts leave none
+    /// out) and no row lacks an unchanged value (the changelog holds those as NULL; the mirror
+    /// would carry them, and without one no upsert carries).
+    fn holds(&self, plan: &crate::plan::MirrorPlan, mirror_from: Applied) -> bool {
+        self.from == mirror_from && self.complete && plan.upserts.len() == self.rows
+    }
+
+    /// Its files, once committed, projected onto `schema` (the mirror's columns) as files of
+    /// `mirror` without re-encoding, handed to the mirror's executor through the [`Written`].
+    ///
+    /// [`Written`]: mirror::Written
+    fn project(
+        self,
+        name: &str,
+        mirror: &DeltaTable,
+        schema: SchemaRef,
+    ) -> (Self, mirror::Written) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (appending, mirror, name) = (self.task, mirror.clone(), name.to_string());
+        let task = tokio::spawn(async move {
+            let (table, adds) = appending.await.map_err(|e| ApplyError::Task {
+                table: name,
+                reason: e.to_string(),
+            })??;
+            let projected = files::project_files(&table, &mirror, &adds, &schema).await?;
+            let _ = tx.send(projected);
+            Ok((table, adds))
+        });
+        (PendingChangelog { task, ..self }, mirror::Written::new(rx))
+    }
+
     /// Waits for the append; once it is committed, `pair` holds the changelog's new state.
     /// Returns the files added.
     async fn finish(self, pair: &mut Pair, name: &str) -> Result<Vec<Add>, ApplyError> {

@@ -61,13 +61,14 @@ pub async fn append(
     .await
 }
 
-/// Executes the mirror `plan`, recording `to` for `app_id`; a failed commit is settled by
-/// [`landed`] and the plan executed again on the table's new version when it did not happen.
+/// Executes the mirror `plan` (its new rows `written` when given, see [`mirror::Written`]),
+/// recording `to` for `app_id`; a failed commit is settled by [`landed`] and the plan executed
+/// again on the table's new version when it did not happen.
 pub async fn execute(
     table: &mut DeltaTable,
     name: &str,
     rel: &Relation,
-    plan: &MirrorPlan,
+    (plan, mut written): (&MirrorPlan, Option<&mut mirror::Written>),
     (app_id, to): (&str, Applied),
     storage: &HashMap<String, String>,
     index: &mut KeyIndex,
@@ -75,7 +76,8 @@ pub async fn execute(
     let mut attempt = 1;
     loop {
         let props = commit_props(app_id, to);
-        match mirror::execute(table, name, rel, plan, props, storage, Some(&mut *index)).await {
+        let work = (plan, written.as_deref_mut());
+        match mirror::execute(table, name, rel, work, props, storage, Some(&mut *index)).await {
             Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                 if landed(table, app_id, to)
                     .await
