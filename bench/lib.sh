@@ -1,10 +1,15 @@
-# Shared by the benchmarks: builds walden (release), starts a throwaway cluster tuned for bulk
-# work on a free port, and defines PSQL, WALDEN, W (work dir) and median(). Source it.
+# Shared by the benchmarks: builds walden (release; WALDEN_BIN=path runs that binary instead, for a
+# baseline in the same session), starts a throwaway cluster tuned for bulk work on a free port,
+# and defines PSQL, WALDEN, W (work dir) and median(). Source it.
 for tool in /usr/bin/time:time bc:bc; do command -v "${tool%%:*}" >/dev/null || apt-get install -y -qq "${tool#*:}" >/dev/null; done
 
-echo "==> building walden (release)" >&2
-cargo build --release --locked --quiet
-WALDEN="$CARGO_TARGET_DIR/release/walden"
+if [ -n "${WALDEN_BIN:-}" ]; then
+  WALDEN="$WALDEN_BIN"
+else
+  echo "==> building walden (release)" >&2
+  cargo build --release --locked --quiet
+  WALDEN="$CARGO_TARGET_DIR/release/walden"
+fi
 
 W="$(mktemp -d /tmp/walden-bench.XXXX)"
 RUN_AS=()

@@ -8,6 +8,7 @@
 #
 #   bench/steady.sh                    # SCALE=100 (10M rows) RATE=2000 DURATION=300
 #   SCALE=10 RATE=1000 DURATION=60 bench/steady.sh
+#   WALDEN_LOG=walden=info KEEP_LOG=/tmp/walden.log bench/steady.sh   # keep walden's log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-postgres.sh
@@ -31,7 +32,7 @@ metric() { scrape | awk -v m="$1" '$1 == m {print $2}'; }
 echo "==> walden run (snapshot of $((SCALE * 100000)) rows, then streaming)" >&2
 WALDEN_SOURCE__URL="postgres://postgres@127.0.0.1:$PORT/postgres" WALDEN_SOURCE__SLOT=walden \
 WALDEN_SOURCE__PUBLICATION=bench WALDEN_WAREHOUSE__URL="$W/wh" \
-WALDEN_METRICS__LISTEN="127.0.0.1:$MPORT" RUST_LOG=walden=warn \
+WALDEN_METRICS__LISTEN="127.0.0.1:$MPORT" RUST_LOG="${WALDEN_LOG:-walden=warn}" \
   "$WALDEN" run 2>"$W/walden.log" &
 WPID=$!
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$MPORT/readyz")" = 200 ] &&
@@ -96,5 +97,7 @@ echo "bytes written by walden per change: $(( written / (changes > 0 ? changes :
 echo "warehouse: $size0 B before the load, $size1 B after ($files1 Parquet files); compacted: $compacted B ($files_c files); ratio $(echo "scale=2; $size1 / $compacted" | bc)"
 echo "walden peak RSS: $rss_mib MiB"
 echo "mirror commits made again after losing a race (maintenance): $(grep -c 'executing the plan again' "$W/walden.log" || true)"
+# WALDEN_LOG=walden=info,… KEEP_LOG=path keeps walden's log of the run.
+[ -z "${KEEP_LOG:-}" ] || cp "$W/walden.log" "$KEEP_LOG"
 mean walden_flush_duration_seconds
 mean walden_merge_duration_seconds

@@ -221,7 +221,7 @@ fn write_tuple(o: &mut impl Write, t: &Tuple) -> io::Result<()> {
 }
 
 /// The size of the blocks spilled values are read into (below the allocator's mmap threshold,
-/// `cli::keep_large_blocks_mapped`, so freed blocks are reused rather than faulted in anew).
+/// `cli::tune_allocator`, so freed blocks are reused rather than faulted in anew).
 const ARENA_BYTES: usize = 64 * 1024;
 
 struct SpillReader {
