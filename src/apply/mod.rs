@@ -404,19 +404,18 @@ async fn apply_pair(
                     // The changelog's files hold exactly the plan's new rows: the mirror takes
                     // their columns instead of encoding the rows again.
                     let mut written = None;
-                    if let Some(c) = changelog.take() {
-                        let (c, w) = if mirror_new
+                    changelog = changelog.map(|c| {
+                        if mirror_new
                             && c.holds(&plan, mirror_from)
                             && !schema_differs(&pair.mirror, &want)
                         {
                             let (c, w) = c.project(name, &pair.mirror, want.clone());
-                            (c, Some(w))
+                            written = Some(w);
+                            c
                         } else {
-                            (c, None)
-                        };
-                        changelog = Some(c);
-                        written = w;
-                    }
+                            c
+                        }
+                    });
                     let done = settle::execute(
                         &mut pair.mirror,
                         name,
