@@ -97,7 +97,6 @@ echo "bytes written by walden per change: $(( written / (changes > 0 ? changes :
 echo "warehouse: $size0 B before the load, $size1 B after ($files1 Parquet files); compacted: $compacted B ($files_c files); ratio $(echo "scale=2; $size1 / $compacted" | bc)"
 echo "walden peak RSS: $rss_mib MiB"
 echo "mirror commits made again after losing a race (maintenance): $(grep -c 'executing the plan again' "$W/walden.log" || true)"
-# WALDEN_LOG=walden=info,… KEEP_LOG=path keeps walden's log of the run.
 [ -z "${KEEP_LOG:-}" ] || cp "$W/walden.log" "$KEEP_LOG"
 mean walden_flush_duration_seconds
 mean walden_merge_duration_seconds

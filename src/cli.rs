@@ -187,9 +187,9 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 ///   updates in one transaction: peak RSS 356 → 249 MiB, same time; bench/RESULTS.md).
 /// - It gives a thread that finds the arenas busy an arena of its own, up to eight per core, and
 ///   each arena keeps what is freed into it. Under a steady stream the flushes' buffers are
-///   freed on whichever tokio worker or blocking thread runs next, so RSS grew ~30 MiB a
+///   freed on whichever tokio worker or blocking thread runs next, so RSS grew ~27 MiB a
 ///   minute while the live heap stayed ~16 MiB (heaptrack). Two arenas per core: the same
-///   freshness, a third of the growth (bench/RESULTS.md, "Memory under a steady stream").
+///   freshness, under half the growth (bench/RESULTS.md, "Memory under a steady stream").
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

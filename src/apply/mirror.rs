@@ -150,10 +150,7 @@ pub async fn execute(
         actions.extend(found.actions);
         carried = found.carried;
     }
-    out.rows_added = match &written {
-        Some(_) => plan.upserts.len(),
-        None => upserts.num_rows(),
-    };
+    out.rows_added = plan.upserts.len();
     let adds = match (early, written) {
         (_, Some(written)) => Ok(written.adds(name).await?),
         (Some(task), None) => task.await.map_err(|e| ApplyError::Task {
