@@ -12,7 +12,9 @@ use deltalake::parquet::arrow::arrow_reader::RowSelection;
 // it is what deltalake itself reads with in this version, so walden uses it too until both move.
 #[allow(deprecated)]
 use deltalake::parquet::arrow::async_reader::ParquetObjectReader;
-use deltalake::parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use deltalake::parquet::arrow::async_reader::{
+    ParquetRecordBatchStream, ParquetRecordBatchStreamBuilder,
+};
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
@@ -48,6 +50,32 @@ pub async fn read_rows(
     columns: Option<&[&str]>,
     positions: Option<&[u64]>,
 ) -> Result<Vec<RecordBatch>, SinkError> {
+    let parquet = |source| SinkError::Parquet {
+        file: format!("{}{}", table.table_url(), file.path()),
+        source,
+    };
+    rows(table, file, columns, positions)
+        .await?
+        .try_collect()
+        .await
+        .map_err(parquet)
+}
+
+/// All rows of one data file of `table` as it is stored, a batch at a time (in file order).
+pub async fn stream_rows(table: &DeltaTable, file: &LogicalFileView) -> Result<Rows, SinkError> {
+    rows(table, file, None, None).await
+}
+
+/// The batches of one data file, read as they are needed.
+#[allow(deprecated)]
+pub type Rows = ParquetRecordBatchStream<ParquetObjectReader>;
+
+async fn rows(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+    columns: Option<&[&str]>,
+    positions: Option<&[u64]>,
+) -> Result<Rows, SinkError> {
     let path = file.object_store_path();
     let parquet = |source| SinkError::Parquet {
         file: format!("{}{}", table.table_url(), path),
@@ -72,12 +100,7 @@ pub async fn read_rows(
         let ranges = positions.iter().map(|&p| p as usize..p as usize + 1);
         builder = builder.with_row_selection(RowSelection::from_consecutive_ranges(ranges, total));
     }
-    builder
-        .build()
-        .map_err(parquet)?
-        .try_collect()
-        .await
-        .map_err(parquet)
+    builder.build().map_err(parquet)
 }
 
 /// The rows `file` of `table` holds: its stored rows less those its deletion vector marks.

@@ -14,19 +14,21 @@
 //! race (`apply::settle`); a compaction that loses is tried again next round.
 
 use std::collections::HashMap;
-use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
-mod purge;
+pub mod choose;
+pub mod rewrite;
 mod vectors;
+
+use rewrite::RewriteError;
 
 use crate::apply::inspect;
 use crate::config::MaintenanceConfig;
-use crate::sink::{delta_is_transient, writer_properties, TableKind, Warehouse};
+use crate::sink::{TableKind, Warehouse};
 use crate::telemetry::METRICS;
 
 /// Why a round could not start (each table's own failures are counted in its [`Report`]).
@@ -46,6 +48,9 @@ pub struct Report {
     pub files_vacuumed: u64,
     /// Files rewritten without the rows their deletion vectors marked.
     pub files_purged: u64,
+    /// Rows the stream marked deleted in files while they were rewritten, marked again in the
+    /// files that took their place.
+    pub rows_rebased: u64,
     /// Tables left for the next round (the time budget ran out, or a compaction lost a race to
     /// the stream's commit).
     pub deferred: usize,
@@ -76,8 +81,8 @@ pub async fn round(
             let name = format!("{}/{schema}.{table}", kind.dir());
             match maintain_table(warehouse, &url, cfg, &mut report).await {
                 Ok(()) => report.tables += 1,
-                // A compaction that lost a race to the stream's commit, or a store hiccup.
-                Err(e) if delta_is_transient(&e) => {
+                // A rewrite whose input left the table meanwhile, or a store hiccup.
+                Err(e) if e.is_transient() => {
                     report.deferred += 1;
                     tracing::info!(table = %name, error = %e,
                         "maintenance did not get through; the next round tries again");
@@ -94,43 +99,36 @@ pub async fn round(
     Ok(report)
 }
 
-/// Compacts, sets the retention, and vacuums one table.
+/// Sets the retention, rewrites small and mostly deleted files, and vacuums one table.
 async fn maintain_table(
     warehouse: &Warehouse,
     url: &Url,
     cfg: &MaintenanceConfig,
     report: &mut Report,
-) -> Result<(), DeltaTableError> {
+) -> Result<(), RewriteError> {
     let Some(mut table) = warehouse.open(url).await? else {
         return Ok(());
     };
     table = retention(table, cfg.retention_hours).await?;
-    let small = small_files(&table, cfg.target_file_bytes / 2)?;
-    if small >= cfg.compact_min_files.max(2) {
+    let bins = choose::bins(&table, cfg)?;
+    if !bins.is_empty() {
         let started = Instant::now();
-        let target = NonZeroU64::new(cfg.target_file_bytes.max(1)).expect("at least 1");
-        let (t, m) = table
-            .optimize()
-            .with_target_size(target)
-            .with_max_concurrent_tasks(1)
-            .with_writer_properties(writer_properties())
-            .await?;
-        table = t;
+        let prepared = rewrite::prepare(&table, bins, Duration::from_secs(cfg.budget_s)).await?;
+        let done = rewrite::commit(&mut table, prepared).await?;
         report.compacted_tables += 1;
-        report.files_removed += m.num_files_removed;
-        report.files_added += m.num_files_added;
-        measured(("compacted", m.num_files_removed), "compact", started);
-        tracing::info!(table = %url, small_files = small, removed = m.num_files_removed,
-            added = m.num_files_added, "compacted");
-    }
-    let started = Instant::now();
-    let budget = Duration::from_secs(cfg.budget_s);
-    let p = purge::purge(&mut table, cfg.purge_share, budget).await?;
-    if p.files > 0 {
-        report.files_purged += p.files;
-        measured(("purged", p.files), "purge", started);
-        tracing::info!(table = %url, files = p.files, rows_dropped = p.rows_dropped,
-            "purged deletion vectors");
+        report.files_removed += done.files_removed;
+        report.files_added += done.files_added;
+        report.files_purged += done.files_purged;
+        report.rows_rebased += done.rows_rebased;
+        let compacted = done.files_removed - done.files_purged;
+        measured(("compacted", compacted), "compact", started);
+        METRICS
+            .maintenance_files_total
+            .with_label_values(&["purged"])
+            .inc_by(done.files_purged);
+        tracing::info!(table = %url, removed = done.files_removed, added = done.files_added,
+            purged = done.files_purged, rows_rebased = done.rows_rebased, lost = done.lost,
+            "compacted");
     }
     let started = Instant::now();
     let (table, m) = table
@@ -159,16 +157,6 @@ fn measured((action, files): (&str, u64), task: &str, started: Instant) {
         .maintenance_duration_seconds
         .with_label_values(&[task])
         .observe(started.elapsed().as_secs_f64());
-}
-
-/// Files of the current version smaller than `bytes`.
-fn small_files(table: &DeltaTable, bytes: u64) -> Result<usize, DeltaTableError> {
-    let state = table.snapshot()?;
-    Ok(state
-        .log_data()
-        .iter()
-        .filter(|f| (f.size() as u64) < bytes)
-        .count())
 }
 
 /// The table keeps old versions and removed files `hours`: its log retention and deleted-file

@@ -42,11 +42,21 @@ async fn exec(db: &TestDb, sql: &str) {
 /// The mirrors of `k` and `f` equal the source: walden verify, then Python's `deltalake` and
 /// Polars, as multisets of rows.
 async fn assert_equal(py: &std::path::Path, db: &TestDb, cfg: &Config, when: &str) {
+    assert_same(py, db, cfg, &["k", "f"], when).await;
+}
+
+/// The mirrors of `tables` equal the source (walden verify, Python's `deltalake`, Polars).
+async fn assert_same(py: &std::path::Path, db: &TestDb, cfg: &Config, tables: &[&str], when: &str) {
     assert_verified(cfg).await;
     let wh = cfg.warehouse.url.clone();
-    let said = crate::python::run_script(py, "same_rows.py", &[db.url.as_str(), &wh, "k", "f"]);
-    for line in ["k deltalake", "k polars", "f deltalake", "f polars"] {
-        assert!(said.contains(line), "{when}: {said}");
+    let mut args = vec![db.url.as_str(), wh.as_str()];
+    args.extend(tables);
+    let said = crate::python::run_script(py, "same_rows.py", &args);
+    for t in tables {
+        for reader in ["deltalake", "polars"] {
+            let line = format!("{t} {reader}");
+            assert!(said.contains(&line), "{when}: {said}");
+        }
     }
 }
 
@@ -195,6 +205,102 @@ async fn deletion_vectors_keep_the_mirror_equal_to_the_source() {
     exec(&db, "UPDATE k SET v = -v; DELETE FROM k WHERE id % 2 = 0").await;
     run_once(&cfg).await;
     assert_equal(&py, &db, &cfg, "after the stream went on").await;
+}
+
+/// A compaction takes longer than a flush: the stream marks rows of the files being rewritten,
+/// and the rewrite's commit marks the same rows in the files that take their place (rebased);
+/// the mirror stays equal to the source, and the stream goes on over the new files. An input
+/// taken out of the table meanwhile (a truncate) defers the rewrite and deletes what it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_commits_over_the_rows_the_stream_marked_meanwhile() {
+    use walden::maintain::{choose, rewrite};
+    let py = tokio::task::spawn_blocking(crate::python::python)
+        .await
+        .unwrap();
+    let db = test_db("rebase").await;
+    let wh = warehouse_dir("rebase");
+    exec(
+        &db,
+        "CREATE TABLE k (id int PRIMARY KEY, v int, big text);
+         INSERT INTO k SELECT g, g, 'row ' || g FROM generate_series(1, 3000) g;",
+    )
+    .await;
+    let cfg = config(&db, &wh);
+    run_once(&cfg).await;
+    let m = MaintenanceConfig {
+        compact_min_files: 2,
+        ..MaintenanceConfig::default()
+    };
+    // Small files, one per flush: new versions of updated rows, and inserts.
+    let small_files = |round: i32| {
+        format!(
+            "UPDATE k SET v = v + 1 WHERE id % 5 = {round};
+             INSERT INTO k SELECT g, 0, NULL FROM generate_series({a}, {b}) g;",
+            a = 10_000 + round * 100,
+            b = 10_099 + round * 100
+        )
+    };
+    for round in 0..4 {
+        exec(&db, &small_files(round)).await;
+        run_once(&cfg).await;
+    }
+    let mut t = mirror(&cfg, "k").await;
+    let bins = choose::bins(&t, &m).unwrap();
+    let inputs: usize = bins.iter().map(Vec::len).sum();
+    assert!(inputs >= 5, "{inputs} files chosen");
+    let budget = std::time::Duration::from_secs(60);
+    let prepared = rewrite::prepare(&t, bins, budget).await.unwrap();
+
+    // Meanwhile the stream marks rows of the same files: updates, deletes, key changes.
+    exec(
+        &db,
+        "UPDATE k SET v = -v WHERE id % 3 = 0;
+         DELETE FROM k WHERE id % 4 = 0;
+         UPDATE k SET id = id + 100000 WHERE id % 10 = 1;",
+    )
+    .await;
+    run_once(&cfg).await;
+    let done = rewrite::commit(&mut t, prepared).await.unwrap();
+    assert!(done.rows_rebased > 0, "{done:?}");
+    assert_eq!(done.files_removed, inputs as u64, "{done:?}");
+    assert_same(&py, &db, &cfg, &["k"], "after the rebased rewrite").await;
+    let (now, _) = files(&cfg, "k").await;
+    assert!(
+        now.len() < inputs,
+        "{} files after, {inputs} rewritten",
+        now.len()
+    );
+
+    // The stream goes on over the rewritten files.
+    exec(
+        &db,
+        "UPDATE k SET v = v * 2; DELETE FROM k WHERE id % 7 = 0",
+    )
+    .await;
+    run_once(&cfg).await;
+    assert_same(&py, &db, &cfg, &["k"], "after the stream went on").await;
+
+    // A truncate takes every input out: the rewrite is deferred, its files deleted.
+    for round in 0..3 {
+        exec(&db, &small_files(10 + round)).await;
+        run_once(&cfg).await;
+    }
+    let mut t = mirror(&cfg, "k").await;
+    let bins = choose::bins(&t, &m).unwrap();
+    assert!(!bins.is_empty());
+    let prepared = rewrite::prepare(&t, bins, budget).await.unwrap();
+    let written = prepared.files();
+    let dir = wh.join("mirror/public/k");
+    assert!(written.iter().all(|f| dir.join(f).exists()));
+    exec(&db, "TRUNCATE k; INSERT INTO k VALUES (1, 1, 'one')").await;
+    run_once(&cfg).await;
+    let err = rewrite::commit(&mut t, prepared).await.unwrap_err();
+    assert!(
+        matches!(err, rewrite::RewriteError::Gone(_)) && err.is_transient(),
+        "{err}"
+    );
+    assert!(written.iter().all(|f| !dir.join(f).exists()), "{written:?}");
+    assert_same(&py, &db, &cfg, &["k"], "after the deferred rewrite").await;
 }
 
 /// Rows of the table's loaded version, through deltalake's scan (vectors applied).
