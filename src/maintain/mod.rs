@@ -1,17 +1,19 @@
 //! Table maintenance: what keeps a warehouse under a steady stream from growing without bound.
 //!
-//! Owns, per Delta table: compaction of small files (OPTIMIZE, bin-packing to
-//! `maintenance.target_file_bytes`), purging of deletion vectors (`purge`: files most of whose
-//! rows are marked deleted are rewritten), the retention of old versions (`delta.logRetentionDuration`
-//! and `delta.deletedFileRetentionDuration` set to `maintenance.retention_hours`, so log cleanup
-//! at each checkpoint keeps hours, not the default 30 days), and VACUUM of files the current
-//! version no longer references once they are older than the retention. Checkpoints and log
-//! cleanup follow the stream's commits every 100 versions (`apply::logs`).
+//! Owns, per Delta table: the rewrite of small files and of files mostly marked deleted into
+//! bigger ones holding their live rows (`choose` picks them, `rewrite` writes them and commits
+//! over the stream's commits meanwhile), the retention of old versions
+//! (`delta.logRetentionDuration` and `delta.deletedFileRetentionDuration` set to
+//! `maintenance.retention_hours`, so log cleanup at each checkpoint keeps hours, not the default
+//! 30 days), and VACUUM of files the current version no longer references once they are older
+//! than the retention (`vectors`: of deletion-vector files too). Checkpoints and log cleanup
+//! follow the stream's commits every 100 versions (`apply::logs`).
 //!
 //! Maintenance commits change no data (`dataChange = false`) and record no position, so the
 //! exactly-once records stay as they are: the log's newest application transaction per id is
-//! carried by every checkpoint. A stream commit that races a compaction is settled like any lost
-//! race (`apply::settle`); a compaction that loses is tried again next round.
+//! carried by every checkpoint. A stream commit that races a rewrite is settled like any lost
+//! race (`apply::settle`); a rewrite's commit is rebased onto the rows the stream marked
+//! meanwhile, and deferred to the next round only when one of its files left the table.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -75,6 +77,7 @@ pub async fn round(
         for kind in [TableKind::Changes, TableKind::Mirror] {
             if started.elapsed() > budget {
                 report.deferred += 1;
+                METRICS.maintenance_deferred_total.inc();
                 continue;
             }
             let url = warehouse.table_url(kind, &schema, &table);
@@ -84,6 +87,7 @@ pub async fn round(
                 // A rewrite whose input left the table meanwhile, or a store hiccup.
                 Err(e) if e.is_transient() => {
                     report.deferred += 1;
+                    METRICS.maintenance_deferred_total.inc();
                     tracing::info!(table = %name, error = %e,
                         "maintenance did not get through; the next round tries again");
                 }
@@ -120,6 +124,9 @@ async fn maintain_table(
         report.files_added += done.files_added;
         report.files_purged += done.files_purged;
         report.rows_rebased += done.rows_rebased;
+        METRICS
+            .maintenance_rows_rebased_total
+            .inc_by(done.rows_rebased);
         let compacted = done.files_removed - done.files_purged;
         measured(("compacted", compacted), "compact", started);
         METRICS

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub delete_to_erasure_seconds: Histogram,
     pub erasure_errors_total: IntCounter,
     pub maintenance_errors_total: IntCounter,
+    pub maintenance_deferred_total: IntCounter,
+    pub maintenance_rows_rebased_total: IntCounter,
     pub maintenance_files_total: IntCounterVec,
     pub maintenance_duration_seconds: HistogramVec,
     /// Commit time (µs since the epoch) of the oldest transaction received and not yet durable
@@ -390,6 +392,18 @@ impl Metrics {
             &r,
             "walden_maintenance_errors_total",
             "Tables whose maintenance failed (tried again next round)",
+        ),
+        maintenance_deferred_total: counter(
+            &r,
+            "walden_maintenance_deferred_total",
+            "Tables whose maintenance was left for the next round (budget spent, or a rewrite's \
+             file left the table meanwhile)",
+        ),
+        maintenance_rows_rebased_total: counter(
+            &r,
+            "walden_maintenance_rows_rebased_total",
+            "Rows the stream marked deleted in files while maintenance rewrote them, marked again \
+             in the rewritten files",
         ),
         maintenance_files_total: counter_vec(
             &r,
