@@ -9,6 +9,7 @@
 #   bench/steady.sh                    # SCALE=100 (10M rows) RATE=2000 DURATION=300
 #   SCALE=10 RATE=1000 DURATION=60 bench/steady.sh
 #   WALDEN_LOG=walden=info KEEP_LOG=/tmp/walden.log bench/steady.sh   # keep walden's log
+#   DURATION=3600 SAMPLE_S=300 bench/steady.sh   # each table's size and files every 5 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-postgres.sh
@@ -48,6 +49,22 @@ size0=$(du_wh)
 written0=$(awk '/^write_bytes/ {print $2}' "/proc/$WPID/io")
 changes0=$(metric walden_changes_total)
 scrape >"$W/m0"
+
+# Each table's bytes and Parquet files on disk (committed or not, removed files within the
+# retention included), and walden's RSS, every SAMPLE_S seconds of the load.
+if [ -n "${SAMPLE_S:-}" ]; then
+  (
+    t0=$(date +%s)
+    while kill -0 $WPID 2>/dev/null; do
+      t=$(( $(date +%s) - t0 ))
+      for d in $(find "$W/wh" -mindepth 3 -maxdepth 3 -type d | sort); do
+        echo "$t ${d#"$W"/wh/} $(du -sb "$d" | cut -f1) $(find "$d" -name '*.parquet' | wc -l)"
+      done
+      echo "$t rss_kib $(awk '/VmRSS/ {print $2}' "/proc/$WPID/status" 2>/dev/null || echo 0) 0"
+      sleep "$SAMPLE_S"
+    done
+  ) >"$W/sizes" &
+fi
 
 echo "==> pgbench -N -R $RATE for $DURATION s" >&2
 "${PGBENCH[@]}" -N -R "$RATE" -T "$DURATION" -c 8 -j 2 postgres >"$W/pgbench.out" 2>&1
@@ -98,5 +115,9 @@ echo "warehouse: $size0 B before the load, $size1 B after ($files1 Parquet files
 echo "walden peak RSS: $rss_mib MiB"
 echo "mirror commits made again after losing a race (maintenance): $(grep -c 'executing the plan again' "$W/walden.log" || true)"
 [ -z "${KEEP_LOG:-}" ] || cp "$W/walden.log" "$KEEP_LOG"
+if [ -n "${SAMPLE_S:-}" ]; then
+  echo "sampled every $SAMPLE_S s during the load (seconds, table, bytes on disk, Parquet files; rss_kib):"
+  awk -v end="$DURATION" '$1 <= end + 60' "$W/sizes"
+fi
 mean walden_flush_duration_seconds
 mean walden_merge_duration_seconds

@@ -61,9 +61,14 @@ pub async fn read_rows(
         .map_err(parquet)
 }
 
-/// All rows of one data file of `table` as it is stored, a batch at a time (in file order).
-pub async fn stream_rows(table: &DeltaTable, file: &LogicalFileView) -> Result<Rows, SinkError> {
-    rows(table, file, None, None).await
+/// All rows of one data file of `table` as it is stored, a batch at a time (in file order): the
+/// columns named (those the file has; all when `None`).
+pub async fn stream_rows(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+    columns: Option<&[&str]>,
+) -> Result<Rows, SinkError> {
+    rows(table, file, columns, None).await
 }
 
 /// The batches of one data file, read as they are needed.

@@ -16,13 +16,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{
-    new_null_array, Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
-};
-use arrow::compute::{cast, concat, concat_batches, filter_record_batch};
+use arrow::array::{new_null_array, Array, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::{cast, concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use deltalake::kernel::{Action, Add, LogicalFileView};
 use deltalake::DeltaTable;
+use futures::TryStreamExt;
 use roaring::RoaringTreemap;
 
 use super::evolve::align;
@@ -218,25 +217,8 @@ async fn candidates(
     let mut unkept = None;
     if index.get(&path).is_none() {
         let name = target.field(column).name().as_str();
-        let batches = files::read_rows(table, file, Some(&[name]), None).await?;
-        let parts = batches
-            .iter()
-            .map(|b| match b.column_by_name(name) {
-                Some(a) => cast(a, &DataType::Int64),
-                None => Ok(new_null_array(&DataType::Int64, b.num_rows())),
-            })
-            .collect::<Result<Vec<ArrayRef>, _>>()
-            .map_err(|e| TableErr(&path).arrow(e))?;
-        let parts: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
-        let all = if parts.is_empty() {
-            Int64Array::from(Vec::<i64>::new())
-        } else {
-            concat(&parts)
-                .map_err(|e| TableErr(&path).arrow(e))?
-                .as_primitive::<Int64Type>()
-                .clone()
-        };
-        if let Err(keys) = index.insert(&path, FileKeys::build(&all)) {
+        let (values, nulls) = identity_values(table, file, name).await?;
+        if let Err(keys) = index.insert(&path, FileKeys::from_values(values, nulls)) {
             unkept = Some(keys);
         }
     }
@@ -252,6 +234,40 @@ async fn candidates(
         keys.push_positions(k, &mut out);
     }
     Ok(out)
+}
+
+/// The values of `file`'s integer identity column `name` in file order, and the positions of
+/// its NULLs (every row NULL when the file was written before the column existed). Read a batch
+/// at a time: a compacted file holds millions of rows.
+async fn identity_values(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+    name: &str,
+) -> Result<(Vec<i64>, Vec<u32>), ApplyError> {
+    let path = file.path().to_string();
+    let mut rows = files::stream_rows(table, file, Some(&[name])).await?;
+    let (mut values, mut nulls) = (Vec::new(), Vec::new());
+    while let Some(b) = rows.try_next().await.map_err(|e| {
+        ApplyError::from(crate::sink::SinkError::Parquet {
+            file: path.clone(),
+            source: e,
+        })
+    })? {
+        let column = match b.column_by_name(name) {
+            Some(a) => cast(a, &DataType::Int64),
+            None => Ok(new_null_array(&DataType::Int64, b.num_rows())),
+        }
+        .map_err(|e| TableErr(&path).arrow(e))?;
+        let column = column.as_primitive::<Int64Type>();
+        let at = values.len() as u32;
+        nulls.extend(
+            (0..column.len() as u32)
+                .filter(|&i| column.is_null(i as usize))
+                .map(|i| at + i),
+        );
+        values.extend_from_slice(column.values());
+    }
+    Ok((values, nulls))
 }
 
 /// Takes the matcher's removes for the candidates' live positions, one position per remove.

@@ -31,7 +31,7 @@ use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, LogicalFileView};
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError, Path};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use roaring::RoaringTreemap;
 
@@ -154,7 +154,7 @@ pub async fn prepare(
                 deleted: deleted.clone(),
             });
             let marked: Vec<u64> = deleted.iter().collect();
-            let mut stream = files::stream_rows(table, &file)
+            let mut stream = files::stream_rows(table, &file, None)
                 .await
                 .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
             let mut at = 0u64;
@@ -205,24 +205,33 @@ pub fn output_position(offset: u64, deleted: &RoaringTreemap, row: u64) -> u64 {
     offset + row - before
 }
 
+/// Vectors read at once while rebasing (a store's latency is per request; a bin has hundreds
+/// of inputs).
+const READS_AT_ONCE: usize = 32;
+
 /// The rows of `out` the inputs' vectors in `now` mark beyond what they marked when read.
 async fn rebased(
     table: &DeltaTable,
     out: &Output,
     now: &HashMap<String, LogicalFileView>,
 ) -> Result<RoaringTreemap, RewriteError> {
-    let mut extra = RoaringTreemap::new();
+    let mut changed = Vec::new();
     for input in &out.inputs {
         let Some(file) = now.get(&input.path) else {
             return Err(RewriteError::Gone(input.path.clone()));
         };
-        let vector = file.deletion_vector_descriptor();
-        if vector == input.vector {
-            continue;
+        if file.deletion_vector_descriptor() != input.vector {
+            changed.push((input, file));
         }
-        let marked = files::deleted_rows(table, file)
-            .await
-            .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+    }
+    let marked: Vec<RoaringTreemap> = futures::stream::iter(changed.iter())
+        .map(|(_, file)| files::deleted_rows(table, file))
+        .buffered(READS_AT_ONCE)
+        .try_collect()
+        .await
+        .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+    let mut extra = RoaringTreemap::new();
+    for ((input, _), marked) in changed.iter().zip(marked) {
         if !input.deleted.is_subset(&marked) {
             // Vectors only grow while a file stays; this one was replaced some other way.
             return Err(RewriteError::Gone(input.path.clone()));
@@ -236,24 +245,28 @@ async fn rebased(
 
 /// Commits `prepared` on `table`'s newest version, rebased onto the rows the stream marked in
 /// its inputs meanwhile; on a lost race, again on the version after it, at most [`ATTEMPTS`]
-/// times. When it does not commit, its outputs are deleted.
+/// times. Outputs it does not commit (all of them when it fails; one whose rows were all
+/// deleted meanwhile) are deleted.
 pub async fn commit(table: &mut DeltaTable, prepared: Prepared) -> Result<Rewritten, RewriteError> {
     let result = commit_rebased(table, &prepared).await;
-    if result.is_err() {
-        let store = table.object_store();
-        for out in prepared.outputs.iter().filter(|o| o.rows > 0) {
-            if let Err(e) = store.delete(&Path::from(out.add.path.as_str())).await {
-                tracing::debug!(file = %out.add.path, error = %e, "an uncommitted rewrite stays");
-            }
+    let added = result.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
+    let store = table.object_store();
+    for out in prepared.outputs.iter().filter(|o| o.rows > 0) {
+        if added.contains(&out.add.path) {
+            continue;
+        }
+        if let Err(e) = store.delete(&Path::from(out.add.path.as_str())).await {
+            tracing::debug!(file = %out.add.path, error = %e, "an uncommitted rewrite stays");
         }
     }
-    result
+    result.map(|(done, _)| done)
 }
 
+/// The commit, and the paths of the outputs it added.
 async fn commit_rebased(
     table: &mut DeltaTable,
     prepared: &Prepared,
-) -> Result<Rewritten, RewriteError> {
+) -> Result<(Rewritten, Vec<String>), RewriteError> {
     for attempt in 0..ATTEMPTS {
         table.update_state().await?;
         let state = table.snapshot()?.clone();
@@ -311,7 +324,8 @@ async fn commit_rebased(
         match committed {
             Ok(c) => {
                 table.state = Some(c.snapshot());
-                return Ok(done);
+                let added = extras.iter().map(|(o, _)| o.add.path.clone()).collect();
+                return Ok((done, added));
             }
             Err(e) if delta_is_transient(&e) => {
                 tracing::debug!(attempt, error = %e, "a rewrite lost a race; rebasing again");
