@@ -16,6 +16,7 @@
 //! meanwhile, and deferred to the next round only when one of its files left the table.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use deltalake::operations::vacuum::VacuumMode;
@@ -30,7 +31,7 @@ use rewrite::RewriteError;
 
 use crate::apply::inspect;
 use crate::config::MaintenanceConfig;
-use crate::sink::{TableKind, Warehouse};
+use crate::sink::{delta_is_transient, TableKind, Warehouse};
 use crate::telemetry::METRICS;
 
 /// Why a round could not start (each table's own failures are counted in its [`Report`]).
@@ -113,7 +114,7 @@ async fn maintain_table(
     let Some(mut table) = warehouse.open(url).await? else {
         return Ok(());
     };
-    table = retention(table, cfg.retention_hours).await?;
+    set_retention(&mut table, cfg.retention_hours).await?;
     let bins = choose::bins(&table, cfg)?;
     if !bins.is_empty() {
         let started = Instant::now();
@@ -138,14 +139,7 @@ async fn maintain_table(
             "compacted");
     }
     let started = Instant::now();
-    let (table, m) = table
-        .vacuum()
-        .with_retention_period(chrono::Duration::hours(cfg.retention_hours as i64))
-        .with_enforce_retention_duration(false)
-        .with_mode(VacuumMode::Lite)
-        .await?;
-    let deleted =
-        m.files_deleted.len() as u64 + vectors::vacuum(&table, cfg.retention_hours).await?;
+    let deleted = vacuum(&mut table, cfg.retention_hours).await?;
     report.files_vacuumed += deleted;
     measured(("vacuumed", deleted), "vacuum", started);
     if deleted > 0 {
@@ -166,21 +160,73 @@ fn measured((action, files): (&str, u64), task: &str, started: Instant) {
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// The table keeps old versions and removed files `hours`: its log retention and deleted-file
-/// retention are set to that (one metadata commit, only when they differ).
-async fn retention(table: DeltaTable, hours: u64) -> Result<DeltaTable, DeltaTableError> {
+/// Sets `table`'s retention of old versions and removed files to `hours` (a metadata commit, on
+/// its newest version, when they differ).
+pub async fn set_retention(table: &mut DeltaTable, hours: u64) -> Result<(), DeltaTableError> {
+    let want = retention_properties(hours);
+    let have = table.snapshot()?.metadata().configuration().clone();
+    if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
+        return Ok(());
+    }
+    on_newest(table, |t| async {
+        let t = t.set_tbl_properties().with_properties(want.clone()).await?;
+        Ok((t, ()))
+    })
+    .await
+}
+
+/// VACUUM (lite) of `table`'s removed data files and unneeded deletion vectors older than
+/// `hours`, on its newest version; returns how many files it deleted.
+pub async fn vacuum(table: &mut DeltaTable, hours: u64) -> Result<u64, DeltaTableError> {
+    let m = on_newest(table, |t| {
+        t.vacuum()
+            .with_retention_period(chrono::Duration::hours(hours as i64))
+            .with_enforce_retention_duration(false)
+            .with_mode(VacuumMode::Lite)
+            .into_future()
+    })
+    .await?;
+    Ok(m.files_deleted.len() as u64 + vectors::vacuum(table, hours).await?)
+}
+
+/// The table properties that keep old versions and removed files `hours`: the log retention
+/// and the deleted-file retention.
+fn retention_properties(hours: u64) -> HashMap<String, String> {
     let want = format!("interval {hours} hours");
-    let keys = [
+    [
         "delta.logRetentionDuration",
         "delta.deletedFileRetentionDuration",
-    ];
-    let have = table.snapshot()?.metadata().configuration().clone();
-    if keys.iter().all(|k| have.get(*k) == Some(&want)) {
-        return Ok(table);
+    ]
+    .iter()
+    .map(|k| (k.to_string(), want.clone()))
+    .collect()
+}
+
+/// Runs `op`, a commit of maintenance's own that changes no rows (a table property, VACUUM's
+/// start and end), on `table`'s newest version, and again on the next one when a commit of the
+/// stream got there first: deltalake counts every file of the version read as read, so a flush
+/// that marked rows in any of them conflicts, and under an update stream one flush a second
+/// would otherwise keep these from ever committing.
+async fn on_newest<T, F, Fut>(table: &mut DeltaTable, op: F) -> Result<T, DeltaTableError>
+where
+    F: Fn(DeltaTable) -> Fut,
+    Fut: std::future::Future<Output = Result<(DeltaTable, T), DeltaTableError>>,
+{
+    let mut attempt = 1;
+    loop {
+        table.update_state().await?;
+        match op(table.clone()).await {
+            Ok((t, out)) => {
+                *table = t;
+                return Ok(out);
+            }
+            Err(e) if delta_is_transient(&e) && attempt < rewrite::ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "a maintenance commit lost a race; again");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let props: HashMap<String, String> =
-        keys.iter().map(|k| (k.to_string(), want.clone())).collect();
-    table.set_tbl_properties().with_properties(props).await
 }
 
 /// Retention while the stream runs, at the least: the stream's view of a table is never this

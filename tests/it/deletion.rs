@@ -301,6 +301,16 @@ async fn a_rewrite_commits_over_the_rows_the_stream_marked_meanwhile() {
     );
     assert!(written.iter().all(|f| !dir.join(f).exists()), "{written:?}");
     assert_same(&py, &db, &cfg, &["k"], "after the deferred rewrite").await;
+
+    // Maintenance's own commits (a retention, a VACUUM) made from a view older than a flush
+    // that took files out get through on the newest version.
+    let mut stale = mirror(&cfg, "k").await;
+    exec(&db, "TRUNCATE k; INSERT INTO k VALUES (2, 2, 'two')").await;
+    run_once(&cfg).await;
+    walden::maintain::set_retention(&mut stale, 0).await.unwrap();
+    let vacuumed = walden::maintain::vacuum(&mut stale, 0).await.unwrap();
+    assert!(vacuumed >= inputs as u64, "{vacuumed} files vacuumed");
+    assert_same(&py, &db, &cfg, &["k"], "after VACUUM").await;
 }
 
 /// Rows of the table's loaded version, through deltalake's scan (vectors applied).
