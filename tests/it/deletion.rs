@@ -307,7 +307,9 @@ async fn a_rewrite_commits_over_the_rows_the_stream_marked_meanwhile() {
     let mut stale = mirror(&cfg, "k").await;
     exec(&db, "TRUNCATE k; INSERT INTO k VALUES (2, 2, 'two')").await;
     run_once(&cfg).await;
-    walden::maintain::set_retention(&mut stale, 0).await.unwrap();
+    walden::maintain::set_retention(&mut stale, 0)
+        .await
+        .unwrap();
     let vacuumed = walden::maintain::vacuum(&mut stale, 0).await.unwrap();
     assert!(vacuumed >= inputs as u64, "{vacuumed} files vacuumed");
     assert_same(&py, &db, &cfg, &["k"], "after VACUUM").await;
