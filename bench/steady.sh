@@ -51,14 +51,16 @@ changes0=$(metric walden_changes_total)
 scrape >"$W/m0"
 
 # Each table's bytes and Parquet files on disk (committed or not, removed files within the
-# retention included), and walden's RSS, every SAMPLE_S seconds of the load.
+# retention included) and the bytes of its deletion-vector files, and walden's RSS, every
+# SAMPLE_S seconds of the load.
 if [ -n "${SAMPLE_S:-}" ]; then
   (
     t0=$(date +%s)
     while kill -0 $WPID 2>/dev/null; do
       t=$(( $(date +%s) - t0 ))
       for d in $(find "$W/wh" -mindepth 3 -maxdepth 3 -type d | sort); do
-        echo "$t ${d#"$W"/wh/} $(du -sb "$d" | cut -f1) $(find "$d" -name '*.parquet' | wc -l)"
+        dv=$(find "$d" -name 'deletion_vector_*.bin' -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+        echo "$t ${d#"$W"/wh/} $(du -sb "$d" | cut -f1) $(find "$d" -name '*.parquet' | wc -l) $dv"
       done
       echo "$t rss_kib $(awk '/VmRSS/ {print $2}' "/proc/$WPID/status" 2>/dev/null || echo 0) 0"
       sleep "$SAMPLE_S"
@@ -116,7 +118,7 @@ echo "walden peak RSS: $rss_mib MiB"
 echo "mirror commits made again after losing a race (maintenance): $(grep -c 'executing the plan again' "$W/walden.log" || true)"
 [ -z "${KEEP_LOG:-}" ] || cp "$W/walden.log" "$KEEP_LOG"
 if [ -n "${SAMPLE_S:-}" ]; then
-  echo "sampled every $SAMPLE_S s during the load (seconds, table, bytes on disk, Parquet files; rss_kib):"
+  echo "sampled every $SAMPLE_S s during the load (seconds, table, bytes on disk, Parquet files, deletion-vector bytes; rss_kib):"
   awk -v end="$DURATION" '$1 <= end + 60' "$W/sizes"
 fi
 mean walden_flush_duration_seconds
