@@ -116,9 +116,9 @@ async fn maintain_table(
     };
     set_retention(&mut table, cfg.retention_hours).await?;
     let bins = choose::bins(&table, cfg)?;
-    if !bins.is_empty() {
-        let started = Instant::now();
-        let prepared = rewrite::prepare(&table, bins, Duration::from_secs(cfg.budget_s)).await?;
+    let started = Instant::now();
+    let prepared = rewrite::prepare(&table, bins, Duration::from_secs(cfg.budget_s)).await?;
+    if !prepared.is_empty() {
         let done = rewrite::commit(&mut table, prepared).await?;
         report.compacted_tables += 1;
         report.files_removed += done.files_removed;
