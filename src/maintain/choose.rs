@@ -14,7 +14,7 @@ use super::rewrite::Chosen;
 use crate::config::MaintenanceConfig;
 
 /// The share of `file`'s rows its deletion vector marks (0 without one, or without a row count).
-pub fn deleted_share(file: &LogicalFileView) -> f64 {
+fn deleted_share(file: &LogicalFileView) -> f64 {
     let (Some(dv), Some(rows)) = (file.deletion_vector_descriptor(), file.num_records()) else {
         return 0.0;
     };

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
+use arrow::datatypes::SchemaRef;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, LogicalFileView};
 use deltalake::protocol::DeltaOperation;
@@ -54,10 +55,11 @@ pub struct Input {
     purged: bool,
 }
 
-/// One new file and the inputs whose live rows it holds, in order.
+/// One new file and the inputs whose live rows it holds, in order (no file when none of them
+/// had a live row: the inputs go, nothing takes their place).
 #[derive(Debug, Clone)]
 pub struct Output {
-    add: Add,
+    add: Option<Add>,
     rows: u64,
     inputs: Vec<Input>,
 }
@@ -75,8 +77,8 @@ impl Prepared {
 
     /// The paths of the files written, relative to the table.
     pub fn files(&self) -> Vec<String> {
-        let written = self.outputs.iter().filter(|o| o.rows > 0);
-        written.map(|o| o.add.path.clone()).collect()
+        let written = self.outputs.iter().filter_map(|o| o.add.as_ref());
+        written.map(|a| a.path.clone()).collect()
     }
 }
 
@@ -146,56 +148,61 @@ pub async fn prepare(
             let deleted = files::deleted_rows(table, &file)
                 .await
                 .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+            let offset = rows;
+            rows += write_live(table, &file, &deleted, &schema, &mut w).await?;
             inputs.push(Input {
                 path: file.path().to_string(),
                 vector: file.deletion_vector_descriptor(),
-                offset: rows,
+                deleted,
+                offset,
                 purged: purge,
-                deleted: deleted.clone(),
             });
-            let marked: Vec<u64> = deleted.iter().collect();
-            let mut stream = files::stream_rows(table, &file, None)
-                .await
-                .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
-            let mut at = 0u64;
-            while let Some(batch) = stream
-                .try_next()
-                .await
-                .map_err(|e| DeltaTableError::Generic(format!("{}: {e}", file.path())))?
-            {
-                let n = batch.num_rows();
-                let keep = BooleanArray::from(files::live_rows(&marked, at, n));
-                at += n as u64;
-                let live = filter_record_batch(&batch, &keep)?;
-                if live.num_rows() > 0 {
-                    rows += live.num_rows() as u64;
-                    w.write(evolve::align(&live, &schema)?).await?;
-                }
-            }
         }
         let mut adds = w.flush().await?;
-        let add = match adds.len() {
-            0 => None,
-            1 => adds.pop(),
-            n => {
-                return Err(DeltaTableError::Generic(format!(
-                    "a rewrite wrote {n} files for one bin (one expected)"
-                )))
-            }
-        };
-        let Some(mut add) = add else {
-            // Every row of the bin was deleted: the inputs go, nothing takes their place.
-            prepared.outputs.push(Output {
-                add: Add::default(),
-                rows: 0,
-                inputs,
-            });
-            continue;
-        };
-        add.data_change = false;
+        if adds.len() > 1 {
+            return Err(DeltaTableError::Generic(format!(
+                "a rewrite wrote {} files for one bin (one expected)",
+                adds.len()
+            )));
+        }
+        let add = adds.pop().map(|add| Add {
+            data_change: false,
+            ..add
+        });
         prepared.outputs.push(Output { add, rows, inputs });
     }
     Ok(prepared)
+}
+
+/// Writes the rows of `file` that `deleted` does not mark to `w`, aligned to `schema`, a batch
+/// at a time; returns how many.
+async fn write_live(
+    table: &DeltaTable,
+    file: &LogicalFileView,
+    deleted: &RoaringTreemap,
+    schema: &SchemaRef,
+    w: &mut RecordBatchWriter,
+) -> Result<u64, DeltaTableError> {
+    let marked: Vec<u64> = deleted.iter().collect();
+    let mut stream = files::stream_rows(table, file, None)
+        .await
+        .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+    let (mut at, mut written) = (0u64, 0u64);
+    while let Some(batch) = stream
+        .try_next()
+        .await
+        .map_err(|e| DeltaTableError::Generic(format!("{}: {e}", file.path())))?
+    {
+        let n = batch.num_rows();
+        let keep = BooleanArray::from(files::live_rows(&marked, at, n));
+        at += n as u64;
+        let live = filter_record_batch(&batch, &keep)?;
+        if live.num_rows() > 0 {
+            written += live.num_rows() as u64;
+            w.write(evolve::align(&live, schema)?).await?;
+        }
+    }
+    Ok(written)
 }
 
 /// The output position of `row`, a live row (as read) of the input whose first live row went to
@@ -251,12 +258,12 @@ pub async fn commit(table: &mut DeltaTable, prepared: Prepared) -> Result<Rewrit
     let result = commit_rebased(table, &prepared).await;
     let added = result.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
     let store = table.object_store();
-    for out in prepared.outputs.iter().filter(|o| o.rows > 0) {
-        if added.contains(&out.add.path) {
+    for path in prepared.files() {
+        if added.contains(&path) {
             continue;
         }
-        if let Err(e) = store.delete(&Path::from(out.add.path.as_str())).await {
-            tracing::debug!(file = %out.add.path, error = %e, "an uncommitted rewrite stays");
+        if let Err(e) = store.delete(&Path::from(path.as_str())).await {
+            tracing::debug!(file = %path, error = %e, "an uncommitted rewrite stays");
         }
     }
     result.map(|(done, _)| done)
@@ -289,8 +296,8 @@ async fn commit_rebased(
                 done.files_purged += input.purged as u64;
             }
             done.rows_rebased += extra.len();
-            if out.rows > extra.len() {
-                extras.push((out, extra));
+            if let Some(add) = out.add.as_ref().filter(|_| out.rows > extra.len()) {
+                extras.push((add, extra));
             }
         }
         let marked: Vec<&RoaringTreemap> = extras
@@ -302,8 +309,8 @@ async fn commit_rebased(
             .await
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?
             .into_iter();
-        for (out, extra) in &extras {
-            let mut add = out.add.clone();
+        for (add, extra) in &extras {
+            let mut add = (*add).clone();
             if !extra.is_empty() {
                 add.deletion_vector = vectors.next();
             }
@@ -324,7 +331,7 @@ async fn commit_rebased(
         match committed {
             Ok(c) => {
                 table.state = Some(c.snapshot());
-                let added = extras.iter().map(|(o, _)| o.add.path.clone()).collect();
+                let added = extras.iter().map(|(a, _)| a.path.clone()).collect();
                 return Ok((done, added));
             }
             Err(e) if delta_is_transient(&e) => {
